@@ -1,0 +1,241 @@
+"""Typed run configuration, the CLI built from it, and its one validation.
+
+Every flag is a field of :class:`TrainConfig`; ``--help`` text lives next to the
+field. Model and batch fields default to ``None`` and are filled from the chosen
+``--preset``, so ``--preset gpu10m --n-layer 8`` means "the GPU preset, but 8 layers".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+VOCAB_SIZE = 256  # byte-level tokens: every UTF-8 text works, no tokenizer to download
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+# Model and batch sizes for each preset. "cpu" trains the default corpus on a
+# 2-core laptop in about 10 minutes; "gpu10m" is nanoGPT's character-level
+# Shakespeare model (about 10M parameters), used by the benchmarks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=16, dropout=0.1, lr=2e-3),
+    "gpu10m": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, lr=1e-3),
+}
+
+# Fields that define the model's shape or the data it sees. A resumed run must
+# match the checkpoint on these; everything else may change across a resume.
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "val_fraction")
+
+
+@dataclass
+class ModelConfig:
+    """What is needed to build a :class:`~nanoresume.model.GPT` (and nothing else)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 128
+    vocab_size: int = VOCAB_SIZE
+    dropout: float = 0.0
+    bias: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """One training run, as resolved from the command line (plain values only)."""
+
+    # data and output
+    data: Optional[str] = _opt(None, "training text: a .txt file, a folder of .txt files, or a .bin/.npy "
+                                     "byte-token file (default: this Python's standard-library sources)")
+    out_dir: str = _opt("out", "folder for everything the run writes: checkpoints/, best.pt, tb/, config.json")
+    cache_dir: Optional[str] = _opt(None, "where tokenized data is cached "
+                                          "(default: $XDG_CACHE_HOME/nanoresume or ~/.cache/nanoresume)")
+    val_fraction: float = _opt(0.1, "fraction of the tokens (taken from the end) held out for validation")
+    # model
+    preset: str = _opt("cpu", "model and batch sizes to start from", choices=tuple(PRESETS))
+    n_layer: Optional[int] = _opt(None, "transformer blocks (default: from --preset)")
+    n_head: Optional[int] = _opt(None, "attention heads per block (default: from --preset)")
+    n_embd: Optional[int] = _opt(None, "embedding width; divisible by --n-head (default: from --preset)")
+    block_size: Optional[int] = _opt(None, "context length in tokens (default: from --preset)")
+    dropout: Optional[float] = _opt(None, "dropout probability in [0, 1) (default: from --preset)")
+    bias: bool = _opt(True, "use bias terms in Linear and LayerNorm layers")
+    vocab_size: int = field(default=VOCAB_SIZE, metadata={"cli": False})
+    # optimisation
+    batch_size: Optional[int] = _opt(None, "sequences per micro-batch (default: from --preset)")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    max_steps: int = _opt(5000, "optimizer steps to train for")
+    lr: Optional[float] = _opt(None, "peak learning rate (default: from --preset)")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (end of the cosine)")
+    warmup_steps: int = _opt(100, "linear learning-rate warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only; biases, norms stay undecayed)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.99, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this value (0 disables clipping)")
+    # evaluation and checkpoints
+    eval_interval: int = _opt(500, "steps between validation evaluations")
+    eval_iters: int = _opt(20, "validation batches per evaluation (a fixed set, the same every time)")
+    ckpt_interval: Optional[int] = _opt(None, "steps between checkpoints (default: --eval-interval); "
+                                              "the last step is always saved")
+    keep_last: int = _opt(3, "step checkpoints to keep; older ones are deleted after a new one is committed")
+    resume: str = _opt("none", "'auto': newest checkpoint in OUT that verifies (or start fresh if none); "
+                               "a file path: exactly that checkpoint; 'none': start fresh, refusing if "
+                               "OUT already holds checkpoints")
+    # runtime
+    device: str = _opt("auto", "where to train; auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "autocast dtype; auto is float32 on CPU, bfloat16 on GPUs that support it, "
+                              "else float16 (with a gradient scaler)",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = _opt(False, "wrap the model in torch.compile (checkpoints hold the plain weights)")
+    seed: int = _opt(1337, "seed for weights, dropout and batch order")
+    time_limit: Optional[float] = _opt(None, "stop gracefully (and save) before this wall-clock budget runs "
+                                             "out: seconds or HH:MM:SS", parse="duration")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def model_config(self) -> ModelConfig:
+        assert self.n_layer is not None, "call resolve_config() first"
+        return ModelConfig(
+            n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size,
+            vocab_size=self.vocab_size, dropout=self.dropout, bias=self.bias,
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size * self.grad_accum
+
+    @property
+    def effective_ckpt_interval(self) -> int:
+        return self.ckpt_interval if self.ckpt_interval is not None else self.eval_interval
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"90"``, ``"1.5"`` or ``"HH:MM:SS"`` / ``"MM:SS"``."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) > 3:
+            raise ValueError
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not seconds or HH:MM:SS") from None
+    seconds = 0.0
+    for number in numbers:
+        seconds = seconds * 60 + number
+    return seconds
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill preset defaults and validate; raises :class:`ConfigError` naming every bad flag."""
+    preset = PRESETS.get(cfg.preset)
+    if preset is None:
+        raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    filled = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    problems = validate(filled)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return filled
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """All problems with a resolved config, each naming its flag and what would be valid."""
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+                 "max_steps", "eval_interval", "eval_iters", "keep_last"):
+        value = getattr(cfg, name)
+        check(value >= 1, f"{flag(name)} {value} must be at least 1")
+    if cfg.n_head >= 1 and cfg.n_embd >= 1:
+        check(cfg.n_embd % cfg.n_head == 0,
+              f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
+    check(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr} must be a positive number")
+    check(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio {cfg.min_lr_ratio} must be in [0, 1]")
+    check(cfg.warmup_steps >= 0, f"--warmup-steps {cfg.warmup_steps} must be 0 or more")
+    check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay} must be 0 or more")
+    check(0.0 <= cfg.beta1 < 1.0, f"--beta1 {cfg.beta1} must be in [0, 1)")
+    check(0.0 <= cfg.beta2 < 1.0, f"--beta2 {cfg.beta2} must be in [0, 1)")
+    check(cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip} must be 0 (off) or more")
+    check(0.0 < cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be between 0 and 1")
+    if cfg.ckpt_interval is not None:
+        check(cfg.ckpt_interval >= 1, f"--ckpt-interval {cfg.ckpt_interval} must be at least 1")
+    if cfg.time_limit is not None:
+        check(cfg.time_limit > 0, f"--time-limit {cfg.time_limit:g} must be a positive duration")
+    check(cfg.out_dir.strip() != "", "--out-dir must not be empty")
+    check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
+    return problems
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field: ``n_embd`` -> ``--n-embd``."""
+    return "--" + name.replace("_", "-")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(
+        prog=prog,
+        description="Train a small byte-level GPT; stop it any way you like and continue "
+                    "bit-for-bit with --resume auto.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        kind = hints[f.name]
+        base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": f.default, "dest": f.name}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = parse_duration if f.metadata.get("parse") == "duration" else base
+            kwargs["metavar"] = f.name.upper()
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+                kwargs.pop("metavar")
+        parser.add_argument(flag(f.name), **kwargs)
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None, prog: str = "train.py") -> TrainConfig:
+    """Parse and resolve CLI arguments; exits 2 on unknown flags, raises ConfigError on bad values."""
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    return resolve_config(TrainConfig(**vars(args)))
+
+
+def explicit_fields(argv: list[str], prog: str = "train.py") -> set[str]:
+    """Names of the fields the user typed (a preset counts as typing every field it fills)."""
+    parser = build_parser(prog)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_args(argv)))
+    if "preset" in given:
+        given |= set(PRESETS[vars(parser.parse_args(argv))["preset"]])
+    return given
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved with :meth:`TrainConfig.to_dict`, ignoring fields this version lacks."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})

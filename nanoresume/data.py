@@ -1,0 +1,208 @@
+"""Byte-level token data (cached, memory-mapped) and a sampler whose position is one integer.
+
+Tokens are raw UTF-8 bytes (vocabulary 256). Text inputs are tokenized once into a
+cache file and memory-mapped afterwards. Batch ``i`` is a pure function of
+``(seed, rank, i)``, so saving ``i`` is all it takes to resume the data stream
+exactly, in O(1), without replaying earlier batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+CACHE_FORMAT = 1
+_SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """Train and validation tokens (uint8 views of one memory map) and where they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    fingerprint: str  # sha256 of all token bytes: tells whether a resume sees the same data
+    source: str
+
+    def describe(self) -> str:
+        return (f"{self.source}: {len(self.train):,} train + {len(self.val):,} val tokens "
+                f"(fingerprint {self.fingerprint[:12]})")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nanoresume"
+
+
+def stdlib_sources() -> list[Path]:
+    """The running Python's own standard-library ``.py`` files, in a fixed (sorted) order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if not _SKIP_STDLIB_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def text_files(path: Path) -> list[Path]:
+    """``path`` itself, or every ``.txt`` file below a folder, sorted so the order is reproducible."""
+    if path.is_dir():
+        return sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.as_posix())
+    return [path]
+
+
+def load_tokens(data: Optional[str], val_fraction: float, cache_dir: Optional[str] = None) -> TokenData:
+    """Tokens for ``--data`` (or the default corpus), split deterministically: the last
+    ``val_fraction`` of the tokens is validation."""
+    if data is None:
+        tokens, fingerprint = _cached_tokens(stdlib_sources(), cache_dir)
+        source = f"Python {sysconfig.get_python_version()} standard library"
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"--data {data}: no such file or folder; point --data at a .txt file, "
+                            f"a folder of .txt files, or a .bin/.npy token file")
+        if path.suffix in (".bin", ".npy") and path.is_file():
+            tokens, fingerprint = _token_file(path)
+        else:
+            files = text_files(path)
+            if not files:
+                raise DataError(f"--data {data}: the folder holds no .txt files")
+            tokens, fingerprint = _cached_tokens(files, cache_dir)
+        source = str(path)
+    if len(tokens) == 0:
+        raise DataError(f"--data {data or '(default corpus)'} holds no text; give it a non-empty file")
+    n_val = max(1, int(len(tokens) * val_fraction))
+    return TokenData(train=tokens[:-n_val], val=tokens[-n_val:], fingerprint=fingerprint, source=source)
+
+
+def _token_file(path: Path) -> tuple[np.ndarray, str]:
+    """A pre-tokenized file: ``.bin`` is raw uint8 tokens, ``.npy`` any integer array below 256."""
+    try:
+        if path.suffix == ".bin":
+            tokens = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        else:
+            tokens = np.load(path, mmap_mode="r").reshape(-1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--data {path}: cannot read it as a token file ({e})") from None
+    if tokens.dtype != np.uint8:
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise DataError(f"--data {path}: holds {tokens.dtype} values; token files must hold integers")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() > 255):
+            raise DataError(f"--data {path}: token values must be bytes (0..255) for the 256-token vocabulary")
+        tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
+    return tokens, _sha256_array(tokens)
+
+
+def _cached_tokens(files: Sequence[Path], cache_dir: Optional[str]) -> tuple[np.ndarray, str]:
+    """Concatenate ``files`` as bytes once, then reuse the memory-mapped cache while they are unchanged."""
+    try:
+        signature = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    except OSError as e:
+        raise DataError(f"--data: cannot read {e.filename} ({e.strerror})") from None
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, signature]).encode()).hexdigest()[:24]
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    bin_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if bin_path.stat().st_size == meta["n_tokens"]:
+            return _memmap(bin_path, meta["n_tokens"]), meta["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass  # no cache yet, or a stale/half-written one: rebuild it below
+    tokens = np.frombuffer(b"".join(_read_bytes(f) for f in files), dtype=np.uint8)
+    fingerprint = _sha256_array(tokens)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(bin_path, tokens.tobytes())
+        _write_atomically(meta_path, json.dumps({"n_tokens": len(tokens), "fingerprint": fingerprint}).encode())
+    except OSError:
+        return tokens, fingerprint  # an unwritable cache only costs speed; the data is still right
+    return _memmap(bin_path, len(tokens)), fingerprint
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"--data: cannot read {path} ({e.strerror})") from None
+
+
+def _memmap(path: Path, n_tokens: int) -> np.ndarray:
+    return np.memmap(path, dtype=np.uint8, mode="r") if n_tokens else np.zeros(0, np.uint8)
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def _sha256_array(tokens: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), 1 << 24):
+        digest.update(memoryview(np.ascontiguousarray(tokens[start:start + (1 << 24)])))
+    return digest.hexdigest()
+
+
+def check_block_size(data: TokenData, block_size: int) -> None:
+    """Both splits must hold at least one full (input, target) window."""
+    for name, split in (("training", data.train), ("validation", data.val)):
+        if len(split) <= block_size:
+            raise DataError(f"--block-size {block_size} is larger than the {name} split ({len(split):,} tokens) "
+                            f"of {data.source}; lower --block-size or give more data")
+
+
+def windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, each (B, T) int64, for windows starting at ``offsets``."""
+    index = offsets[:, None] + np.arange(block_size + 1)[None, :]
+    chunk = torch.from_numpy(tokens[index].astype(np.int64))
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+class BatchSampler:
+    """Random training windows; batch ``index`` depends only on ``(seed, rank, index)``.
+
+    Under data parallelism each rank has its own sampler (its own ``rank``), and
+    each rank's state is saved separately.
+    """
+
+    def __init__(self, n_tokens: int, block_size: int, batch_size: int, seed: int, rank: int = 0) -> None:
+        self.n_windows = n_tokens - block_size  # valid start offsets: [0, n_windows)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.index = 0  # batches drawn so far
+
+    def next_offsets(self) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.rank, self.index])))
+        self.index += 1
+        return rng.integers(0, self.n_windows, size=self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "rank": self.rank, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.rank, self.index = int(state["seed"]), int(state["rank"]), int(state["index"])
+
+
+def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int) -> list[np.ndarray]:
+    """A fixed set of validation windows, evenly spread over the split; no RNG is touched."""
+    starts = np.linspace(0, n_tokens - block_size - 1, n_batches * batch_size).astype(np.int64)
+    return [starts[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+
+
+def iterate_in_order(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every token of ``tokens`` predicted once, in order: consecutive non-overlapping windows."""
+    n_windows = (len(tokens) - 1) // block_size
+    starts = np.arange(n_windows, dtype=np.int64) * block_size
+    for i in range(0, n_windows, batch_size):
+        yield windows(tokens, starts[i:i + batch_size], block_size)

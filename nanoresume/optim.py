@@ -1,0 +1,42 @@
+"""AdamW with decay / no-decay groups, and the learning rate as a pure function of the step."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """Matrices (and embeddings) decay; biases and LayerNorm weights do not."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at ``step``: linear warmup, then cosine down to ``min_ratio``.
+
+    Step 0 gets a small non-zero LR so the first update is not wasted.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= max_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR (so it has a state dict) around :func:`lr_factor`."""
+    schedule = functools.partial(lr_factor, warmup_steps=warmup_steps, max_steps=max_steps, min_ratio=min_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,81 @@
+"""The output folder of one run: its layout, a lock against two runs sharing it, and its small files.
+
+Layout::
+
+    OUT/config.json           resolved config of the latest start (plain JSON)
+    OUT/best.pt (+ .sha256)   inference weights of the best validation loss so far
+    OUT/checkpoints/          step_00000500.pt (+ .sha256), newest --keep-last of them
+    OUT/tb/                   TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import checkpoint
+from .errors import UserError
+
+
+class RunDir:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.tensorboard = self.root / "tb"
+        self.best = self.root / "best.pt"
+        self._lock_fd: Optional[int] = None
+
+    def open(self, warn: Callable[[str], None]) -> None:
+        """Create the folders, prove they are writable, take the lock, clear leftovers of a crash.
+
+        Raises :class:`UserError` before any training if the folder cannot be used.
+        """
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe = self.checkpoints / f".write-test.{os.getpid()}"
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--out-dir {self.root} is not writable ({e.strerror or e}); "
+                            f"choose a folder you can write to") from None
+        self._lock()
+        for folder in (self.root, self.checkpoints):
+            for leftover in checkpoint.remove_leftovers(folder):
+                warn(f"removed {leftover}, left by an interrupted write")
+
+    def _lock(self) -> None:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(f"another training run is using --out-dir {self.root}; wait for it to end "
+                                f"or choose another --out-dir") from None
+            raise
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        path = self.root / "config.json"
+        tmp = checkpoint.temp_path(path)
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def write_best(self, weights: dict[str, Any]) -> None:
+        checkpoint.save_atomically(weights, self.best)

@@ -1,0 +1,72 @@
+"""Training counters and RNG capture/restore, as plain values and tensors.
+
+Everything here loads under ``torch.load(weights_only=True)``: numpy's legacy
+state tuple holds an ndarray, which the safe loader refuses, so it is stored as a
+tensor plus plain fields.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Progress:
+    """Counters that a resumed run continues from."""
+
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0  # training tokens consumed, summed over ranks
+    best_val_loss: float = math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.best_val_loss = float(state["best_val_loss"])
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from: python, numpy, torch CPU, and each CUDA device."""
+    py_version, py_keys, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "keys": torch.tensor(py_keys, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> list[str]:
+    """Inverse of :func:`capture_rng_state`; returns warnings for state this machine cannot take."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    cuda_states = state["cuda"]
+    if not cuda_states:
+        return []
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available != len(cuda_states):
+        return [f"the checkpoint holds RNG state for {len(cuda_states)} CUDA device(s) but this machine has "
+                f"{available}; CUDA random numbers (dropout on GPU) will differ from the original run"]
+    torch.cuda.set_rng_state_all(cuda_states)
+    return []
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device

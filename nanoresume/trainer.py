@@ -1,0 +1,341 @@
+"""The training loop: wires config, data, model, optimizer, checkpoints, signals and metrics.
+
+``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving a
+checkpoint on the interval, at the end, and whenever it stops. Everything that
+must survive a restart goes through :meth:`Trainer.state_dict` /
+:meth:`Trainer.load_state_dict`, so a resumed run is bit-for-bit the one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import checkpoint
+from .config import ARCHITECTURE_FIELDS, TrainConfig, config_from_dict, flag
+from .data import BatchSampler, TokenData, check_block_size, eval_offsets, load_tokens, windows
+from .errors import CheckpointError, NonFiniteLossError, UserError
+from .metrics import Console, TensorBoardLog
+from .model import GPT
+from .optim import build_optimizer, build_scheduler
+from .rundir import RunDir
+from .signals import StopFlag
+from .state import Progress, capture_rng_state, restore_rng_state, seed_everything
+
+# Fields always taken from the current command line, never from a resumed checkpoint.
+RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "dtype", "compile", "time_limit", "progress")
+TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
+
+
+@dataclass
+class RunResult:
+    """What a call to :meth:`Trainer.run` did."""
+
+    step: int
+    stop_reason: Optional[str]  # None when training reached max_steps
+    exit_code: int
+    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of this process
+    last_checkpoint: Optional[Path] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32  # bf16 matmuls are very slow on common CPUs
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the checkpoint's, overridden by flags given now.
+
+    ``explicit`` names the flags the user typed (None: every field counts as given,
+    as in library use). Raises :class:`CheckpointError` naming every field that
+    defines the model or data and differs; returns the merged config and a line
+    per other changed field.
+    """
+    base = config_from_dict(saved)
+    given = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else set(explicit)
+    merged = dataclasses.replace(base, **{name: getattr(current, name) for name in given | set(RUNTIME_FIELDS)})
+    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in the checkpoint but {getattr(merged, name)!r} now"
+                  for name in ARCHITECTURE_FIELDS if getattr(base, name) != getattr(merged, name)]
+    if mismatches:
+        raise CheckpointError("cannot resume: " + "; ".join(mismatches)
+                              + ". Pass the checkpoint's values, or choose another --out-dir for a new run")
+    changes = [f"{flag(f.name)}: {getattr(base, f.name)!r} -> {getattr(merged, f.name)!r}"
+               for f in dataclasses.fields(TrainConfig)
+               if f.name not in RUNTIME_FIELDS and getattr(base, f.name) != getattr(merged, f.name)]
+    return merged, changes
+
+
+class Trainer:
+    """Build everything for ``cfg`` (resuming if asked), then :meth:`run`.
+
+    ``stop`` lets a caller share a stop flag (signals install on it during
+    :meth:`run`); ``explicit`` names the flags typed on the command line (see
+    :func:`merge_resumed_config`).
+    """
+
+    def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
+                 on_step: Optional[Callable[["Trainer", int, float], None]] = None) -> None:
+        self.stop = stop or StopFlag()
+        self.on_step = on_step
+        self.started = time.monotonic()
+        self.run_dir = RunDir(Path(cfg.out_dir))
+        self.console = Console(cfg.max_steps, 0, show_bar=False)  # replaced once the start step is known
+        self.run_dir.open(self.console.warn)
+        try:
+            self._build(cfg, explicit)
+        except BaseException:
+            self.run_dir.close()
+            raise
+
+    def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
+        manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last)
+        resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn)
+        if resumed is not None:
+            cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit)
+            manager.interval, manager.keep_last = cfg.effective_ckpt_interval, cfg.keep_last
+            for change in changes:
+                self.console.log(f"changed on resume: {change}")
+        self.cfg, self.manager = cfg, manager
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
+        check_block_size(self.data, cfg.block_size)
+
+        seed_everything(cfg.seed)
+        self.raw_model = GPT(cfg.model_config()).to(self.device)
+        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.batch_size, cfg.seed)
+        self.val_batches = eval_offsets(len(self.data.val), cfg.block_size, cfg.eval_iters, cfg.batch_size)
+        self.progress = Progress()
+
+        if resumed is not None:
+            path, state = resumed
+            self._check_same_data(path, state)
+            self.load_state_dict(state)
+            self.console.log(f"resumed from {path} at step {self.progress.step:,}")
+        elif cfg.resume == "auto":
+            self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
+        self.resumed_from = resumed[0] if resumed else None
+        self.run_dir.write_config(cfg.to_dict())
+
+    # ---- state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state. Holds references to live tensors: write it before the next step."""
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "kind": "train",
+            **self.progress.state_dict(),
+            "config": self.cfg.to_dict(),
+            "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            # One entry per data-parallel rank: each has its own RNG streams and sampler.
+            "ranks": [{"rank": 0, "rng": capture_rng_state(), "sampler": self.sampler.state_dict()}],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress.load_state_dict(state)
+        self._apply_hyperparameters()
+        rank_state = state["ranks"][0]
+        self.sampler.load_state_dict(rank_state["sampler"])
+        for warning in restore_rng_state(rank_state["rng"]):
+            self.console.warn(warning)
+
+    def _apply_hyperparameters(self) -> None:
+        """Loading an optimizer restores its saved hyperparameters; re-apply the current flags
+        (a no-op, bit for bit, when they did not change)."""
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, decays in zip(self.optimizer.param_groups, (True, False)):
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * factor
+            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
+            group["weight_decay"] = self.cfg.weight_decay if decays else 0.0
+
+    def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
+        saved = state["data"]["fingerprint"]
+        if saved != self.data.fingerprint:
+            raise CheckpointError(
+                f"cannot resume from {path}: the training data differs (fingerprint {saved[:12]} in the "
+                f"checkpoint, {self.data.fingerprint[:12]} for {self.data.source}); pass the same --data, "
+                f"or choose another --out-dir for a new run")
+
+    # ---- one step, one evaluation ----------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
+        total_loss = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.grad_accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in windows(
+                self.data.train, self.sampler.next_offsets(), self.cfg.block_size))
+            with self.autocast():
+                _, loss = self.model(x, y)
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            total_loss += loss.detach()
+        mean_loss = (total_loss / self.cfg.grad_accum).item()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"training loss is {mean_loss} at step {self.progress.step + 1}; nothing from that step was "
+                f"saved (newest checkpoint: step {self.manager.last_saved_step}). Lower --lr, raise "
+                f"--warmup-steps or use --dtype bfloat16/float32, then rerun with --resume auto")
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return mean_loss, grad_norm.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over the fixed validation batches; None if a stop request cut it short."""
+        self.model.eval()
+        try:
+            losses = []
+            for offsets in self.val_batches:
+                if self.stop.is_set():
+                    return None
+                x, y = (t.to(self.device) for t in windows(self.data.val, offsets, self.cfg.block_size))
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                losses.append(loss.item())
+            return sum(losses) / len(losses)
+        finally:
+            self.model.train()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Train until ``max_steps`` or a stop request; always save before returning."""
+        cfg, progress = self.cfg, self.progress
+        result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
+        self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress)
+        tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None)
+        try:
+            with self.stop.installed():
+                if progress.step >= cfg.max_steps:
+                    self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
+                                     f"nothing to do (raise --max-steps to train longer)")
+                    return result
+                if self.resumed_from is None:
+                    self._evaluate_and_log(tensorboard, train_loss=None, tokens_per_second=None)
+                self._loop(tensorboard, result)
+        finally:
+            tensorboard.close()
+            self.console.close()
+            self.run_dir.close()
+        return result
+
+    def _loop(self, tensorboard: TensorBoardLog, result: RunResult) -> None:
+        cfg, progress = self.cfg, self.progress
+        window_losses, window_start, window_tokens = [], time.perf_counter(), 0
+        slowest_step = 0.0
+        while progress.step < cfg.max_steps and not self.stop.is_set():
+            step_start = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            progress.step += 1
+            progress.tokens_seen += cfg.tokens_per_step
+            elapsed = time.perf_counter() - step_start
+            slowest_step = max(slowest_step, elapsed)
+            result.step_losses.append((progress.step, loss))
+            window_losses.append(loss)
+            window_tokens += cfg.tokens_per_step
+            lr = self.optimizer.param_groups[0]["lr"]
+            tensorboard.scalars(progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                                "train/tokens_per_s": cfg.tokens_per_step / elapsed})
+            self.console.advance(loss, lr, cfg.tokens_per_step / elapsed)
+            if self.on_step is not None:
+                self.on_step(self, progress.step, loss)
+            last = progress.step == cfg.max_steps
+            if progress.step % cfg.eval_interval == 0 or last:
+                rate = window_tokens / (time.perf_counter() - window_start)
+                self._evaluate_and_log(tensorboard, sum(window_losses) / len(window_losses), rate)
+                window_losses, window_start, window_tokens = [], time.perf_counter(), 0
+            self._check_time_limit(slowest_step)
+            saved = self.manager.maybe_save(progress.step, self._checkpoint_state, force=last or self.stop.is_set())
+            result.last_checkpoint = saved or result.last_checkpoint
+        result.step = progress.step
+        if self.stop.is_set() and progress.step < cfg.max_steps:
+            result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
+            self.console.log(self._stopped_message())
+        tensorboard.flush()
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        for name, p in self.raw_model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteLossError(f"parameter {name} holds NaN/inf at step {self.progress.step}; "
+                                         f"not saving it. Lower --lr, then rerun with --resume auto")
+        return self.state_dict()
+
+    def _evaluate_and_log(self, tensorboard: TensorBoardLog, train_loss: Optional[float],
+                          tokens_per_second: Optional[float]) -> None:
+        val_loss = self.evaluate()
+        if val_loss is None:
+            return  # cut short by a stop request: an incomplete eval must not touch best.pt
+        step = self.progress.step
+        ppl = math.exp(min(val_loss, 50.0))
+        tensorboard.scalars(step, {"val/loss": val_loss, "val/perplexity": ppl})
+        train = f"{train_loss:.4f}" if train_loss is not None else "-"
+        rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
+        self.console.log(f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | "
+                         f"val ppl {ppl:.2f} | {rate}")
+        if val_loss < self.progress.best_val_loss:
+            self.progress.best_val_loss = val_loss
+            self.run_dir.write_best({
+                "format_version": checkpoint.FORMAT_VERSION,
+                "kind": "weights",
+                "model": self.raw_model.state_dict(),
+                "model_config": dataclasses.asdict(self.cfg.model_config()),
+                "step": step,
+                "tokens_seen": self.progress.tokens_seen,
+                "val_loss": val_loss,
+            })
+
+    def _check_time_limit(self, slowest_step: float) -> None:
+        """Stop while there is still time for one more step and a save (with room to spare)."""
+        if self.cfg.time_limit is None:
+            return
+        needed = 2 * slowest_step + 2 * self.manager.last_save_seconds + 1.0
+        if time.monotonic() - self.started + needed >= self.cfg.time_limit:
+            self.stop.request("time limit", TIME_LIMIT_EXIT_CODE)
+
+    def _stopped_message(self) -> str:
+        return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; saved "
+                f"{checkpoint.step_path(self.run_dir.checkpoints, self.progress.step)}. Continue with: "
+                f"python scripts/train.py --out-dir {self.cfg.out_dir} --resume auto")
