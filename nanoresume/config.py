@@ -28,7 +28,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 # 2-core laptop in about 10 minutes; "gpu10m" is nanoGPT's character-level
 # Shakespeare model (about 10M parameters), used by the benchmarks.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=16, dropout=0.1, lr=2e-3),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=64, block_size=128, batch_size=12, dropout=0.1, lr=2e-3),
     "gpu10m": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, lr=1e-3),
 }
 

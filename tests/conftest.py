@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny text corpus, a tiny config, and a runner for scripts/train.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from nanoresume.config import TrainConfig, resolve_config
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+
+# Small enough that a step takes milliseconds on a 2-core CPU, big enough to learn something.
+TINY_FLAGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, dropout=0.1,
+                  eval_iters=2, warmup_steps=5, lr=3e-3)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 40 KB of real text (two stdlib modules), fixed across runs."""
+    import argparse
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(Path(argparse.__file__).read_text() + Path(json.__file__).read_text())
+    return path
+
+
+@pytest.fixture
+def make_config(tiny_text: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
+    """``make_config(max_steps=20, ...)``: a resolved tiny config writing under tmp_path/out."""
+
+    def make(**overrides: Any) -> TrainConfig:
+        values = dict(TINY_FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "out"),
+                      cache_dir=str(tmp_path / "cache"), max_steps=20, eval_interval=10, progress=False)
+        values.update(overrides)
+        return resolve_config(TrainConfig(**values))
+
+    return make
+
+
+def cli_flags(cfg_values: dict[str, Any]) -> list[str]:
+    """Command-line flags for a dict of config values (booleans as --x / --no-x)."""
+    args = []
+    for name, value in cfg_values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.fixture
+def tiny_cli_args(tiny_text: Path, tmp_path: Path) -> Callable[..., list[str]]:
+    """``tiny_cli_args(max_steps=20)``: flags for scripts/train.py on the tiny config."""
+
+    def make(**overrides: Any) -> list[str]:
+        values = dict(TINY_FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "out"),
+                      cache_dir=str(tmp_path / "cache"), max_steps=20, eval_interval=10, progress=False)
+        values.update(overrides)
+        return cli_flags(values)
+
+    return make
+
+
+def run_train(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run scripts/train.py in a real subprocess and capture its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    return dataclasses.replace(cfg, **changes)
