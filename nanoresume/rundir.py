@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import checkpoint
-from .errors import UserError
+from .errors import CheckpointWriteError, UserError
 
 
 class RunDir:
@@ -70,12 +70,17 @@ class RunDir:
     def write_config(self, config: dict[str, Any]) -> None:
         path = self.root / "config.json"
         tmp = checkpoint.temp_path(path)
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointWriteError(f"could not write {path}: {e.strerror or e}; free some space or "
+                                       f"choose another --out-dir") from None
 
     def write_best(self, weights: dict[str, Any]) -> None:
         checkpoint.save_atomically(weights, self.best)

@@ -249,6 +249,7 @@ class Trainer:
         tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None)
         try:
             with self.stop.installed():
+                self.console.log(self._start_message())
                 if progress.step >= cfg.max_steps:
                     self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
                                      f"nothing to do (raise --max-steps to train longer)")
@@ -292,6 +293,9 @@ class Trainer:
             result.last_checkpoint = saved or result.last_checkpoint
         result.step = progress.step
         if self.stop.is_set() and progress.step < cfg.max_steps:
+            # A stop during the first evaluation arrives before any step: save that state too.
+            result.last_checkpoint = self.manager.maybe_save(progress.step, self._checkpoint_state, force=True) \
+                or result.last_checkpoint
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
             self.console.log(self._stopped_message())
         tensorboard.flush()
@@ -334,6 +338,12 @@ class Trainer:
         needed = 2 * slowest_step + 2 * self.manager.last_save_seconds + 1.0
         if time.monotonic() - self.started + needed >= self.cfg.time_limit:
             self.stop.request("time limit", TIME_LIMIT_EXIT_CODE)
+
+    def _start_message(self) -> str:
+        params = self.raw_model.num_parameters()
+        return (f"training steps {self.progress.step:,} -> {self.cfg.max_steps:,} on {self.device.type} "
+                f"({str(self.dtype).removeprefix('torch.')}), {params / 1e6:.2f}M parameters, "
+                f"{self.cfg.tokens_per_step:,} tokens/step; data {self.data.describe()}")
 
     def _stopped_message(self) -> str:
         return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; saved "

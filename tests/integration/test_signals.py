@@ -1,0 +1,193 @@
+"""Real processes, real signals: each stop exits 128+signal, saves its step, and resumes bit-exactly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoresume import checkpoint
+from nanoresume.chaos import EVAL_MARK, WRITE_DELAY_ENV, WRITE_MARK, final_states_equal
+
+from tests.conftest import REPO, TRAIN_SCRIPT, run_train
+
+pytestmark = pytest.mark.slow
+
+STOPPED = re.compile(r"stopped by ([\w ]+?) after step (\d+)")
+MAX_STEPS = 300  # ~15 ms a step: a few seconds of training to land signals in
+
+
+class Training:
+    """scripts/train.py (or the chaos child, for slowed writes) with its output read line by line."""
+
+    def __init__(self, args: list[str], slow_writes: float = 0.0, observed: bool = False) -> None:
+        command = [sys.executable, str(TRAIN_SCRIPT), *args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if slow_writes or observed:
+            command = [sys.executable, "-m", "nanoresume.chaos", "child", *args]
+            env[WRITE_DELAY_ENV] = str(slow_writes)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env, cwd=REPO)
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        with self._seen:
+            ok = self._seen.wait_for(lambda: any(text in line for line in self.lines), timeout=timeout)
+        assert ok, f"never saw {text!r}; output so far: {self.lines[-5:]}"
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout=timeout)
+        time.sleep(0.1)  # let the reader thread take the last lines
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def args_for(tiny_cli_args, tmp_path: Path):
+    def make(name: str, **overrides) -> list[str]:
+        values = dict(max_steps=MAX_STEPS, eval_interval=20, ckpt_interval=1000, out_dir=str(tmp_path / name))
+        values.update(overrides)
+        return tiny_cli_args(**values)
+
+    return make
+
+
+@pytest.fixture
+def uninterrupted(args_for, tmp_path: Path):
+    """Final checkpoint of a run that was never stopped (built once per test that asks)."""
+
+    def make(**overrides) -> Path:
+        result = run_train(args_for("baseline", **overrides))
+        assert result.returncode == 0, result.stderr
+        return checkpoint.step_path(tmp_path / "baseline" / "checkpoints", overrides.get("max_steps", MAX_STEPS))
+
+    return make
+
+
+def resume_to_end(args: list[str], out: Path, max_steps: int = MAX_STEPS) -> Path:
+    result = run_train(args + ["--resume", "auto"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return checkpoint.step_path(out / "checkpoints", max_steps)
+
+
+def saved_step(run_output: str) -> int:
+    match = STOPPED.search(run_output)
+    assert match, run_output
+    return int(match.group(2))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)])
+def test_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_exactly(
+        sig, code, args_for, uninterrupted, tmp_path):
+    args = args_for("stopped")
+    run = Training(args)
+    run.wait_for("step      0 |")
+    time.sleep(0.5)
+    run.process.send_signal(sig)
+    assert run.finish() == code
+    assert f"stopped by {signal.Signals(sig).name} after step" in run.output
+    step = saved_step(run.output)
+    assert 1 <= step < MAX_STEPS
+    saved = checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
+    assert saved["step"] == step
+    assert f"--out-dir {tmp_path / 'stopped'} --resume auto" in run.output  # the exact command to continue
+
+    final = resume_to_end(args, tmp_path / "stopped")
+    assert final_states_equal(final, uninterrupted()) == []
+
+
+def test_signal_during_evaluation_stops_it_early_without_touching_best_pt(args_for, uninterrupted, tmp_path):
+    # 1500 validation batches make each evaluation last far longer than the 20 steps before it.
+    flags = dict(max_steps=40, eval_interval=20, eval_iters=1500)
+    args = args_for("stopped", **flags)
+    run = Training(args, observed=True)
+    wait_for_marks(run, EVAL_MARK, 2)  # the evaluation after step 20 has begun
+    time.sleep(0.2)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+    assert saved_step(run.output) == 20
+    assert "step     20 |" not in run.output  # the cut-short evaluation reported nothing ...
+    assert checkpoint.load_checkpoint(tmp_path / "stopped" / "best.pt")["step"] == 0  # ... nor touched best.pt
+
+    final = resume_to_end(args, tmp_path / "stopped", max_steps=40)
+    assert final_states_equal(final, uninterrupted(**flags)) == []
+
+
+def wait_for_marks(run: Training, mark: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while run.output.count(mark) < count:
+        assert time.monotonic() < deadline, run.output
+        time.sleep(0.002)
+
+
+# Evaluations only at step 0 and the end; checkpoints every 20 steps. So the second
+# write of the run (after best.pt at step 0) is the step-20 checkpoint.
+SAVE_FLAGS = dict(eval_interval=1000, ckpt_interval=20)
+
+
+def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(args_for, uninterrupted, tmp_path):
+    args = args_for("stopped", **SAVE_FLAGS)
+    run = Training(args, slow_writes=0.003)  # a checkpoint write now takes about a second
+    wait_for_marks(run, WRITE_MARK, 2)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+    assert saved_step(run.output) == 20
+    assert run.output.count(WRITE_MARK) == 2  # the interrupted write finished; no second save
+    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", 20))
+
+    final = resume_to_end(args, tmp_path / "stopped")
+    assert final_states_equal(final, uninterrupted(**SAVE_FLAGS)) == []
+
+
+def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, uninterrupted, tmp_path):
+    args = args_for("stopped", **SAVE_FLAGS)
+    run = Training(args, slow_writes=0.05)  # a checkpoint write now takes many seconds
+    wait_for_marks(run, WRITE_MARK, 2)
+    started = time.monotonic()
+    run.process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 130
+    assert time.monotonic() - started < 5  # did not wait for the slow write
+    folder = tmp_path / "stopped" / "checkpoints"
+    assert [p for p in folder.iterdir() if ".tmp." in p.name], "the cut write should leave its temp file"
+    assert not checkpoint.step_path(folder, 20).exists()
+
+    result = run_train(args + ["--resume", "auto"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "interrupted write" in result.stdout
+    assert not [p for p in folder.iterdir() if ".tmp." in p.name]
+    final = checkpoint.step_path(folder, MAX_STEPS)
+    assert final_states_equal(final, uninterrupted(**SAVE_FLAGS)) == []
+
+
+def test_time_limit_stops_gracefully_with_exit_75_and_resumes_bit_exactly(args_for, uninterrupted, tmp_path):
+    args = args_for("stopped")
+    result = run_train(args + ["--time-limit", "2.5"])
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "stopped by time limit" in result.stdout
+    step = saved_step(result.stdout)
+    assert 1 <= step < MAX_STEPS
+    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
+
+    final = resume_to_end(args, tmp_path / "stopped")
+    assert final_states_equal(final, uninterrupted()) == []
