@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
+# One compute thread, set before torch is imported (here and in every subprocess, which
+# inherits the environment): on a busy 2-core machine two threads make tiny models ~100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from nanoresume.config import TrainConfig, resolve_config
+import pytest  # noqa: E402
+
+from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
