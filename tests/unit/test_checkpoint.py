@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import pathlib
 import zipfile
 from pathlib import Path
@@ -18,26 +17,6 @@ from nanoresume.checkpoint import (CheckpointManager, checksum_path, load_checkp
                                    resolve_resume, save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
 from nanoresume.trainer import Trainer
-
-
-def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    """Same nested structure; every tensor equal bit for bit (dtype and shape included)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert a == b and type(a) is type(b), f"{where}: {a!r} != {b!r}"
 
 
 def small_state(step: int = 1) -> dict[str, Any]:
@@ -61,7 +40,7 @@ def assert_one_line_naming(error: pytest.ExceptionInfo, path: Path) -> str:
 # ---- round trip ---------------------------------------------------------------------------------
 
 
-def test_a_trainer_checkpoint_round_trip_restores_every_key_and_tensor(make_config, tmp_path):
+def test_a_trainer_checkpoint_round_trip_restores_every_key_and_tensor(make_config, tmp_path, assert_same_state):
     trainer = Trainer(make_config(max_steps=3, eval_interval=2))
     trainer.run()
     state = trainer.state_dict()
