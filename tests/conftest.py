@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
+# One compute thread, set before torch is imported (here and in every subprocess, which
+# inherits the environment): on a busy 2-core machine two threads make tiny models ~100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from nanoresume.config import TrainConfig, resolve_config
+import pytest  # noqa: E402
+
+from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
@@ -79,3 +84,31 @@ def run_train(args: list[str], timeout: float = 120, **kwargs: Any) -> subproces
 
 def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
+
+
+def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    """Same nested structure; every tensor equal bit for bit (dtype and shape included)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), f"{where}: tensors differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{where}: {type(a).__name__} of {len(a)} vs {b!r:.80}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def assert_same_state() -> Callable[..., None]:
+    """``assert_same_state(a, b)``: nested dicts/lists equal, tensors compared with torch.equal."""
+    return _assert_same_state

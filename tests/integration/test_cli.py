@@ -1,0 +1,115 @@
+"""scripts/train.py in a real subprocess: exit codes, files written, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nanoresume.config import TrainConfig, flag
+
+from conftest import run_train  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+
+
+def assert_one_line_error(proc, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_tiny_run_exits_0_and_writes_events_config_checkpoints_and_best(tiny_cli_args, tmp_path):
+    proc = run_train(tiny_cli_args(max_steps=20))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_steps"] == 20 and config["n_embd"] == 32 and config["n_layer"] == 2
+    assert config["lr"] == 3e-3 and config["dropout"] == 0.1 and config["preset"] == "cpu"
+    assert config["beta2"] == TrainConfig().beta2  # defaults resolved, not left out
+    assert set(config) == {f.name for f in dataclasses.fields(TrainConfig)}
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert names == ["step_00000010.pt", "step_00000010.pt.sha256", "step_00000020.pt", "step_00000020.pt.sha256"]
+    assert (out / "best.pt").is_file() and (out / "best.pt.sha256").is_file()
+    assert re.search(r"step\s+20 \| train loss", proc.stdout)
+
+
+@pytest.mark.slow
+def test_resume_none_refuses_a_used_out_dir_and_resume_auto_continues_it(tiny_cli_args):
+    assert run_train(tiny_cli_args(max_steps=10)).returncode == 0
+    refused = run_train(tiny_cli_args(max_steps=10))  # --resume defaults to none
+    assert_one_line_error(refused, "--resume auto", "--out-dir")
+    resumed = run_train(tiny_cli_args(max_steps=12, resume="auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step_00000010.pt" in resumed.stdout
+    assert "changed on resume: --max-steps: 10 -> 12" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_resume_auto_on_an_empty_out_dir_starts_fresh_and_says_so(tiny_cli_args):
+    proc = run_train(tiny_cli_args(max_steps=2, resume="auto"))
+    assert proc.returncode == 0, proc.stderr
+    assert "starting a new run" in proc.stdout
+
+
+@pytest.mark.slow
+def test_resume_from_a_corrupt_path_exits_2_with_one_line_naming_it(tiny_cli_args, tmp_path):
+    bad = tmp_path / "step_00000005.pt"
+    bad.write_bytes(b"\x00" * 100)
+    (tmp_path / "step_00000005.pt.sha256").write_text("0" * 64 + "  step_00000005.pt\n")
+    assert_one_line_error(run_train(tiny_cli_args(resume=str(bad))), str(bad), "checksum")
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_model_width_exits_2_naming_the_field(tiny_cli_args):
+    assert run_train(tiny_cli_args(max_steps=2)).returncode == 0
+    proc = run_train(tiny_cli_args(max_steps=4, resume="auto", n_embd=64))
+    assert_one_line_error(proc, "--n-embd is 32 in the checkpoint but 64 now")
+
+
+def test_help_lists_every_flag_and_exits_0():
+    proc = run_train(["--help"], timeout=60)
+    assert proc.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            assert flag(f.name) in proc.stdout, f"{flag(f.name)} missing from --help"
+    assert "--no-progress" in proc.stdout and "--resume" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--max-steps", "-1"], "--max-steps"),
+    (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be divisible by --n-head 4"),
+    (["--time-limit", "abc"], "--time-limit"),
+    (["--bogus-flag", "1"], "--bogus-flag"),
+    (["--max-steps", "ten"], "--max-steps"),
+    (["--preset", "huge"], "--preset"),
+    (["--dropout", "1.5"], "--dropout"),
+])
+def test_a_bad_flag_exits_2_with_one_line_naming_it(tiny_cli_args, extra, named):
+    assert_one_line_error(run_train(tiny_cli_args() + extra, timeout=60), named)
+
+
+@pytest.mark.slow
+def test_a_missing_data_path_exits_2_naming_data(tiny_cli_args):
+    assert_one_line_error(run_train(tiny_cli_args(data="/nonexistent/corpus.txt")), "--data", "/nonexistent")
+
+
+@pytest.mark.slow
+def test_an_empty_data_file_exits_2_naming_data(tiny_cli_args, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_one_line_error(run_train(tiny_cli_args(data=str(empty))), "--data", "no text")
+
+
+@pytest.mark.slow
+def test_a_block_size_larger_than_the_data_exits_2_naming_block_size(tiny_cli_args, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("just a few bytes of text, " * 8)
+    assert_one_line_error(run_train(tiny_cli_args(data=str(small), block_size=64)), "--block-size 64")

@@ -1,0 +1,134 @@
+"""Presets, flag overrides, the one validation, and duration parsing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from nanoresume.config import (PRESETS, TrainConfig, build_parser, config_from_dict, explicit_fields, flag,
+                               parse_config, parse_duration, resolve_config)
+from nanoresume.errors import ConfigError
+
+
+def test_a_preset_fills_every_model_and_batch_field_left_unset():
+    cfg = resolve_config(TrainConfig(preset="gpu10m"))
+    for name, value in PRESETS["gpu10m"].items():
+        assert getattr(cfg, name) == value
+    assert cfg.model_config().n_embd == 384
+
+
+def test_an_explicit_flag_overrides_the_preset_and_the_rest_still_comes_from_it():
+    cfg = parse_config(["--preset", "gpu10m", "--n-layer", "8", "--dropout", "0"])
+    assert cfg.n_layer == 8
+    assert cfg.dropout == 0.0  # an explicit zero is not "unset"
+    assert cfg.n_embd == PRESETS["gpu10m"]["n_embd"]
+    assert cfg.lr == PRESETS["gpu10m"]["lr"]
+
+
+def test_the_default_preset_is_cpu():
+    cfg = parse_config([])
+    assert all(getattr(cfg, k) == v for k, v in PRESETS["cpu"].items())
+
+
+def test_an_unknown_preset_is_refused_naming_the_flag():
+    with pytest.raises(ConfigError, match="--preset"):
+        resolve_config(TrainConfig(preset="huge"))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(n_embd=30, n_head=4), "--n-embd 30 must be divisible by --n-head 4"),
+    (dict(max_steps=-1), "--max-steps -1"),
+    (dict(max_steps=0), "--max-steps 0"),
+    (dict(n_layer=0), "--n-layer"),
+    (dict(n_head=0), "--n-head"),
+    (dict(block_size=0), "--block-size"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(grad_accum=0), "--grad-accum"),
+    (dict(eval_interval=0), "--eval-interval"),
+    (dict(eval_iters=0), "--eval-iters"),
+    (dict(keep_last=0), "--keep-last"),
+    (dict(dropout=1.0), "--dropout 1.0"),
+    (dict(dropout=-0.1), "--dropout"),
+    (dict(lr=0.0), "--lr"),
+    (dict(lr=float("nan")), "--lr"),
+    (dict(min_lr_ratio=1.5), "--min-lr-ratio"),
+    (dict(warmup_steps=-1), "--warmup-steps"),
+    (dict(weight_decay=-0.1), "--weight-decay"),
+    (dict(beta1=1.0), "--beta1"),
+    (dict(beta2=-0.5), "--beta2"),
+    (dict(grad_clip=-1.0), "--grad-clip"),
+    (dict(val_fraction=0.0), "--val-fraction"),
+    (dict(val_fraction=1.0), "--val-fraction"),
+    (dict(ckpt_interval=0), "--ckpt-interval"),
+    (dict(time_limit=0.0), "--time-limit"),
+    (dict(out_dir="  "), "--out-dir"),
+    (dict(resume=""), "--resume"),
+])
+def test_every_validation_rule_names_its_flag(overrides, named):
+    with pytest.raises(ConfigError) as info:
+        resolve_config(TrainConfig(**overrides))
+    assert named in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        resolve_config(TrainConfig(max_steps=-1, dropout=2.0, lr=-1.0))
+    message = str(info.value)
+    assert "--max-steps" in message and "--dropout" in message and "--lr" in message
+
+
+def test_valid_edge_values_are_accepted():
+    cfg = resolve_config(TrainConfig(dropout=0.0, warmup_steps=0, grad_clip=0.0, weight_decay=0.0,
+                                     min_lr_ratio=0.0, beta1=0.0, ckpt_interval=1, time_limit=0.5))
+    assert cfg.effective_ckpt_interval == 1
+    assert resolve_config(TrainConfig(eval_interval=7)).effective_ckpt_interval == 7
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90.0), ("1.5", 1.5), ("1:30", 90.0), ("01:00:00", 3600.0),
+                                           ("0:00:05", 5.0), (" 2:00 ", 120.0)])
+def test_parse_duration_reads_seconds_and_clock_times(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "", "1:2:3:4", "1h", "1::2", "10 s"])
+def test_parse_duration_refuses_anything_else(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="seconds or HH:MM:SS"):
+        parse_duration(text)
+
+
+def test_time_limit_on_the_command_line_is_parsed_as_a_duration():
+    assert parse_config(["--time-limit", "1:30"]).time_limit == 90.0
+    assert parse_config([]).time_limit is None
+
+
+def test_every_config_field_except_vocab_size_is_a_flag():
+    parser = build_parser()
+    options = {s for a in parser._actions for s in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "vocab_size":
+            assert flag(f.name) not in options
+        else:
+            assert flag(f.name) in options, f"{flag(f.name)} missing from the CLI"
+
+
+def test_booleans_take_a_no_prefix_form_and_choices_are_enforced():
+    assert parse_config(["--no-bias", "--no-progress", "--compile"]).bias is False
+    with pytest.raises(SystemExit) as info:
+        parse_config(["--device", "tpu"])
+    assert info.value.code == 2
+
+
+def test_explicit_fields_are_the_typed_flags_and_a_preset_counts_as_typing_its_fields():
+    assert explicit_fields(["--n-layer", "3", "--max-steps", "5"]) == {"n_layer", "max_steps"}
+    assert explicit_fields(["--preset", "cpu"]) == {"preset", *PRESETS["cpu"]}
+    assert explicit_fields([]) == set()
+
+
+def test_to_dict_and_config_from_dict_round_trip_and_unknown_keys_are_ignored():
+    cfg = resolve_config(TrainConfig(n_layer=3, time_limit=12.0))
+    values = cfg.to_dict()
+    assert config_from_dict(values) == cfg
+    assert config_from_dict({**values, "from_a_future_version": 1}) == cfg

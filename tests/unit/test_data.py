@@ -1,0 +1,229 @@
+"""Byte tokens from every input kind, the deterministic split, the cache, and the sampler."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nanoresume import data as data_module
+from nanoresume.data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
+from nanoresume.errors import DataError
+
+TEXT = "héllo, wörld — bytes not characters ✓\n" * 20
+
+
+def all_tokens(tokens) -> bytes:
+    return bytes(np.concatenate([tokens.train, tokens.val]))
+
+
+def test_a_text_file_becomes_exactly_its_utf8_bytes(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    tokens = load_tokens(str(path), 0.1, str(tmp_path / "cache"))
+    assert all_tokens(tokens) == TEXT.encode("utf-8")
+    assert tokens.train.dtype == np.uint8
+    assert str(path) in tokens.source
+
+
+def test_a_folder_of_txt_files_is_read_in_sorted_order_and_other_files_are_ignored(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_bytes(b"BBBB" * 10)
+    (folder / "a.txt").write_bytes(b"AAAA" * 10)
+    (folder / "sub" / "c.txt").write_bytes(b"CCCC" * 10)
+    (folder / "notes.md").write_bytes(b"ignored")
+    tokens = load_tokens(str(folder), 0.1, str(tmp_path / "cache"))
+    assert all_tokens(tokens) == b"AAAA" * 10 + b"BBBB" * 10 + b"CCCC" * 10
+
+
+def test_a_bin_file_is_read_as_raw_uint8_tokens(tmp_path):
+    raw = bytes(range(256)) * 2
+    (tmp_path / "t.bin").write_bytes(raw)
+    assert all_tokens(load_tokens(str(tmp_path / "t.bin"), 0.1)) == raw
+
+
+def test_an_npy_file_of_small_integers_is_read_as_byte_tokens(tmp_path):
+    values = np.arange(300, dtype=np.int32) % 256
+    np.save(tmp_path / "t.npy", values)
+    tokens = load_tokens(str(tmp_path / "t.npy"), 0.1)
+    assert list(all_tokens(tokens)) == values.tolist()
+
+
+@pytest.mark.parametrize("bad", [np.array([1, 2, 256, 3] * 10, dtype=np.int64),
+                                 np.array([1, -1, 2, 3] * 10, dtype=np.int16),
+                                 np.array([0.5, 1.0] * 10, dtype=np.float32)])
+def test_an_npy_file_with_values_that_are_not_bytes_is_refused_naming_data(tmp_path, bad):
+    np.save(tmp_path / "t.npy", bad)
+    with pytest.raises(DataError, match="--data"):
+        load_tokens(str(tmp_path / "t.npy"), 0.1)
+
+
+def test_the_split_is_deterministic_and_validation_is_the_last_fraction(tmp_path):
+    raw = bytes(random.Random(0).randrange(256) for _ in range(1000))
+    (tmp_path / "t.bin").write_bytes(raw)
+    tokens = load_tokens(str(tmp_path / "t.bin"), 0.25)
+    assert bytes(tokens.train) == raw[:750]
+    assert bytes(tokens.val) == raw[750:]
+    again = load_tokens(str(tmp_path / "t.bin"), 0.25)
+    assert again.fingerprint == tokens.fingerprint
+    assert bytes(again.val) == bytes(tokens.val)
+
+
+def test_the_second_load_memory_maps_the_cache_without_reading_the_source(tmp_path, monkeypatch):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT)
+    cache = tmp_path / "cache"
+    first = load_tokens(str(path), 0.1, str(cache))
+    cached = sorted(cache.glob("*.bin"))
+    assert len(cached) == 1
+
+    def no_reading(p):
+        raise AssertionError(f"source {p} was read again although the cache is valid")
+
+    monkeypatch.setattr(data_module, "_read_bytes", no_reading)
+    second = load_tokens(str(path), 0.1, str(cache))
+    assert isinstance(second.train, np.memmap)
+    assert os.path.samefile(second.train.filename, cached[0])
+    assert second.fingerprint == first.fingerprint
+    assert all_tokens(second) == TEXT.encode()
+
+
+def test_changing_the_source_file_invalidates_the_cache(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT)
+    cache = str(tmp_path / "cache")
+    before = load_tokens(str(path), 0.1, cache)
+    path.write_text(TEXT + "one more line\n")
+    after = load_tokens(str(path), 0.1, cache)
+    assert all_tokens(after) == (TEXT + "one more line\n").encode()
+    assert after.fingerprint != before.fingerprint
+
+
+def test_a_same_size_edit_with_a_new_mtime_invalidates_the_cache(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"x" * 500)
+    cache = str(tmp_path / "cache")
+    load_tokens(str(path), 0.1, cache)
+    path.write_bytes(b"y" * 500)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert all_tokens(load_tokens(str(path), 0.1, cache)) == b"y" * 500
+
+
+def test_a_corrupt_cache_is_rebuilt_instead_of_trusted(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT)
+    cache = tmp_path / "cache"
+    load_tokens(str(path), 0.1, str(cache))
+    [meta] = cache.glob("*.json")
+    meta.write_text("{not json")
+    assert all_tokens(load_tokens(str(path), 0.1, str(cache))) == TEXT.encode()
+
+
+def test_an_empty_text_file_raises_data_error_naming_data(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="--data") as info:
+        load_tokens(str(tmp_path / "empty.txt"), 0.1, str(tmp_path / "cache"))
+    assert "no text" in str(info.value)
+
+
+def test_an_empty_bin_file_and_a_folder_without_txt_files_raise_data_error(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="--data"):
+        load_tokens(str(tmp_path / "empty.bin"), 0.1)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match="--data .*no .txt files"):
+        load_tokens(str(tmp_path / "folder"), 0.1)
+
+
+def test_a_missing_path_raises_data_error_naming_data_and_the_path(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataError, match="--data") as info:
+        load_tokens(str(missing), 0.1)
+    assert str(missing) in str(info.value)
+
+
+def test_a_block_size_larger_than_either_split_raises_naming_block_size(tmp_path):
+    (tmp_path / "t.bin").write_bytes(bytes(200))
+    tokens = load_tokens(str(tmp_path / "t.bin"), 0.1)  # 180 train, 20 val
+    check_block_size(tokens, 19)
+    with pytest.raises(DataError, match="--block-size 20 .*validation"):
+        check_block_size(tokens, 20)
+    with pytest.raises(DataError, match="--block-size 500 .*training"):
+        check_block_size(tokens, 500)
+
+
+def test_windows_pair_each_input_with_the_next_token_as_target():
+    tokens = np.arange(100, dtype=np.uint8)
+    x, y = windows(tokens, np.array([0, 10, 90]), 8)
+    assert x.shape == y.shape == (3, 8) and x.dtype == torch.int64
+    assert torch.equal(x[1], torch.arange(10, 18))
+    assert torch.equal(y[1], torch.arange(11, 19))
+    assert y[2, -1].item() == 98
+
+
+def draw(sampler, n):
+    return [sampler.next_offsets() for _ in range(n)]
+
+
+def test_the_same_seed_and_rank_give_the_same_offsets():
+    a, b = BatchSampler(1000, 16, 8, seed=7), BatchSampler(1000, 16, 8, seed=7)
+    for x, y in zip(draw(a, 5), draw(b, 5)):
+        assert np.array_equal(x, y)
+
+
+def test_a_different_seed_or_rank_gives_different_offsets():
+    base = draw(BatchSampler(1000, 16, 8, seed=7), 3)
+    other_seed = draw(BatchSampler(1000, 16, 8, seed=8), 3)
+    other_rank = draw(BatchSampler(1000, 16, 8, seed=7, rank=1), 3)
+    assert not any(np.array_equal(x, y) for x, y in zip(base, other_seed))
+    assert not any(np.array_equal(x, y) for x, y in zip(base, other_rank))
+
+
+def test_offsets_stay_inside_the_valid_window_range():
+    sampler = BatchSampler(n_tokens=40, block_size=32, batch_size=64, seed=0)
+    offsets = np.concatenate(draw(sampler, 20))
+    assert offsets.min() >= 0 and offsets.max() <= 40 - 32 - 1
+    assert set(offsets.tolist()) == set(range(8))
+
+
+def test_load_state_dict_reproduces_the_batches_that_would_have_followed():
+    original = BatchSampler(1000, 16, 8, seed=3)
+    draw(original, 4)
+    saved = original.state_dict()
+    expected = draw(original, 3)
+
+    restored = BatchSampler(1000, 16, 8, seed=99)  # wrong seed on purpose: the state must carry it
+    restored.load_state_dict(saved)
+    for x, y in zip(draw(restored, 3), expected):
+        assert np.array_equal(x, y)
+    assert restored.state_dict() == original.state_dict()
+
+
+def test_the_sampler_does_not_touch_or_depend_on_global_rngs():
+    np.random.seed(0)
+    sampler = BatchSampler(1000, 16, 8, seed=3)
+    first = sampler.next_offsets()
+    np.random.seed(12345)
+    random.seed(12345)
+    torch.manual_seed(12345)
+    state = np.random.get_state()[1].copy()
+    fresh = BatchSampler(1000, 16, 8, seed=3)
+    assert np.array_equal(fresh.next_offsets(), first)
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
+def test_eval_offsets_are_fixed_in_range_and_touch_no_global_rng():
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    batches = eval_offsets(n_tokens=500, block_size=32, n_batches=3, batch_size=4)
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
+    assert len(batches) == 3 and all(len(b) == 4 for b in batches)
+    flat = np.concatenate(batches)
+    assert flat[0] == 0 and flat[-1] == 500 - 32 - 1
+    assert all(np.array_equal(a, b) for a, b in zip(batches, eval_offsets(500, 32, 3, 4)))
