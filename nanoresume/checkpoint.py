@@ -187,9 +187,11 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values, "
-                              f"which could run code when loaded ({first_line[:160]})") from None
+        unsafe = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", str(e))
+        if unsafe is None:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (its data does not unpickle)") from None
+        raise CheckpointError(f"{path}: refused, it asks to import {unsafe.group(1)}, and loading it could run "
+                              f"code; a nanoresume checkpoint holds only tensors and plain values") from None
     except Exception as e:  # torch raises RuntimeError and friends for a file that is not a checkpoint
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "format_version" not in state or "kind" not in state:

@@ -23,6 +23,7 @@ class Progress:
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # training tokens consumed, summed over ranks
     best_val_loss: float = math.inf
+    evaluated_step: int = -1  # last step whose evaluation completed (a stop can cut one short)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -31,6 +32,7 @@ class Progress:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.best_val_loss = float(state["best_val_loss"])
+        self.evaluated_step = int(state["evaluated_step"])
 
 
 def capture_rng_state() -> dict[str, Any]:

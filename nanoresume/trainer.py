@@ -224,12 +224,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over the fixed validation batches; None if a stop request cut it short."""
+        """Mean loss over the fixed validation batches; None if a stop request arrived during it.
+
+        A stop requested before it started does not cut it short: an evaluation that
+        is due is part of the step, and skipping it would change best.pt and the
+        checkpoint written at the stop.
+        """
+        stop_already_requested = self.stop.is_set()
         self.model.eval()
         try:
             losses = []
             for offsets in self.val_batches:
-                if self.stop.is_set():
+                if self.stop.is_set() and not stop_already_requested:
                     return None
                 x, y = (t.to(self.device) for t in windows(self.data.val, offsets, self.cfg.block_size))
                 with self.autocast():
@@ -250,12 +256,10 @@ class Trainer:
         try:
             with self.stop.installed():
                 self.console.log(self._start_message())
-                if progress.step >= cfg.max_steps:
+                if progress.step >= cfg.max_steps and not self._evaluation_due():
                     self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
                                      f"nothing to do (raise --max-steps to train longer)")
                     return result
-                if self.resumed_from is None:
-                    self._evaluate_and_log(tensorboard, train_loss=None, tokens_per_second=None)
                 self._loop(tensorboard, result)
         finally:
             tensorboard.close()
@@ -267,6 +271,8 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         window_losses, window_start, window_tokens = [], time.perf_counter(), 0
         slowest_step = 0.0
+        if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
+            self._evaluate_and_log(tensorboard, train_loss=None, tokens_per_second=None)
         while progress.step < cfg.max_steps and not self.stop.is_set():
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
@@ -284,7 +290,7 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
             last = progress.step == cfg.max_steps
-            if progress.step % cfg.eval_interval == 0 or last:
+            if self._evaluation_due():
                 rate = window_tokens / (time.perf_counter() - window_start)
                 self._evaluate_and_log(tensorboard, sum(window_losses) / len(window_losses), rate)
                 window_losses, window_start, window_tokens = [], time.perf_counter(), 0
@@ -292,13 +298,20 @@ class Trainer:
             saved = self.manager.maybe_save(progress.step, self._checkpoint_state, force=last or self.stop.is_set())
             result.last_checkpoint = saved or result.last_checkpoint
         result.step = progress.step
-        if self.stop.is_set() and progress.step < cfg.max_steps:
-            # A stop during the first evaluation arrives before any step: save that state too.
+        if self.stop.is_set() or progress.step == cfg.max_steps:
+            # Covers a stop before the first step, and a final evaluation redone after a restart;
+            # a no-op when this step is already saved.
             result.last_checkpoint = self.manager.maybe_save(progress.step, self._checkpoint_state, force=True) \
                 or result.last_checkpoint
+        if self.stop.is_set() and progress.step < cfg.max_steps:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
-            self.console.log(self._stopped_message())
+            self.console.log(self._stopped_message(result.last_checkpoint))
         tensorboard.flush()
+
+    def _evaluation_due(self) -> bool:
+        step = self.progress.step
+        due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
+        return due and self.progress.evaluated_step != step
 
     def _checkpoint_state(self) -> dict[str, Any]:
         for name, p in self.raw_model.named_parameters():
@@ -313,6 +326,7 @@ class Trainer:
         if val_loss is None:
             return  # cut short by a stop request: an incomplete eval must not touch best.pt
         step = self.progress.step
+        self.progress.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
         tensorboard.scalars(step, {"val/loss": val_loss, "val/perplexity": ppl})
         train = f"{train_loss:.4f}" if train_loss is not None else "-"
@@ -345,7 +359,7 @@ class Trainer:
                 f"({str(self.dtype).removeprefix('torch.')}), {params / 1e6:.2f}M parameters, "
                 f"{self.cfg.tokens_per_step:,} tokens/step; data {self.data.describe()}")
 
-    def _stopped_message(self) -> str:
-        return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; saved "
-                f"{checkpoint.step_path(self.run_dir.checkpoints, self.progress.step)}. Continue with: "
+    def _stopped_message(self, saved: Optional[Path]) -> str:
+        where = f"saved {saved}" if saved is not None else "nothing new to save"
+        return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: "
                 f"python scripts/train.py --out-dir {self.cfg.out_dir} --resume auto")

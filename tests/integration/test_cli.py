@@ -11,7 +11,7 @@ import pytest
 
 from nanoresume.config import TrainConfig, flag
 
-from conftest import run_train  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
+from tests.conftest import run_train  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
 
 
 def assert_one_line_error(proc, *needles: str) -> str:

@@ -86,9 +86,6 @@ def test_an_out_dir_that_is_a_file_is_refused_naming_out_dir(make_config, tmp_pa
         Trainer(make_config(out_dir=str(blocker)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: trainer.py _stopped_message claims 'saved .../step_00000000.pt' when a stop arrives before the "
-    "first step (e.g. during the initial eval), but maybe_save never ran, so no such file exists"))
 def test_a_stop_before_the_first_step_does_not_claim_a_checkpoint_it_never_wrote(make_config, capsys):
     from nanoresume.signals import StopFlag
 

@@ -116,16 +116,11 @@ def test_resuming_from_an_older_checkpoint_replays_the_lost_steps_exactly(config
     assert_same_state(final_state(baseline), final_state(resumed))
 
 
-SKIPPED_EVAL = ("BUG: a stop requested during an eval step (or the last step) skips that step's evaluation "
-                "(Trainer.evaluate returns None when the flag is set) and the resumed run never redoes it, so "
-                "best_val_loss / best.pt and the val/loss curve differ from the uninterrupted run")
-
-
 @pytest.mark.parametrize("stop_at", [
     pytest.param(3, id="between-evals"),
     pytest.param(6, id="right-after-an-eval"),
-    pytest.param(5, id="at-an-eval-step", marks=pytest.mark.xfail(strict=True, reason=SKIPPED_EVAL)),
-    pytest.param(N, id="at-the-last-step", marks=pytest.mark.xfail(strict=True, reason=SKIPPED_EVAL)),
+    pytest.param(5, id="at-an-eval-step"),
+    pytest.param(N, id="at-the-last-step"),
 ])
 def test_the_checkpoint_written_at_a_stop_equals_the_one_an_uninterrupted_run_writes_there(
         configs, stop_at, assert_same_state):

@@ -309,11 +309,6 @@ def test_remove_leftovers_deletes_temp_files_and_orphan_sidecars_but_nothing_els
     assert load_checkpoint(step_path(tmp_path, 10))["step"] == 10
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: checkpoint.py load_checkpoint maps every pickle.UnpicklingError to 'refused ... could run code', so "
-    "a file of random bytes (torch's legacy-format fallback fails inside the weights-only unpickler) is "
-    "reported as unsafe code instead of 'not a readable PyTorch checkpoint'; the message also embeds "
-    "torch's long 'Weights only load failed. In PyTorch 2.6 ...' text"))
 def test_random_bytes_are_reported_as_not_a_checkpoint_rather_than_as_unsafe_code(tmp_path):
     path = tmp_path / "noise.pt"
     write_with_sidecar(path, bytes(range(256)) * 40)
