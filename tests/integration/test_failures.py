@@ -1,0 +1,170 @@
+"""Disk full, I/O errors, read-only folders, NaN losses, odd $TMPDIR: clear errors, nothing good lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoresume import checkpoint
+from nanoresume.checkpoint import load_checkpoint, step_path
+from nanoresume.errors import CheckpointWriteError, NonFiniteLossError, UserError
+from nanoresume.trainer import Trainer
+from tests.conftest import run_train
+
+
+def leftover_temp_files(out: Path) -> list[str]:
+    return [p.name for p in out.rglob("*") if ".tmp." in p.name]
+
+
+@pytest.fixture
+def failing_writes(monkeypatch):
+    """``failing_writes(err)``: from now on every checkpoint write fails with OSError(err)."""
+
+    def arm(code: int) -> None:
+        def fail(bytes_written: int) -> None:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(checkpoint, "testing_write_hook", fail)
+
+    return arm
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
+def test_a_failed_save_stops_the_run_with_one_line_and_keeps_earlier_checkpoints(make_config, failing_writes, code):
+    cfg = make_config(max_steps=30, ckpt_interval=5, eval_interval=1000)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: failing_writes(code) if step == 7 else None)
+    with pytest.raises(CheckpointWriteError) as failure:
+        trainer.run()
+    message = str(failure.value)
+    assert "\n" not in message
+    assert os.strerror(code) in message and "step_00000010.pt" in message
+    assert "MB needed" in message and "MB free" in message and "--out-dir" in message
+    out = Path(cfg.out_dir)
+    assert trainer.progress.step == 10  # stopped instead of training on with nothing saved
+    assert not step_path(out / "checkpoints", 10).exists()
+    assert load_checkpoint(step_path(out / "checkpoints", 5))["step"] == 5
+    assert load_checkpoint(out / "best.pt")["step"] == 0
+    assert leftover_temp_files(out) == []
+
+
+def test_an_fsync_error_fails_the_save_cleanly(make_config, monkeypatch):
+    cfg = make_config(max_steps=30, ckpt_interval=5, eval_interval=1000)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def break_fsync_at_step_7(tr, step, loss):
+        if step == 7:
+            monkeypatch.setattr(os, "fsync", broken_fsync)
+
+    with pytest.raises(CheckpointWriteError, match="Input/output error"):
+        Trainer(cfg, on_step=break_fsync_at_step_7).run()
+    monkeypatch.undo()
+    assert load_checkpoint(step_path(Path(cfg.out_dir) / "checkpoints", 5))["step"] == 5
+    assert leftover_temp_files(Path(cfg.out_dir)) == []
+
+
+def test_a_failed_best_pt_write_keeps_the_previous_best_pt(make_config, failing_writes):
+    cfg = make_config(max_steps=30, eval_interval=10, ckpt_interval=1000)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: failing_writes(errno.ENOSPC) if step == 15 else None)
+    with pytest.raises(CheckpointWriteError, match="best.pt"):
+        trainer.run()
+    best = load_checkpoint(Path(cfg.out_dir) / "best.pt")
+    assert best["step"] == 10
+
+
+def can_mount_tmpfs(where: Path, options: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    mounted = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        if not can_mount_tmpfs(where, options):
+            pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_exits_1_with_one_line_and_the_earlier_checkpoint_intact(tiny_cli_args, tmpfs):
+    out = tmpfs("size=1m") / "run"
+    # best.pt (~150 KB) and the step-5 checkpoint (~450 KB) fit in 1 MB; the step-10 one does not.
+    result = run_train(tiny_cli_args(out_dir=str(out), max_steps=100, ckpt_interval=5, keep_last=100,
+                                     eval_interval=1000))
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write checkpoint"), result.stderr
+    assert "No space left on device" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert load_checkpoint(step_path(out / "checkpoints", 5))["step"] == 5
+    assert leftover_temp_files(out) == []
+
+
+def test_a_read_only_out_dir_is_refused_before_training_naming_the_path(make_config, tmpfs):
+    read_only = tmpfs("ro")
+    with pytest.raises(UserError, match=f"--out-dir {read_only / 'run'} is not writable"):
+        Trainer(make_config(out_dir=str(read_only / "run")))
+
+
+def test_an_unwritable_out_dir_is_refused_before_training_monkeypatched(make_config, monkeypatch, tmp_path):
+    def refuse(fd: int) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    with pytest.raises(UserError, match="not writable .*Read-only file system"):
+        Trainer(make_config(out_dir=str(tmp_path / "run")))
+
+
+def test_a_read_only_out_dir_exits_2_from_the_cli(tiny_cli_args, tmpfs):
+    read_only = tmpfs("ro")
+    result = run_train(tiny_cli_args(out_dir=str(read_only / "run")))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out-dir {read_only / 'run'} is not writable (Read-only file system); "
+        f"choose a folder you can write to"]
+
+
+def poison(trainer: Trainer) -> None:
+    with torch.no_grad():
+        trainer.raw_model.wte.weight.fill_(float("nan"))
+
+
+def test_a_nan_loss_stops_naming_the_step_and_saves_nothing_from_it(make_config):
+    cfg = make_config(max_steps=30, ckpt_interval=5, eval_interval=5)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: poison(tr) if step == 7 else None)
+    with pytest.raises(NonFiniteLossError, match="training loss is nan at step 8"):
+        trainer.run()
+    folder = Path(cfg.out_dir) / "checkpoints"
+    assert [p.name for p in sorted(folder.glob("step_*.pt"))] == ["step_00000005.pt"]
+    for saved in (load_checkpoint(step_path(folder, 5)), load_checkpoint(Path(cfg.out_dir) / "best.pt")):
+        assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_non_finite_weights_are_never_written_to_a_checkpoint(make_config):
+    cfg = make_config(max_steps=30, ckpt_interval=5, eval_interval=1000)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: poison(tr) if step == 10 else None)
+    with pytest.raises(NonFiniteLossError, match="wte.weight holds NaN/inf at step 10"):
+        trainer.run()
+    assert not step_path(Path(cfg.out_dir) / "checkpoints", 10).exists()
+
+
+@pytest.mark.slow
+def test_tmpdir_on_a_missing_folder_does_not_matter(tiny_cli_args, tmp_path):
+    result = run_train(tiny_cli_args(max_steps=10), env={"TMPDIR": str(tmp_path / "does-not-exist")})
+    assert result.returncode == 0, result.stderr
+    load_checkpoint(step_path(tmp_path / "out" / "checkpoints", 10))
