@@ -97,6 +97,9 @@ class TrainConfig:
                       choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = _opt(False, "wrap the model in torch.compile (checkpoints hold the plain weights)")
     seed: int = _opt(1337, "seed for weights, dropout and batch order")
+    deterministic: bool = _opt(True, "use only deterministic GPU kernels, so a resumed run is bit-for-bit "
+                                     "the uninterrupted one (no effect on CPU; --no-deterministic trades "
+                                     "that for some GPU speed)")
     time_limit: Optional[float] = _opt(None, "stop gracefully (and save) before this wall-clock budget runs "
                                              "out: seconds or HH:MM:SS", parse="duration")
     progress: bool = _opt(True, "show a progress bar")

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from .signals import StopFlag
 from .state import Progress, capture_rng_state, restore_rng_state, seed_everything
 
 # Fields always taken from the current command line, never from a resumed checkpoint.
-RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "dtype", "compile", "time_limit", "progress")
+RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "dtype", "compile", "time_limit", "progress",
+                  "deterministic")
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
 
 
@@ -61,6 +63,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.float32  # bf16 matmuls are very slow on common CPUs
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, name)
+
+
+def use_deterministic_kernels() -> None:
+    """Make GPU results a function of the inputs alone (CPU kernels already are)."""
+    # cuBLAS reads this when it first initializes; harmless if it is already set or on CPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
@@ -118,6 +128,8 @@ class Trainer:
         self.cfg, self.manager = cfg, manager
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS first starts
         self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
         check_block_size(self.data, cfg.block_size)
 
@@ -253,7 +265,10 @@ class Trainer:
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
         self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress)
         tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None)
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
         try:
+            if cfg.deterministic:
+                use_deterministic_kernels()
             with self.stop.installed():
                 self.console.log(self._start_message())
                 if progress.step >= cfg.max_steps and not self._evaluation_due():
@@ -262,6 +277,7 @@ class Trainer:
                     return result
                 self._loop(tensorboard, result)
         finally:
+            torch.use_deterministic_algorithms(was_deterministic)
             tensorboard.close()
             self.console.close()
             self.run_dir.close()

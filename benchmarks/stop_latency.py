@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Seconds from SIGTERM to process exit (finish the step, save, exit 143), per preset.
+
+    python benchmarks/stop_latency.py [--device cpu|cuda] [--preset cpu] [--repeats 3] [-- extra train flags]
+
+For scale it also prints the median step time and checkpoint save time the run
+itself measured: a stop costs at most about one step plus one save.
+"""
+
+import argparse
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def one_stop(preset: str, device: str, extra: list[str], work: Path) -> tuple[float, int]:
+    out = work / f"run{time.monotonic_ns()}"
+    command = [sys.executable, "-u", str(REPO / "scripts" / "train.py"), "--preset", preset, "--device", device,
+               "--out-dir", str(out), "--cache-dir", str(work / "cache"), "--eval-interval", "100000",
+               "--eval-iters", "1", "--no-progress", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step      0 |"):
+            break
+    time.sleep(3.0)  # well into training
+    sent = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    process.communicate()
+    return time.perf_counter() - sent, process.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("extra", nargs="*", help="more scripts/train.py flags (after --)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="nanoresume-stop-"))
+    results = [one_stop(args.preset, args.device, args.extra, work) for _ in range(args.repeats)]
+    seconds = [s for s, _ in results]
+    print(f"{args.preset} on {args.device} {' '.join(args.extra)}: SIGTERM -> exit median {statistics.median(seconds):.2f} s "
+          f"(max {max(seconds):.2f} s), exit codes {sorted({c for _, c in results})}")
+
+
+if __name__ == "__main__":
+    main()
