@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 
 from nanoresume import ckpt, sampling
 from nanoresume.checkpoint import load_checkpoint, save_atomically
+from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer
+from tests.conftest import TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT_SCRIPT = REPO / "scripts" / "ckpt.py"
@@ -29,13 +32,21 @@ def run_tool(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.fixture
-def trained_run(make_config, capsys: pytest.CaptureFixture) -> Path:
-    """OUT of a 30-step run with step checkpoints 10, 20, 30 and best.pt."""
-    cfg = make_config(max_steps=30, eval_interval=10, keep_last=3)
+@pytest.fixture(scope="module")
+def trained_template(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT of a 30-step run with step checkpoints 10, 20, 30 and best.pt, trained once per module."""
+    root = tmp_path_factory.mktemp("template")
+    cfg = resolve_config(TrainConfig(**TINY_FLAGS, data=str(tiny_text), out_dir=str(root / "out"),
+                                     cache_dir=str(root / "cache"), max_steps=30, eval_interval=10,
+                                     keep_last=3, progress=False))
     Trainer(cfg).run()
-    capsys.readouterr()
     return Path(cfg.out_dir)
+
+
+@pytest.fixture
+def trained_run(trained_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the template run (file times kept), free to corrupt."""
+    return Path(shutil.copytree(trained_template, tmp_path / "run"))
 
 
 def flip_middle_byte(path: Path) -> None:
