@@ -94,7 +94,7 @@ def cmd_list(out: Path) -> int:
     load = CachedLoader()
     files = manager.list()
     print(f"step checkpoints in {folder}:")
-    print(f"  {'step':>8}  {'tokens seen':>13}  {'val loss':>8}  {'size':>8}  {'written':19}  status")
+    print(f"  {'step':>8}  {'tokens seen':>13}  {'best val':>8}  {'size':>8}  {'written':19}  status")
     bad = sum(list_row(f, load) for f in files)
     if not files:
         print("  (none)")
@@ -135,6 +135,8 @@ def files_to_verify(target: Path) -> list[Path]:
     files = [s.path for s in CheckpointManager(step_folder(target), 1, 1).list()]
     if (target / "best.pt").is_file():
         files.append(target / "best.pt")
+    if not files:
+        raise UserError(f"{target}: holds no checkpoint files to verify; pass a run's --out-dir or a file")
     return files
 
 

@@ -162,5 +162,12 @@ def test_user_errors_are_one_line_with_exit_code_2(trained_run: Path, tmp_path: 
 def test_bad_flag_and_help_through_the_real_script() -> None:
     proc = run_script(CKPT_SCRIPT, "diff", "--bogus")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-    proc = run_script(CKPT_SCRIPT, "export", "--help")
+    proc = subprocess.run([sys.executable, "-m", "nanoresume.ckpt", "export", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--to FILE" in proc.stdout and "--force" in proc.stdout
+
+
+def test_verify_refuses_a_run_folder_with_nothing_in_it(tmp_path: Path, capsys) -> None:
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    code, _, err = run_tool(capsys, "verify", str(tmp_path / "out"))
+    assert code == 2 and "holds no checkpoint files" in err
