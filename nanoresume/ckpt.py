@@ -64,13 +64,19 @@ class CachedLoader:
 
 
 def problem(path: Path, load: Callable[[Path], dict[str, Any]]) -> Optional[str]:
-    """None if the file verifies (checksum, safe load, schema, model tensors), else the one-line reason."""
+    """None if the file verifies (checksum, safe load, schema, model tensors), else the one-line reason.
+
+    A step_*.pt file must also be a full training state: --resume auto would skip anything else.
+    """
     try:
         state = load(path)
         check_schema(path, state)
         check_model_tensors(path, state)
     except CheckpointError as e:
         return str(e)
+    if checkpoint.STEP_PATTERN.match(path.name) and state["kind"] != "train":
+        return (f"{path}: holds {state['kind']!r} weights under a step checkpoint's name, not a training "
+                f"state; --resume auto skips it. Rename or remove it")
     return None
 
 

@@ -41,7 +41,8 @@ class EvalResult:
         return self.loss / math.log(2)
 
 
-def in_order_batches(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def in_order_batches(tokens: np.ndarray, block_size: int,
+                     batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Full windows in order, then the leftover tail as one shorter window, so no token is skipped."""
     yield from iterate_in_order(tokens, block_size, batch_size)
     covered = ((len(tokens) - 1) // block_size) * block_size  # targets predicted by the full windows

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoresume import ckpt, sampling
+from nanoresume import ckpt
 from nanoresume.checkpoint import load_checkpoint, save_atomically
 from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer
@@ -55,16 +55,16 @@ def flip_middle_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_list_and_verify_a_clean_run(trained_run: Path) -> None:
+def test_list_and_verify_a_clean_run(trained_run: Path, capsys) -> None:
     proc = run_script(CKPT_SCRIPT, "list", str(trained_run))
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" ok")]
     assert [int(r.split()[0]) for r in rows] == [10, 20, 30]
     assert "--resume auto would pick: step_00000030.pt" in proc.stdout
     assert "best.pt: step 30" in proc.stdout
-    proc = run_script(CKPT_SCRIPT, "verify", str(trained_run))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 of 4 checkpoint file(s) verify" in proc.stdout
+    code, out, err = run_tool(capsys, "verify", str(trained_run))
+    assert code == 0, out + err
+    assert "4 of 4 checkpoint file(s) verify" in out
 
 
 def test_one_corrupted_file_is_reported_alone_and_fails_list_and_verify(trained_run: Path, capsys) -> None:
@@ -79,6 +79,15 @@ def test_one_corrupted_file_is_reported_alone_and_fails_list_and_verify(trained_
     assert "--resume auto would pick: step_00000020.pt" in out  # the newest one that verifies
     code, _, _ = run_tool(capsys, "verify", str(trained_run / "checkpoints" / "step_00000020.pt"))
     assert code == 0
+
+
+def test_a_weights_file_under_a_step_name_is_bad_not_a_crash(trained_run: Path, capsys) -> None:
+    save_atomically(load_checkpoint(trained_run / "best.pt"), trained_run / "checkpoints" / "step_00000040.pt")
+    code, out, err = run_tool(capsys, "list", str(trained_run))
+    assert code == 1 and not err
+    bad = [line for line in out.splitlines() if "BAD" in line]
+    assert len(bad) == 1 and bad[0].split()[0] == "40" and "'weights'" in bad[0]
+    assert "--resume auto would pick: step_00000030.pt" in out
 
 
 def test_diff_says_identical_for_an_uninterrupted_and_a_resumed_run(make_config, tmp_path: Path, capsys) -> None:

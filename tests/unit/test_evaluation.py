@@ -69,8 +69,10 @@ def test_unequal_batches_are_weighted_by_tokens_not_averaged_per_batch() -> None
     x = torch.randint(0, 256, (3, BLOCK))
     y = torch.randint(0, 256, (3, BLOCK))
     big, small = (x[:2], y[:2]), (x[2:, :4], y[2:, :4])  # 32 tokens and 4 tokens
-    loss = lambda xb, yb: F.cross_entropy(model(xb)[0].reshape(-1, 256), yb.reshape(-1), reduction="sum").item()  # noqa: E731
-    expected = (loss(*big) + loss(*small)) / 36
+    def summed(xb: torch.Tensor, yb: torch.Tensor) -> float:
+        return F.cross_entropy(model(xb)[0].reshape(-1, 256), yb.reshape(-1), reduction="sum").item()
+
+    expected = (summed(*big) + summed(*small)) / 36
     assert evaluation.mean_loss(model, [big, small], CPU).loss == pytest.approx(expected, rel=1e-9)
 
 

@@ -58,11 +58,11 @@ def test_prompt_longer_than_block_size_is_cropped_not_an_error() -> None:
 
 
 def test_samples_from_best_pt_and_from_a_step_checkpoint(make_config, capsys: pytest.CaptureFixture) -> None:
-    cfg = make_config(max_steps=10, eval_interval=5)
+    cfg = make_config(max_steps=4, eval_interval=2)
     Trainer(cfg).run()
     capsys.readouterr()
     out = Path(cfg.out_dir)
-    for ckpt in (out / "best.pt", out / "checkpoints" / "step_00000010.pt"):
+    for ckpt in (out / "best.pt", out / "checkpoints" / "step_00000004.pt"):
         args = ["--ckpt", str(ckpt), "--prompt", "def ", "--max-new-tokens", "30", "--seed", "1", "--device", "cpu"]
         assert sampling.main(args) == 0
         first = capsys.readouterr().out
