@@ -102,9 +102,9 @@ def read_text_bytes(path: Path) -> np.ndarray:
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("evaluate.py", "Validation loss and perplexity of a checkpoint on a whole file, "
                                         "every byte predicted once, in order.")
-    parser.add_argument("--ckpt", required=True, metavar="PATH",
+    parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
                         help="checkpoint to evaluate (OUT/best.pt, an export, or a step checkpoint); required")
-    parser.add_argument("--data", required=True, metavar="FILE",
+    parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
                         help="text file to evaluate on, read as raw bytes; required")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B",
                         help="windows of block_size bytes per forward pass (memory, not the result)")

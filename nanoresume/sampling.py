@@ -46,15 +46,15 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("sample.py", "Generate text from a checkpoint: OUT/best.pt, an export, "
                                       "or any OUT/checkpoints/step_*.pt.")
-    parser.add_argument("--ckpt", required=True, metavar="PATH",
+    parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
                         help="checkpoint to sample from (kind 'weights' or 'train'); required")
-    parser.add_argument("--prompt", default="", help="text to continue; empty starts from a newline")
+    parser.add_argument("--prompt", default="", help="text to continue; the default %(default)r starts from a newline")
     parser.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
                         help="bytes to generate after the prompt")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
                         help="softmax temperature; 0 always picks the most likely byte")
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
-                        help="sample only from the K most likely bytes (default: all 256)")
+                        help="sample only from the K most likely bytes (default %(default)s: all 256)")
     parser.add_argument("--seed", type=int, default=1337, metavar="S", help="seed; the same seed gives the same text")
     add_device_flag(parser)
     return parser
