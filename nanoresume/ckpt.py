@@ -1,0 +1,419 @@
+"""``python -m nanoresume.ckpt list|verify|show|diff|export``: inspect what training wrote.
+
+Every file is read with :func:`nanoresume.checkpoint.load_checkpoint` (checksum
+first, then ``weights_only=True``), so no command ever runs code from a file.
+Exit codes: 0 ok; 1 ``verify``/``list`` found bad files or ``diff`` found
+differences; 2 a user error (missing file, bad flag, wrong kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import checkpoint
+from .checkpoint import CheckpointManager, StepFile, load_checkpoint, resolve_resume
+from .clitools import make_parser, run_reporting_errors
+from .config import config_from_dict
+from .errors import CheckpointError, CheckpointWriteError, UserError
+from .loading import check_model_tensors, check_schema, load_valid
+from .trainer import RUNTIME_FIELDS
+
+# Config fields that describe how a run was started, not what it computed: an
+# uninterrupted run and its resumed twin differ here (resume 'none' vs 'auto',
+# often out_dir). `diff` ignores them unless --strict.
+IGNORED_BY_DIFF = tuple(f"config.{name}" for name in RUNTIME_FIELDS)
+
+
+# ---- finding files ---------------------------------------------------------------------------
+
+def step_folder(out: Path) -> Path:
+    """The folder holding step checkpoints: ``OUT/checkpoints``, or OUT itself if it holds them."""
+    if (out / "checkpoints").is_dir():
+        return out / "checkpoints"
+    if out.is_dir() and CheckpointManager(out, 1, 1).list():
+        return out
+    if not out.exists():
+        raise UserError(f"{out}: no such folder; pass a run's --out-dir")
+    raise UserError(f"{out}: holds no checkpoints/ folder and no step_*.pt files; pass a run's --out-dir")
+
+
+class CachedLoader:
+    """Load each file once; remember a CheckpointError so listing and resume resolution agree."""
+
+    def __init__(self) -> None:
+        self.results: dict[Path, Any] = {}
+
+    def __call__(self, path: Path) -> dict[str, Any]:
+        if path not in self.results:
+            try:
+                self.results[path] = load_checkpoint(path)
+            except CheckpointError as e:
+                self.results[path] = e
+        result = self.results[path]
+        if isinstance(result, CheckpointError):
+            raise result
+        return result
+
+
+def problem(path: Path, load: Callable[[Path], dict[str, Any]]) -> Optional[str]:
+    """None if the file verifies (checksum, safe load, schema, model tensors), else the one-line reason.
+
+    A step_*.pt file must also be a full training state: --resume auto would skip anything else.
+    """
+    try:
+        state = load(path)
+        check_schema(path, state)
+        check_model_tensors(path, state)
+    except CheckpointError as e:
+        return str(e)
+    if checkpoint.STEP_PATTERN.match(path.name) and state["kind"] != "train":
+        return (f"{path}: holds {state['kind']!r} weights under a step checkpoint's name, not a training "
+                f"state; --resume auto skips it. Rename or remove it")
+    return None
+
+
+# ---- list and verify -------------------------------------------------------------------------
+
+def human_size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} KB"
+
+
+def written_at(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
+
+
+def cmd_list(out: Path) -> int:
+    folder = step_folder(out)
+    manager = CheckpointManager(folder, interval=1, keep_last=1)  # used only to list and resolve, never to save
+    load = CachedLoader()
+    files = manager.list()
+    print(f"step checkpoints in {folder}:")
+    print(f"  {'step':>8}  {'tokens seen':>13}  {'best val':>8}  {'size':>8}  {'written':19}  status")
+    bad = sum(list_row(f, load) for f in files)
+    if not files:
+        print("  (none)")
+    skipped: list[str] = []
+    picked = resolve_resume("auto", manager, skipped.append, load=load)
+    print(f"--resume auto would pick: {picked[0].name if picked else 'nothing (a new run would start)'}")
+    best = out / "best.pt"
+    if best.is_file():
+        reason = problem(best, load)
+        if reason is None:
+            state = load(best)
+            print(f"best.pt: step {state['step']:,}, val loss {format_loss(state['val_loss'])}")
+        else:
+            print(f"best.pt: BAD: {reason}")
+            bad += 1
+    return 1 if bad else 0
+
+
+def list_row(step_file: StepFile, load: CachedLoader) -> bool:
+    """Print one row; True if the file is bad."""
+    path = step_file.path
+    reason = problem(path, load)
+    size, when = human_size(path.stat().st_size), written_at(path)
+    if reason is not None:
+        print(f"  {step_file.step:>8}  {'-':>13}  {'-':>8}  {size:>8}  {when:19}  BAD: {reason}")
+        return True
+    state = load(path)
+    print(f"  {state['step']:>8}  {state['tokens_seen']:>13,}  {format_loss(state['best_val_loss']):>8}  "
+          f"{size:>8}  {when:19}  ok")
+    return False
+
+
+def files_to_verify(target: Path) -> list[Path]:
+    if target.is_file():
+        return [target]
+    if not target.exists():
+        raise UserError(f"{target}: no such file or folder; pass a checkpoint file or a run's --out-dir")
+    files = [s.path for s in CheckpointManager(step_folder(target), 1, 1).list()]
+    if (target / "best.pt").is_file():
+        files.append(target / "best.pt")
+    if not files:
+        raise UserError(f"{target}: holds no checkpoint files to verify; pass a run's --out-dir or a file")
+    return files
+
+
+def cmd_verify(target: Path) -> int:
+    files = files_to_verify(target)
+    load = CachedLoader()
+    bad = 0
+    for path in files:
+        reason = problem(path, load)
+        if reason is None:
+            print(f"ok   {path}")
+        else:
+            print(f"BAD  {reason}")
+            bad += 1
+    print(f"{len(files) - bad} of {len(files)} checkpoint file(s) verify")
+    return 1 if bad else 0
+
+
+# ---- show ------------------------------------------------------------------------------------
+
+def tensor_line(name: str, t: torch.Tensor) -> str:
+    norm = f"norm {t.double().norm().item():.4g}" if t.is_floating_point() else ""
+    return f"  {name:<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', ''):<9} {norm}"
+
+
+def optimizer_summary(opt: dict[str, Any]) -> list[str]:
+    """Hyperparameters per group, then per kind of state tensor: how many, elements, global norm."""
+    lines = []
+    for i, group in enumerate(opt.get("param_groups", [])):
+        settings = ", ".join(f"{k}={v}" for k, v in group.items() if k in ("lr", "betas", "weight_decay", "eps"))
+        lines.append(f"  group {i}: {len(group.get('params', []))} params, {settings}")
+    per_kind: dict[str, list[torch.Tensor]] = {}
+    for param_state in opt.get("state", {}).values():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                per_kind.setdefault(key, []).append(value)
+    for key, tensors in per_kind.items():
+        if all(t.numel() == 1 for t in tensors):
+            values = sorted({t.item() for t in tensors})
+            lines.append(f"  {key}: {len(tensors)} scalars, values {values[:4]}")
+        else:
+            norm = math.sqrt(sum(t.double().norm().item() ** 2 for t in tensors))
+            lines.append(f"  {key}: {len(tensors)} tensors, {sum(t.numel() for t in tensors):,} values, "
+                         f"global norm {norm:.4g}")
+    return lines
+
+
+def unique_parameters(model: dict[str, torch.Tensor]) -> int:
+    """Values in the model, counting tied (shared-storage) tensors once."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in model.values():
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel()
+    return sum(seen.values())
+
+
+def cmd_show(path: Path) -> int:
+    state = load_valid(path)
+    config = state["config"] if state["kind"] == "train" else state["model_config"]
+    print(f"{path}: kind {state['kind']!r}, format_version {state['format_version']}, step {state['step']:,}, "
+          f"tokens seen {state['tokens_seen']:,}")
+    loss_key = "best_val_loss" if state["kind"] == "train" else "val_loss"
+    print(f"{loss_key}: {format_loss(state[loss_key])}")
+    print(f"state keys: {', '.join(state)}")
+    print("config:" if state["kind"] == "train" else "model_config:")
+    for key in sorted(config):
+        print(f"  {key} = {config[key]!r}")
+    if "data" in state:
+        print(f"data: {state['data'].get('source')} (fingerprint {str(state['data'].get('fingerprint'))[:12]})")
+    model = state["model"]
+    print(f"model: {len(model)} tensors, {unique_parameters(model):,} parameters (tied tensors counted once)")
+    for name, t in model.items():
+        print(tensor_line(name, t))
+    if "optimizer" in state:
+        print("optimizer:")
+        print("\n".join(optimizer_summary(state["optimizer"])))
+    if "scheduler" in state:
+        print(f"scheduler: last_epoch {state['scheduler'].get('last_epoch')}, "
+              f"last lr {state['scheduler'].get('_last_lr')}")
+    if "scaler" in state:
+        print(f"scaler: {state['scaler'] or 'disabled (float32/bfloat16 run)'}")
+    for rank in state.get("ranks", []):
+        print(f"rank {rank.get('rank')}: sampler {rank.get('sampler')}, rng streams {', '.join(rank.get('rng', {}))}")
+    return 0
+
+
+# ---- diff ------------------------------------------------------------------------------------
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists/tuples as ``{"a.b.0": leaf}`` (lists and tuples alike: torch.load may
+    return either for the same saved value)."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    if not flat:
+        flat[prefix] = type(obj)()  # an empty container is a value too
+    return flat
+
+
+def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes: stricter than torch.equal, which calls 0.0 == -0.0 and NaN != NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bytes_a = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    bytes_b = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(bytes_a, bytes_b)
+
+
+def describe_tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if a.dtype != b.dtype:
+        return f"dtype {a.dtype} vs {b.dtype}"
+    x, y = a.detach().cpu().double(), b.detach().cpu().double()
+    differ = int((x != y).sum().item())
+    diff = (x - y).abs().nan_to_num(nan=math.inf)
+    return f"max abs diff {diff.max().item():.3g} ({differ:,} of {a.numel():,} values differ)"
+
+
+def plain_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def diff_states(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...]) -> tuple[list[str], list[str], int]:
+    """(differences, ignored differences, leaves compared), one line per differing leaf."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    lines, ignored = [], []
+    for key in sorted(flat_a.keys() | flat_b.keys(), key=natural_key):
+        target = ignored if key in ignore else lines
+        if key not in flat_b:
+            target.append(f"{key}: only in A")
+        elif key not in flat_a:
+            target.append(f"{key}: only in B")
+        else:
+            x, y = flat_a[key], flat_b[key]
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+                if not tensors_identical(x, y):
+                    target.append(f"{key}: {describe_tensor_difference(x, y)}")
+            elif not plain_equal(x, y):
+                target.append(f"{key}: {x!r} vs {y!r}")
+    return lines, ignored, len(flat_a.keys() | flat_b.keys())
+
+
+def natural_key(key: str) -> list[Any]:
+    """Sort "blocks.10" after "blocks.2"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
+def cmd_diff(path_a: Path, path_b: Path, strict: bool) -> int:
+    states = []
+    for path in (path_a, path_b):
+        state = load_checkpoint(path)
+        check_schema(path, state)
+        states.append(state)
+    lines, ignored, compared = diff_states(states[0], states[1], () if strict else IGNORED_BY_DIFF)
+    print(f"A = {path_a}\nB = {path_b}")
+    for line in lines:
+        print(f"  {line}")
+    for line in ignored:
+        print(f"  (ignored, run-only) {line}")
+    if lines:
+        print(f"{len(lines)} of {compared} entries differ")
+        return 1
+    print(f"identical: all {compared} entries equal (tensors bit for bit)"
+          + ("" if strict else "; run-only config fields ignored, --strict compares them"))
+    return 0
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def weights_from(state: dict[str, Any]) -> dict[str, Any]:
+    """A ``best.pt``-style weights dict from a checkpoint of either kind (see Trainer._evaluate_and_log).
+
+    A step checkpoint records only the best validation loss seen so far, not the loss of
+    these weights, so ``val_loss`` is None unless the source already was a weights file.
+    """
+    if state["kind"] == "weights":
+        model_config, val_loss = state["model_config"], state["val_loss"]
+    else:
+        model_config = dataclasses.asdict(config_from_dict(state["config"]).model_config())
+        val_loss = None
+    return {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "kind": "weights",
+        "model": state["model"],
+        "model_config": model_config,
+        "step": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "val_loss": val_loss,
+    }
+
+
+def check_export_target(source: Path, target: Path, force: bool) -> None:
+    if not target.parent.is_dir():
+        raise UserError(f"--to {target}: folder {target.parent} does not exist; create it first")
+    if target.exists() and target.resolve() == source.resolve():
+        raise UserError(f"--to {target} is the source checkpoint itself; choose another file name")
+    if target.exists() and not force:
+        raise UserError(f"--to {target} already exists; pass --force to overwrite it or choose another name")
+    if checkpoint.STEP_PATTERN.match(target.name):
+        raise UserError(f"--to {target.name}: step_*.pt names are for training checkpoints and would be "
+                        f"mistaken for one by --resume auto; choose another name, e.g. weights.pt")
+
+
+def cmd_export(source: Path, target: Path, force: bool) -> int:
+    state = load_valid(source)
+    check_export_target(source, target, force)
+    try:
+        digest = checkpoint.save_atomically(weights_from(state), target)
+    except CheckpointWriteError as e:  # its message speaks of training; say what failed here
+        reason = str(e).split(";")[0]
+        raise UserError(f"--to {target}: {reason}; choose a writable folder with free space") from None
+    print(f"wrote {target} (step {state['step']:,}, sha256 {digest[:12]}) and "
+          f"{checkpoint.checksum_path(target).name}")
+    return 0
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
+    parser = make_parser(prog, "Inspect the checkpoints a training run wrote. Files are verified "
+                               "(SHA-256) and loaded with weights_only=True: nothing in them can run code.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    sub = command("list", "every step checkpoint in OUT/checkpoints (step, tokens, best val loss so far, size, "
+                          "time written, verifies?), which one --resume auto would pick, and best.pt; "
+                          "exit 1 if any file is bad")
+    sub.add_argument("out", type=Path, metavar="OUT", help="the run's --out-dir")
+    sub = command("verify", "check checksum, safe load and schema of one file, or of every step checkpoint "
+                            "and best.pt of a run; exit 0 only if all verify, else 1 with a line per bad file")
+    sub.add_argument("target", type=Path, metavar="PATH|OUT", help="a checkpoint file or a run's --out-dir")
+    sub = command("show", "config, format version, state keys, model tensor shapes/dtypes/norms, "
+                          "and a summary of optimizer, scheduler, scaler and RNG state")
+    sub.add_argument("path", type=Path, metavar="PATH", help="a checkpoint file")
+    sub = command("diff", "compare two checkpoints: every config field and every tensor of the nested state "
+                          "(model, optimizer, RNG, ...) bit for bit, with the max abs diff of those that "
+                          f"differ. Ignores the run-only fields {', '.join(IGNORED_BY_DIFF)} unless --strict. "
+                          "Exit 0 if identical, 1 if different")
+    sub.add_argument("a", type=Path, metavar="A", help="first checkpoint file")
+    sub.add_argument("b", type=Path, metavar="B", help="second checkpoint file")
+    sub.add_argument("--strict", action="store_true", default=False, help="also compare the run-only config fields")
+    sub = command("export", "write the model of a checkpoint as a weights-only file like best.pt "
+                            "(with its .sha256), for sample.py, evaluate.py or sharing")
+    sub.add_argument("path", type=Path, metavar="PATH", help="a step checkpoint (or weights file) to export")
+    sub.add_argument("--to", type=Path, required=True, metavar="FILE", default=argparse.SUPPRESS, help="file to write; required")
+    sub.add_argument("--force", action="store_true", default=False, help="overwrite FILE if it exists")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "ckpt.py") -> int:
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    commands: dict[str, Callable[[], int]] = {
+        "list": lambda: cmd_list(args.out),
+        "verify": lambda: cmd_verify(args.target),
+        "show": lambda: cmd_show(args.path),
+        "diff": lambda: cmd_diff(args.a, args.b, args.strict),
+        "export": lambda: cmd_export(args.path, args.to, args.force),
+    }
+    return run_reporting_errors(commands[args.command])
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m nanoresume.ckpt"))
