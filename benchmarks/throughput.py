@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import make_trainer, median_seconds  # noqa: E402
-from nanoresume.trainer import use_deterministic_kernels  # noqa: E402
+from nanoresume.runtime import use_deterministic_kernels  # noqa: E402
 
 
 def tokens_per_second(preset: str, device: str, deterministic: bool, steps: int) -> float:

@@ -164,10 +164,15 @@ def accepted_digests(sidecar: Path) -> list[str]:
 
 def read_verified(path: Path) -> bytes:
     """The file's bytes, only if their SHA-256 is listed in the checksum file beside it."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as OUT/checkpoints/step_00000500.pt")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     sidecar = checksum_path(path)
-    payload = path.read_bytes()
+    try:
+        payload = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
     if not payload:
         raise CheckpointError(f"{path}: file is empty (0 bytes); its write never finished")
     accepted = accepted_digests(sidecar)

@@ -24,7 +24,7 @@ from .clitools import make_parser, run_reporting_errors
 from .config import config_from_dict
 from .errors import CheckpointError, CheckpointWriteError, UserError
 from .loading import check_model_tensors, check_schema, load_valid
-from .trainer import RUNTIME_FIELDS
+from .config import RUNTIME_FIELDS
 
 # Config fields that describe how a run was started, not what it computed: an
 # uninterrupted run and its resumed twin differ here (resume 'none' vs 'auto',

@@ -11,21 +11,17 @@ import sys
 from typing import Optional
 
 from .config import explicit_fields, parse_config
-from .errors import NanoresumeError
+from .clitools import run_reporting_errors
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def train() -> int:
         cfg = parse_config(argv)
         from .trainer import Trainer  # after parsing: --help stays fast
 
-        trainer = Trainer(cfg, explicit=explicit_fields(argv))
-        return trainer.run().exit_code
-    except NanoresumeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        # Ctrl-C before the training loop took over the signal: nothing to save yet.
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
+        return Trainer(cfg, explicit=explicit_fields(argv)).run().exit_code
+
+    # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
+    return run_reporting_errors(train)

@@ -10,14 +10,13 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import _OneLineErrorParser
+from .config import OneLineErrorParser
 from .errors import NanoresumeError
-from .trainer import resolve_device  # noqa: F401  (re-exported: the tools pick devices like train.py)
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser whose ``--help`` shows every default and whose flag errors are one line (exit 2)."""
-    return _OneLineErrorParser(prog=prog, description=description,
+    return OneLineErrorParser(prog=prog, description=description,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 

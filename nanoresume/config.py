@@ -35,6 +35,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields that define the model's shape or the data it sees. A resumed run must
 # match the checkpoint on these; everything else may change across a resume.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "val_fraction")
+# Fields always taken from the current command line, never from a resumed checkpoint.
+RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "dtype", "compile", "time_limit", "progress",
+                  "deterministic")
 
 
 @dataclass
@@ -188,7 +191,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (no usage dump) and exits 2."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -196,7 +199,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Train a small byte-level GPT; stop it any way you like and continue "
                     "bit-for-bit with --resume auto.",

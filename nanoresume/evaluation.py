@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .clitools import add_device_flag, make_parser, resolve_device, run_reporting_errors
+from .clitools import add_device_flag, make_parser, run_reporting_errors
+from .runtime import resolve_device
 from .data import iterate_in_order
 from .errors import DataError, UserError
 from .loading import load_model

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .clitools import add_device_flag, make_parser, resolve_device, run_reporting_errors
+from .clitools import add_device_flag, make_parser, run_reporting_errors
+from .runtime import resolve_device
 from .errors import UserError
 from .loading import load_model
 from .model import GPT

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,19 +20,18 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint
-from .config import ARCHITECTURE_FIELDS, TrainConfig, config_from_dict, flag
-from .data import BatchSampler, TokenData, check_block_size, eval_offsets, load_tokens, windows
-from .errors import CheckpointError, NonFiniteLossError, UserError
+from .config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS, TrainConfig, config_from_dict, flag
+from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
+from .errors import CheckpointError, NonFiniteLossError
+from .loading import load_valid
 from .metrics import Console, TensorBoardLog
 from .model import GPT
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
+from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .signals import StopFlag
 from .state import Progress, capture_rng_state, restore_rng_state, seed_everything
 
-# Fields always taken from the current command line, never from a resumed checkpoint.
-RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "dtype", "compile", "time_limit", "progress",
-                  "deterministic")
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
 
 
@@ -47,30 +44,6 @@ class RunResult:
     exit_code: int
     step_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of this process
     last_checkpoint: Optional[Path] = None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32  # bf16 matmuls are very slow on common CPUs
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
-
-
-def use_deterministic_kernels() -> None:
-    """Make GPU results a function of the inputs alone (CPU kernels already are)."""
-    # cuBLAS reads this when it first initializes; harmless if it is already set or on CPU.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
 
 
 def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
@@ -119,7 +92,7 @@ class Trainer:
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last)
-        resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn)
+        resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
         if resumed is not None:
             cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit)
             manager.interval, manager.keep_last = cfg.effective_ckpt_interval, cfg.keep_last
@@ -129,7 +102,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS first starts
+            use_deterministic_kernels()  # before cuBLAS first starts; run() restores the global flag
         self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
         check_block_size(self.data, cfg.block_size)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoresume.checkpoint import load_checkpoint, step_path
-from nanoresume.trainer import Trainer, resolve_dtype
+from nanoresume.runtime import resolve_dtype
 from tests.integration.test_resume_exact import N, final_state, run, run_in_pieces
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
