@@ -13,6 +13,7 @@ import math
 import sys
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
@@ -135,6 +136,8 @@ def parse_duration(text: str) -> float:
         numbers = [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not seconds or HH:MM:SS") from None
+    if any(n < 0 for n in numbers) or any(n >= 60 for n in numbers[1:]):
+        raise argparse.ArgumentTypeError(f"{text!r}: minutes and seconds must be 0-59 in HH:MM:SS")
     seconds = 0.0
     for number in numbers:
         seconds = seconds * 60 + number
@@ -182,6 +185,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.time_limit is not None:
         check(cfg.time_limit > 0, f"--time-limit {cfg.time_limit:g} must be a positive duration")
     check(cfg.out_dir.strip() != "", "--out-dir must not be empty")
+    if cfg.data is not None:  # checked here too, so a typo fails before OUT is created
+        check(Path(cfg.data).expanduser().exists(), f"--data {cfg.data}: no such file or folder")
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
     return problems
 

@@ -52,6 +52,20 @@ def test_resume_none_refuses_a_used_out_dir_and_resume_auto_continues_it(tiny_cl
 
 
 @pytest.mark.slow
+def test_resume_auto_with_only_out_dir_takes_every_other_setting_from_the_checkpoint(tiny_cli_args, tmp_path):
+    assert run_train(tiny_cli_args(max_steps=10)).returncode == 0
+    out = tmp_path / "out"
+    # No --data, no model flags: the tiny model and its data come from the checkpoint, not the defaults.
+    resumed = run_train(["--out-dir", str(out), "--resume", "auto", "--max-steps", "14", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "changed on resume: --max-steps: 10 -> 14" in resumed.stdout
+    assert "changed on resume: --n-embd" not in resumed.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_embd"], config["n_layer"], config["max_steps"]) == (32, 2, 14)
+    assert (out / "checkpoints" / "step_00000014.pt").is_file()
+
+
+@pytest.mark.slow
 def test_resume_auto_on_an_empty_out_dir_starts_fresh_and_says_so(tiny_cli_args):
     proc = run_train(tiny_cli_args(max_steps=2, resume="auto"))
     assert proc.returncode == 0, proc.stderr
