@@ -43,7 +43,7 @@ def main() -> None:
         print(f"{preset:8} {trainer.raw_model.num_parameters() / 1e6:>7.2f}M {ours.stat().st_size / 1e6:>8.1f} "
               f"{step_seconds:>8.3f} {save:>8.3f} {bare_save:>11.3f} {save / bare_save:>7.2f} "
               f"{load:>8.3f} {bare_load:>11.3f} {load / bare_load:>7.2f}", flush=True)
-        trainer.run_dir.close()
+        trainer.close()
     print(f"device {args.device}; step = one optimizer step ({'batch 4' if args.device == 'cpu' else 'preset batch'})")
 
 

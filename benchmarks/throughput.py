@@ -16,19 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._common import make_trainer, median_seconds  # noqa: E402
-from nanoresume.runtime import use_deterministic_kernels  # noqa: E402
 
 
 def tokens_per_second(preset: str, device: str, deterministic: bool, steps: int) -> float:
-    torch.use_deterministic_algorithms(False)
-    if deterministic:
-        use_deterministic_kernels()
-    trainer = make_trainer(preset, device)
+    trainer = make_trainer(preset, device, deterministic=deterministic)
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):  # warm-up
         trainer.train_step()
     seconds = median_seconds(lambda: [trainer.train_step() for _ in range(steps)], 3, sync)
-    trainer.run_dir.close()
+    trainer.close()
     return trainer.cfg.tokens_per_step * steps / seconds
 
 

@@ -10,6 +10,7 @@ signal tests). Production runs never set that hook.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ import torch
 from . import checkpoint
 
 WRITE_MARK = "chaos: checkpoint write started"
+WRITE_DONE_MARK = "chaos: checkpoint write committed"
 EVAL_MARK = "chaos: evaluation started"
 WRITE_DELAY_ENV = "NANORESUME_CHAOS_WRITE_DELAY"  # seconds slept per written chunk in the child
 
@@ -52,7 +54,7 @@ def verified_steps(folder: Path) -> dict[int, str]:
             payload = checkpoint.read_verified(item.path)
         except checkpoint.CheckpointError:
             continue
-        good[item.step] = checkpoint.hashlib.sha256(payload).hexdigest()
+        good[item.step] = hashlib.sha256(payload).hexdigest()
     return good
 
 
@@ -68,7 +70,8 @@ class _Child:
         self.process = subprocess.Popen(_child_command(train_args), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env=env,
                                         cwd=Path(__file__).resolve().parent.parent)
-        self.writing = threading.Event()
+        self.writing = False  # between a write's first byte and its commit
+        self.write_seen = threading.Event()
         self.stderr_tail: list[str] = []
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -76,7 +79,10 @@ class _Child:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             if WRITE_MARK in line:
-                self.writing.set()
+                self.writing = True
+                self.write_seen.set()
+            elif WRITE_DONE_MARK in line:
+                self.writing = False
             else:
                 self.stderr_tail = (self.stderr_tail + [line.rstrip()])[-5:]
 
@@ -103,12 +109,12 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
         if report.kills < kills:
             aim_at_write = rng.random() < 0.5
             if aim_at_write:
-                child.writing.wait(timeout=max_wait * 4)
+                child.write_seen.wait(timeout=max_wait * 4)
                 time.sleep(rng.uniform(0.0, 0.05))
             else:
                 time.sleep(rng.uniform(0.2, max_wait))
             if child.process.poll() is None:
-                landed_in_write = aim_at_write and child.writing.is_set()
+                landed_in_write = child.writing  # read just before the kill: may be off by one mark
                 child.kill()
                 report.kills += 1
                 report.kills_during_write += landed_in_write
@@ -186,7 +192,15 @@ def _child_main(argv: list[str]) -> int:
         if delay:
             time.sleep(delay)
 
+    save_atomically = checkpoint.save_atomically
+
+    def announced_save(obj: dict, path: Path) -> str:
+        digest = save_atomically(obj, path)
+        print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
+        return digest
+
     checkpoint.testing_write_hook = hook
+    checkpoint.save_atomically = announced_save  # type: ignore[assignment]
     return main(argv)
 
 

@@ -20,7 +20,6 @@ unpickles them with ``weights_only=True``: a checkpoint can never run code.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
@@ -34,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .atomic import fsync_folder, remove_quietly, temp_path, write_file_atomically
 from .errors import CheckpointError, CheckpointWriteError
 
 FORMAT_VERSION = 1
@@ -53,12 +53,15 @@ def step_path(folder: Path, step: int) -> Path:
     return folder / f"step_{step:08d}.pt"
 
 
+def step_of(path: Path) -> int:
+    match = STEP_PATTERN.match(path.name)
+    assert match, f"{path} is not a step checkpoint name"
+    return int(match.group(1))
+
+
 def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + CHECKSUM_SUFFIX)
 
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
 
 class _HashingWriter:
@@ -107,50 +110,29 @@ def save_atomically(obj: dict[str, Any], path: Path) -> str:
         _commit(tmp, path, writer.sha256.hexdigest())
         return writer.sha256.hexdigest()
     except OSError as e:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise CheckpointWriteError(_write_failure_message(path, e, state_nbytes(obj))) from None
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
 def _commit(tmp: Path, path: Path, digest: str) -> None:
     sidecar = checksum_path(path)
     previous = accepted_digests(sidecar) if path.exists() else []
-    _write_small_file(sidecar, [digest] + [d for d in previous if d != digest], path.name)
+    write_file_atomically(sidecar, _checksum_lines([digest] + [d for d in previous if d != digest], path.name))
+    fsync_folder(path.parent)  # the new digest is durable before the file it vouches for appears
     os.replace(tmp, path)
     fsync_folder(path.parent)
     if previous:
-        _write_small_file(sidecar, [digest], path.name)
+        write_file_atomically(sidecar, _checksum_lines([digest], path.name))
         fsync_folder(path.parent)
 
 
-def _write_small_file(sidecar: Path, digests: list[str], target_name: str) -> None:
-    tmp = temp_path(sidecar)
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(f"{d}  {target_name}\n" for d in digests)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, sidecar)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+def _checksum_lines(digests: list[str], target_name: str) -> bytes:
+    return "".join(f"{d}  {target_name}\n" for d in digests).encode()
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EBADF):  # some filesystems refuse fsync on folders
-            raise
-    finally:
-        os.close(fd)
 
 
 def accepted_digests(sidecar: Path) -> list[str]:
@@ -229,12 +211,6 @@ def _write_failure_message(path: Path, error: OSError, needed: int) -> str:
             f"then rerun with --resume auto. Earlier checkpoints are intact")
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
-
 
 def remove_leftovers(folder: Path) -> list[Path]:
     """Delete temp files of interrupted writes and checksum files whose checkpoint is gone.
@@ -250,7 +226,7 @@ def remove_leftovers(folder: Path) -> list[Path]:
             STEP_PATTERN.match(name[: -len(CHECKSUM_SUFFIX)]) or name == "best.pt" + CHECKSUM_SUFFIX
         ) and not entry.with_name(name[: -len(CHECKSUM_SUFFIX)]).exists()
         if entry.is_file() and (_TEMP_PATTERN.match(name) or orphan_sidecar):
-            _remove_quietly(entry)
+            remove_quietly(entry)
             removed.append(entry)
     return removed
 
@@ -298,20 +274,38 @@ class CheckpointManager:
         path = step_path(self.folder, step)
         save_atomically(state, path)
         self.last_saved_step = step
-        self.prune()
+        self.prune(keep=path)
         self.last_save_seconds = time.perf_counter() - started
         return path
 
-    def prune(self) -> list[Path]:
-        """Keep the newest ``keep_last`` step checkpoints; delete older ones (file, then checksum)."""
+    def prune(self, keep: Path) -> list[Path]:
+        """Keep ``keep`` (just committed) and the newest ``keep_last`` step checkpoints up to it;
+        delete older ones (file, then checksum)."""
+        current = [s for s in self.list() if s.path != keep and s.step <= step_of(keep)]
         deleted = []
-        for old in self.list()[: -self.keep_last]:
-            _remove_quietly(old.path)
-            _remove_quietly(checksum_path(old.path))
+        for old in current[: max(0, len(current) - (self.keep_last - 1))]:
+            remove_quietly(old.path)
+            remove_quietly(checksum_path(old.path))
             deleted.append(old.path)
         if deleted:
             fsync_folder(self.folder)
         return deleted
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Move step checkpoints newer than ``step`` to ``abandoned/``: after resuming from an older
+        step (a corrupt newer file, or an explicit --resume PATH) they belong to a timeline this run
+        left, and must neither count for --keep-last nor be picked by a later --resume auto."""
+        moved = []
+        for newer in (s for s in self.list() if s.step > step):
+            target = self.folder / "abandoned"
+            target.mkdir(exist_ok=True)
+            for path in (newer.path, checksum_path(newer.path)):
+                if path.exists():
+                    os.replace(path, target / path.name)
+            moved.append(target / newer.path.name)
+        if moved:
+            fsync_folder(self.folder)
+        return moved
 
 
 def resolve_resume(

@@ -21,10 +21,9 @@ import torch
 from . import checkpoint
 from .checkpoint import CheckpointManager, StepFile, load_checkpoint, resolve_resume
 from .clitools import make_parser, run_reporting_errors
-from .config import config_from_dict
+from .config import RUNTIME_FIELDS, config_from_dict
 from .errors import CheckpointError, CheckpointWriteError, UserError
 from .loading import check_model_tensors, check_schema, load_valid
-from .config import RUNTIME_FIELDS
 
 # Config fields that describe how a run was started, not what it computed: an
 # uninterrupted run and its resumed twin differ here (resume 'none' vs 'auto',

@@ -144,13 +144,17 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill preset defaults and validate; raises :class:`ConfigError` naming every bad flag."""
+def resolve_config(cfg: TrainConfig, check: bool = True) -> TrainConfig:
+    """Fill preset defaults and validate; raises :class:`ConfigError` naming every bad flag.
+
+    ``check=False`` leaves validation to the trainer, for a resume, where the flags
+    given only make sense merged with the checkpoint's config.
+    """
     preset = PRESETS.get(cfg.preset)
     if preset is None:
         raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     filled = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
-    problems = validate(filled)
+    problems = validate(filled) if check else []
     if problems:
         raise ConfigError("; ".join(problems))
     return filled
@@ -208,7 +212,6 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         prog=prog,
         description="Train a small byte-level GPT; stop it any way you like and continue "
                     "bit-for-bit with --resume auto.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -216,7 +219,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             continue
         kind = hints[f.name]
         base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": f.default, "dest": f.name}
+        shown_default = "" if f.default is None else " (default: %(default)s)"
+        kwargs: dict[str, Any] = {"help": f.metadata["help"] + shown_default, "default": f.default, "dest": f.name}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -232,7 +236,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 def parse_config(argv: Optional[list[str]] = None, prog: str = "train.py") -> TrainConfig:
     """Parse and resolve CLI arguments; exits 2 on unknown flags, raises ConfigError on bad values."""
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
-    return resolve_config(TrainConfig(**vars(args)))
+    return resolve_config(TrainConfig(**vars(args)), check=args.resume == "none")
 
 
 def explicit_fields(argv: list[str], prog: str = "train.py") -> set[str]:

@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .atomic import write_file_atomically
 from .errors import DataError
 
 CACHE_FORMAT = 1
@@ -114,15 +115,17 @@ def _cached_tokens(files: Sequence[Path], cache_dir: Optional[str]) -> tuple[np.
     try:
         meta = json.loads(meta_path.read_text())
         if bin_path.stat().st_size == meta["n_tokens"]:
-            return _memmap(bin_path, meta["n_tokens"]), meta["fingerprint"]
+            tokens = _memmap(bin_path, meta["n_tokens"])
+            if _sha256_array(tokens) == meta["fingerprint"]:  # a damaged cache is rebuilt, never trusted
+                return tokens, meta["fingerprint"]
     except (OSError, ValueError, KeyError):
         pass  # no cache yet, or a stale/half-written one: rebuild it below
     tokens = np.frombuffer(b"".join(_read_bytes(f) for f in files), dtype=np.uint8)
     fingerprint = _sha256_array(tokens)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(bin_path, tokens.tobytes())
-        _write_atomically(meta_path, json.dumps({"n_tokens": len(tokens), "fingerprint": fingerprint}).encode())
+        write_file_atomically(bin_path, tokens.tobytes())
+        write_file_atomically(meta_path, json.dumps({"n_tokens": len(tokens), "fingerprint": fingerprint}).encode())
     except OSError:
         return tokens, fingerprint  # an unwritable cache only costs speed; the data is still right
     return _memmap(bin_path, len(tokens)), fingerprint
@@ -137,13 +140,6 @@ def _read_bytes(path: Path) -> bytes:
 
 def _memmap(path: Path, n_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r") if n_tokens else np.zeros(0, np.uint8)
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
 
 
 def _sha256_array(tokens: np.ndarray) -> str:

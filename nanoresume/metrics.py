@@ -4,30 +4,48 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
 
 class TensorBoardLog:
     """Scalars for TensorBoard. On resume, events past the resumed step are purged so
-    curves show no duplicated or zig-zag segment from steps that were lost."""
+    curves show no duplicated or zig-zag segment from steps that were lost.
 
-    def __init__(self, folder: Path, resumed_step: Optional[int]) -> None:
+    Logging must never end a run: after the first I/O error (a full disk, say) it
+    warns once and stops logging; the next checkpoint save reports the disk itself.
+    """
+
+    def __init__(self, folder: Path, resumed_step: Optional[int], warn: Callable[[str], None]) -> None:
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when logging
 
         purge_step = resumed_step + 1 if resumed_step is not None else None
-        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+        self.warn = warn
+        self.writer: Optional[SummaryWriter] = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        if self.writer is None:
+            return
+        try:
+            action()
+        except OSError as e:
+            self.writer = None
+            self.warn(f"TensorBoard logging stopped: {e.strerror or e}")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
+        def add() -> None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+        self._guarded(add)
 
     def flush(self) -> None:
-        self.writer.flush()
+        self._guarded(lambda: self.writer.flush())
 
     def close(self) -> None:
-        self.writer.close()
+        self._guarded(lambda: self.writer.close())
+        self.writer = None
 
 
 class Console:

@@ -122,7 +122,8 @@ class GPT(nn.Module):
             if temperature <= 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # Shift the max to 0 first: a tiny temperature then sends the rest to -inf, never to nan.
+                logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
                 if top_k is not None and top_k < logits.size(-1):
                     kth = torch.topk(logits, top_k).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import checkpoint
+from .atomic import write_file_atomically
 from .errors import CheckpointWriteError, UserError
 
 
@@ -69,16 +70,9 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         path = self.root / "config.json"
-        tmp = checkpoint.temp_path(path)
         try:
-            with open(tmp, "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_file_atomically(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise CheckpointWriteError(f"could not write {path}: {e.strerror or e}; free some space or "
                                        f"choose another --out-dir") from None
 

@@ -26,7 +26,8 @@ EMPTY_PROMPT_TOKEN = ord("\n")  # an empty prompt starts the model at the beginn
 
 def encode(prompt: str) -> list[int]:
     """The prompt's UTF-8 bytes as tokens; a newline for the empty prompt (the model needs one token)."""
-    return list(prompt.encode("utf-8")) or [EMPTY_PROMPT_TOKEN]
+    # surrogateescape gives back the raw bytes of a command-line argument that was not valid UTF-8
+    return list(prompt.encode("utf-8", errors="surrogateescape")) or [EMPTY_PROMPT_TOKEN]
 
 
 def decode(tokens: list[int]) -> str:

@@ -23,6 +23,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.reason: Optional[str] = None
         self.exit_code = 0  # what the process should exit with once it has stopped
+        self.signals_received = 0
 
     def is_set(self) -> bool:
         return self.reason is not None
@@ -33,15 +34,21 @@ class StopFlag:
             self.reason, self.exit_code = reason, exit_code
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self.is_set():
-            os._exit(128 + signum)  # second request: the user wants out now
+        self.signals_received += 1
+        if self.signals_received > 1:
+            os._exit(128 + signum)  # a second signal: the user wants out now
         self.request(signal.Signals(signum).name, 128 + signum)
+
+    @staticmethod
+    def can_install() -> bool:
+        """Signal handlers can only be set from the main thread."""
+        return threading.current_thread() is threading.main_thread()
 
     @contextmanager
     def installed(self) -> Iterator["StopFlag"]:
         """Route stop signals to this flag while the block runs; always restore the old handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers can only be set from the main thread
+        if not self.can_install():
+            yield self
             return
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:

@@ -20,9 +20,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint
-from .config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS, TrainConfig, config_from_dict, flag
+from .config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS, TrainConfig, config_from_dict, flag, validate
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
-from .errors import CheckpointError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .loading import load_valid
 from .metrics import Console, TensorBoardLog
 from .model import GPT
@@ -33,6 +33,29 @@ from .signals import StopFlag
 from .state import Progress, capture_rng_state, restore_rng_state, seed_everything
 
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
+
+
+class _Window:
+    """Train losses and throughput since the last evaluation line (display only, not state)."""
+
+    def __init__(self) -> None:
+        self.slowest_step = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.slowest_step = max(self.slowest_step, seconds)
+
+    def summary(self) -> tuple[Optional[float], Optional[float]]:
+        """(mean train loss, tokens/s) since the last reset; (None, None) before any step."""
+        if not self.losses:
+            return None, None
+        return sum(self.losses) / len(self.losses), self.tokens / (time.perf_counter() - self.started)
 
 
 @dataclass
@@ -63,6 +86,8 @@ def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: 
         raise CheckpointError("cannot resume: " + "; ".join(mismatches)
                               + ". Pass the checkpoint's values, or choose another --out-dir for a new run")
     changes = [f"{flag(f.name)}: {getattr(base, f.name)!r} -> {getattr(merged, f.name)!r}"
+               + (" (no effect: the data order and random numbers continue from the checkpoint)"
+                  if f.name == "seed" else "")
                for f in dataclasses.fields(TrainConfig)
                if f.name not in RUNTIME_FIELDS and getattr(base, f.name) != getattr(merged, f.name)]
     return merged, changes
@@ -73,7 +98,8 @@ class Trainer:
 
     ``stop`` lets a caller share a stop flag (signals install on it during
     :meth:`run`); ``explicit`` names the flags typed on the command line (see
-    :func:`merge_resumed_config`).
+    :func:`merge_resumed_config`). The trainer holds OUT's lock from construction
+    until :meth:`run` returns or :meth:`close` is called (``with Trainer(cfg) as t:``).
     """
 
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
@@ -81,14 +107,26 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.on_step = on_step
         self.started = time.monotonic()
+        self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.run_dir = RunDir(Path(cfg.out_dir))
         self.console = Console(cfg.max_steps, 0, show_bar=False)  # replaced once the start step is known
         self.run_dir.open(self.console.warn)
         try:
             self._build(cfg, explicit)
         except BaseException:
-            self.run_dir.close()
+            self.close()
             raise
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release OUT's lock and restore process-wide settings; safe to call twice."""
+        torch.use_deterministic_algorithms(self._was_deterministic)
+        self.run_dir.close()
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last)
@@ -98,11 +136,14 @@ class Trainer:
             manager.interval, manager.keep_last = cfg.effective_ckpt_interval, cfg.keep_last
             for change in changes:
                 self.console.log(f"changed on resume: {change}")
+        problems = validate(cfg)  # the CLI defers this when resuming: flags only make sense merged
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.cfg, self.manager = cfg, manager
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
-            use_deterministic_kernels()  # before cuBLAS first starts; run() restores the global flag
+            use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
         check_block_size(self.data, cfg.block_size)
 
@@ -121,6 +162,9 @@ class Trainer:
             self._check_same_data(path, state)
             self.load_state_dict(state)
             self.console.log(f"resumed from {path} at step {self.progress.step:,}")
+            for moved in manager.set_aside_after(self.progress.step):
+                self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
+                                  f"run resumed from, so it belongs to a timeline the run left")
         elif cfg.resume == "auto":
             self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
         self.resumed_from = resumed[0] if resumed else None
@@ -148,7 +192,10 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and not state["scaler"]:
+            self.console.warn("the checkpoint was not trained in float16: starting a new gradient scaler")
+        else:
+            self.scaler.load_state_dict(state["scaler"])
         self.progress.load_state_dict(state)
         self._apply_hyperparameters()
         rank_state = state["ranks"][0]
@@ -237,11 +284,14 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
         self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress)
-        tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None)
-        was_deterministic = torch.are_deterministic_algorithms_enabled()
-        try:
-            if cfg.deterministic:
-                use_deterministic_kernels()
+        with contextlib.ExitStack() as cleanup:  # every close runs, even if an earlier one fails
+            cleanup.callback(self.close)
+            cleanup.callback(self.console.close)
+            tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None,
+                                         self.console.warn)
+            cleanup.callback(tensorboard.close)
+            if not self.stop.can_install():
+                self.console.warn("not in the main thread: signals will not stop training gracefully")
             with self.stop.installed():
                 self.console.log(self._start_message())
                 if progress.step >= cfg.max_steps and not self._evaluation_due():
@@ -249,41 +299,26 @@ class Trainer:
                                      f"nothing to do (raise --max-steps to train longer)")
                     return result
                 self._loop(tensorboard, result)
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
-            tensorboard.close()
-            self.console.close()
-            self.run_dir.close()
         return result
 
     def _loop(self, tensorboard: TensorBoardLog, result: RunResult) -> None:
         cfg, progress = self.cfg, self.progress
-        window_losses, window_start, window_tokens = [], time.perf_counter(), 0
-        slowest_step = 0.0
+        window = _Window()
         if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
-            self._evaluate_and_log(tensorboard, train_loss=None, tokens_per_second=None)
+            self._evaluate_and_log(tensorboard, window)
         while progress.step < cfg.max_steps and not self.stop.is_set():
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
             progress.step += 1
             progress.tokens_seen += cfg.tokens_per_step
-            elapsed = time.perf_counter() - step_start
-            slowest_step = max(slowest_step, elapsed)
+            self._log_step(tensorboard, window, loss, grad_norm, time.perf_counter() - step_start)
             result.step_losses.append((progress.step, loss))
-            window_losses.append(loss)
-            window_tokens += cfg.tokens_per_step
-            lr = self.optimizer.param_groups[0]["lr"]
-            tensorboard.scalars(progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                                "train/tokens_per_s": cfg.tokens_per_step / elapsed})
-            self.console.advance(loss, lr, cfg.tokens_per_step / elapsed)
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
-            last = progress.step == cfg.max_steps
             if self._evaluation_due():
-                rate = window_tokens / (time.perf_counter() - window_start)
-                self._evaluate_and_log(tensorboard, sum(window_losses) / len(window_losses), rate)
-                window_losses, window_start, window_tokens = [], time.perf_counter(), 0
-            self._check_time_limit(slowest_step)
+                self._evaluate_and_log(tensorboard, window)
+            self._check_time_limit(window.slowest_step)
+            last = progress.step == cfg.max_steps
             saved = self.manager.maybe_save(progress.step, self._checkpoint_state, force=last or self.stop.is_set())
             result.last_checkpoint = saved or result.last_checkpoint
         result.step = progress.step
@@ -292,10 +327,20 @@ class Trainer:
             # a no-op when this step is already saved.
             result.last_checkpoint = self.manager.maybe_save(progress.step, self._checkpoint_state, force=True) \
                 or result.last_checkpoint
-        if self.stop.is_set() and progress.step < cfg.max_steps:
+        unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
+        if self.stop.is_set() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
             self.console.log(self._stopped_message(result.last_checkpoint))
         tensorboard.flush()
+
+    def _log_step(self, tensorboard: TensorBoardLog, window: "_Window", loss: float, grad_norm: float,
+                  seconds: float) -> None:
+        tokens = self.cfg.tokens_per_step
+        window.add(loss, tokens, seconds)
+        lr = self.optimizer.param_groups[0]["lr"]
+        tensorboard.scalars(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                                 "train/tokens_per_s": tokens / seconds})
+        self.console.advance(loss, lr, tokens / seconds)
 
     def _evaluation_due(self) -> bool:
         step = self.progress.step
@@ -309,8 +354,8 @@ class Trainer:
                                          f"not saving it. Lower --lr, then rerun with --resume auto")
         return self.state_dict()
 
-    def _evaluate_and_log(self, tensorboard: TensorBoardLog, train_loss: Optional[float],
-                          tokens_per_second: Optional[float]) -> None:
+    def _evaluate_and_log(self, tensorboard: TensorBoardLog, window: "_Window") -> None:
+        train_loss, tokens_per_second = window.summary()
         val_loss = self.evaluate()
         if val_loss is None:
             return  # cut short by a stop request: an incomplete eval must not touch best.pt
@@ -322,6 +367,7 @@ class Trainer:
         rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
         self.console.log(f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | "
                          f"val ppl {ppl:.2f} | {rate}")
+        window.reset()
         if val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
             self.run_dir.write_best({

@@ -10,7 +10,7 @@ from tests.conftest import run_train
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 150
+MAX_STEPS = 300  # long enough that all five kills land before the run can finish
 
 
 def test_a_run_killed_with_sigkill_again_and_again_ends_bitwise_equal_to_one_never_killed(tiny_cli_args, tmp_path):

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanoresume.errors import CheckpointError
 from nanoresume.trainer import Trainer
@@ -97,3 +98,64 @@ def test_a_stop_before_the_first_step_does_not_claim_a_checkpoint_it_never_wrote
     out = capsys.readouterr().out
     claimed = [w.rstrip(".") for w in out.split() if w.endswith(".pt.") or w.endswith(".pt")]
     assert all(Path(c).exists() for c in claimed), f"message names missing files: {claimed}"
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_retention_never_deletes_the_good_ones(
+        make_config, tmp_path, capsys):
+    from nanoresume.checkpoint import load_checkpoint, step_path
+
+    cfg = make_config(max_steps=30, eval_interval=10, keep_last=2)
+    Trainer(cfg, on_step=lambda tr, step, loss: tr.stop.request("test", 99) if step == 20 else None).run()
+    folder = Path(cfg.out_dir) / "checkpoints"
+    flip_a_byte(step_path(folder, 20))
+
+    resumed = Trainer(dataclasses.replace(cfg, resume="auto"))
+    assert resumed.progress.step == 10
+    assert resumed.run().step == 30
+    out = capsys.readouterr().out
+    assert "skipping" in out and "step_00000020.pt" in out and "abandoned" in out
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_00000020.pt", "step_00000030.pt"]
+    assert load_checkpoint(step_path(folder, 20))["step"] == 20  # the new timeline's step 20, valid
+    assert (folder / "abandoned" / "step_00000020.pt").is_file()  # the corrupt one, kept for a look
+
+    straight = dataclasses.replace(cfg, out_dir=str(tmp_path / "straight"))
+    Trainer(straight).run()
+    expected = load_checkpoint(step_path(Path(straight.out_dir) / "checkpoints", 30))
+    got = load_checkpoint(step_path(folder, 30))
+    assert all(torch.equal(expected["model"][k], got["model"][k]) for k in expected["model"])
+
+
+def test_keep_last_1_keeps_the_checkpoint_just_written(make_config):
+    cfg = make_config(max_steps=30, eval_interval=10, keep_last=1)
+    Trainer(cfg).run()
+    names = sorted(p.name for p in (Path(cfg.out_dir) / "checkpoints").glob("step_*.pt"))
+    assert names == ["step_00000030.pt"]
+
+
+def test_switching_to_float16_on_resume_starts_a_new_scaler_with_a_warning(finished, capsys):
+    trainer = Trainer(dataclasses.replace(finished, resume="auto", dtype="float16", max_steps=12))
+    assert trainer.scaler.is_enabled()
+    assert "starting a new gradient scaler" in capsys.readouterr().out
+    assert trainer.run().step == 12
+
+
+def test_a_new_seed_on_resume_is_reported_as_having_no_effect(finished, capsys):
+    Trainer(dataclasses.replace(finished, resume="auto", seed=7))
+    assert "--seed: 1337 -> 7 (no effect" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_flags_given_on_resume_are_validated_against_the_checkpoint_not_the_preset(tiny_cli_args, tmp_path):
+    from tests.conftest import run_train
+
+    # n_embd 36 with 6 heads is valid; the cpu preset's 64 would not divide by 6.
+    assert run_train(tiny_cli_args(max_steps=10, n_embd=36, n_head=6)).returncode == 0
+    resumed = run_train(["--out-dir", str(tmp_path / "out"), "--resume", "auto", "--n-head", "6",
+                         "--max-steps", "12", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr

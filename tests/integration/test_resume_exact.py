@@ -166,3 +166,27 @@ def test_a_resume_that_skips_the_optimizer_state_is_detected(configs, monkeypatc
     with pytest.raises(AssertionError):
         assert_same_state(baseline.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
     assert losses != base_result.step_losses
+
+
+def test_a_stop_during_the_final_evaluation_is_a_stop_and_the_restart_redoes_it(configs, monkeypatch,
+                                                                                  assert_same_state):
+    base_cfg, cut_cfg = configs()
+    baseline, _ = run(base_cfg)
+
+    trainer = Trainer(cut_cfg)
+    real_windows = trainer_module.windows
+
+    def windows_that_signal_in_the_final_eval(tokens, offsets, block_size):
+        if tokens is trainer.data.val and trainer.progress.step == N:
+            trainer.stop.request("test", 99)
+        return real_windows(tokens, offsets, block_size)
+
+    monkeypatch.setattr(trainer_module, "windows", windows_that_signal_in_the_final_eval)
+    result = trainer.run()
+    assert (result.step, result.exit_code, result.stop_reason) == (N, 99, "test")
+    monkeypatch.undo()
+
+    resumed = Trainer(dataclasses.replace(cut_cfg, resume="auto"))
+    assert resumed.run().exit_code == 0
+    assert resumed.progress.evaluated_step == N
+    assert_same_state(final_state(baseline), final_state(resumed))

@@ -167,7 +167,7 @@ def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, unin
     time.sleep(0.2)
     run.process.send_signal(signal.SIGINT)
     assert run.finish() == 130
-    assert time.monotonic() - started < 5  # did not wait for the slow write
+    assert time.monotonic() - started < 15  # did not wait for the slow write (about 30 s)
     folder = tmp_path / "stopped" / "checkpoints"
     assert [p for p in folder.iterdir() if ".tmp." in p.name], "the cut write should leave its temp file"
     assert not checkpoint.step_path(folder, 20).exists()

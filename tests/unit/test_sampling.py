@@ -91,3 +91,14 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsys: pytes
     assert sampling.main(["--ckpt", "x.pt", "--temperature", "-1", "--top-k", "0"]) == 2
     err = capsys.readouterr().err
     assert "--temperature" in err and "--top-k" in err and err.count("\n") == 1
+
+
+def test_a_tiny_temperature_behaves_like_greedy_instead_of_producing_nan() -> None:
+    model = tiny_model()
+    greedy = sampling.generate_tokens(model, [65], 8, 0.0, None, 1, torch.device("cpu"))
+    near_zero = sampling.generate_tokens(model, [65], 8, 1e-40, None, 1, torch.device("cpu"))
+    assert near_zero == greedy
+
+
+def test_a_prompt_with_undecodable_command_line_bytes_keeps_those_bytes() -> None:
+    assert sampling.encode("caf\udce9") == [99, 97, 102, 0xE9]
