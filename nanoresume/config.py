@@ -36,9 +36,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields that define the model's shape or the data it sees. A resumed run must
 # match the checkpoint on these; everything else may change across a resume.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "val_fraction")
-# Fields always taken from the current command line, never from a resumed checkpoint.
-RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "dtype", "compile", "time_limit", "progress",
-                  "deterministic")
+# Fields always taken from the current command line, never from a resumed checkpoint. The
+# numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
+# the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
+RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress")
 
 
 @dataclass

@@ -66,6 +66,16 @@ def test_resume_auto_with_only_out_dir_takes_every_other_setting_from_the_checkp
 
 
 @pytest.mark.slow
+def test_resume_auto_keeps_the_checkpoints_dtype_unless_told_otherwise(tiny_cli_args, tmp_path):
+    assert run_train(tiny_cli_args(max_steps=4, dtype="bfloat16", deterministic=False)).returncode == 0
+    resumed = run_train(["--out-dir", str(tmp_path / "out"), "--resume", "auto", "--max-steps", "6", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(bfloat16)" in resumed.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["dtype"], config["deterministic"]) == ("bfloat16", False)
+
+
+@pytest.mark.slow
 def test_resume_auto_on_an_empty_out_dir_starts_fresh_and_says_so(tiny_cli_args):
     proc = run_train(tiny_cli_args(max_steps=2, resume="auto"))
     assert proc.returncode == 0, proc.stderr
