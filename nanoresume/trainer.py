@@ -239,20 +239,21 @@ class Trainer:
                 _, loss = self.model(x, y)
             self.scaler.scale(loss / self.cfg.grad_accum).backward()
             total_loss += loss.detach()
-        mean_loss = (total_loss / self.cfg.grad_accum).item()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        # One device sync per step for both numbers; the weights are untouched until scaler.step.
+        mean_loss, grad_norm_value = torch.stack([total_loss / self.cfg.grad_accum, grad_norm.float()]).tolist()
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"training loss is {mean_loss} at step {self.progress.step + 1}; nothing from that step was "
                 f"saved (newest checkpoint: step {self.manager.last_saved_step}). Lower --lr, raise "
                 f"--warmup-steps or use --dtype bfloat16/float32, then rerun with --resume auto")
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return mean_loss, grad_norm.item()
+        return mean_loss, grad_norm_value
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
