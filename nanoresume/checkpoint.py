@@ -111,7 +111,9 @@ def save_atomically(obj: dict[str, Any], path: Path) -> str:
         return writer.sha256.hexdigest()
     except OSError as e:
         remove_quietly(tmp)
-        raise CheckpointWriteError(_write_failure_message(path, e, state_nbytes(obj))) from None
+        raise CheckpointWriteError(_write_failure(path, e, state_nbytes(obj)),
+                                   "free some space or choose another --out-dir, then rerun with --resume auto. "
+                                   "Earlier checkpoints are intact") from None
     except BaseException:
         remove_quietly(tmp)
         raise
@@ -200,16 +202,13 @@ def state_nbytes(obj: Any) -> int:
     return 0
 
 
-def _write_failure_message(path: Path, error: OSError, needed: int) -> str:
+def _write_failure(path: Path, error: OSError, needed: int) -> str:
     try:
         free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free"
     except OSError:
         free = "free space unknown"
     reason = error.strerror or str(error)
-    return (f"could not write checkpoint {path.name} in {path.parent}: {reason} "
-            f"(about {needed / 1e6:,.1f} MB needed, {free}); free some space or choose another --out-dir, "
-            f"then rerun with --resume auto. Earlier checkpoints are intact")
-
+    return f"could not write checkpoint {path.name} in {path.parent}: {reason} (about {needed / 1e6:,.1f} MB needed, {free})"
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

@@ -358,9 +358,8 @@ def cmd_export(source: Path, target: Path, force: bool) -> int:
     check_export_target(source, target, force)
     try:
         digest = checkpoint.save_atomically(weights_from(state), target)
-    except CheckpointWriteError as e:  # its message speaks of training; say what failed here
-        reason = str(e).split(";")[0]
-        raise UserError(f"--to {target}: {reason}; choose a writable folder with free space") from None
+    except CheckpointWriteError as e:  # its advice speaks of training; give the export's own
+        raise UserError(f"--to {target}: {e.problem}; choose a writable folder with free space") from None
     print(f"wrote {target} (step {state['step']:,}, sha256 {digest[:12]}) and "
           f"{checkpoint.checksum_path(target).name}")
     return 0

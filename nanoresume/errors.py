@@ -30,7 +30,14 @@ class CheckpointError(UserError):
 
 
 class CheckpointWriteError(NanoresumeError):
-    """A checkpoint could not be written (disk full, I/O error); earlier ones are intact."""
+    """A checkpoint could not be written (disk full, I/O error); earlier ones are intact.
+
+    ``problem`` is what failed, without advice, for callers that give their own fix.
+    """
+
+    def __init__(self, problem: str, advice: str = "") -> None:
+        super().__init__(f"{problem}; {advice}" if advice else problem)
+        self.problem = problem
 
 
 class NonFiniteLossError(NanoresumeError):

@@ -73,8 +73,8 @@ class RunDir:
         try:
             write_file_atomically(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         except OSError as e:
-            raise CheckpointWriteError(f"could not write {path}: {e.strerror or e}; free some space or "
-                                       f"choose another --out-dir") from None
+            raise CheckpointWriteError(f"could not write {path}: {e.strerror or e}",
+                                       "free some space or choose another --out-dir") from None
 
     def write_best(self, weights: dict[str, Any]) -> None:
         checkpoint.save_atomically(weights, self.best)
