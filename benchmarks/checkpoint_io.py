@@ -1,50 +1,153 @@
 #!/usr/bin/env python3
-"""Checkpoint size, save and load time per preset, against plain torch.save / torch.load.
+"""What a checkpoint costs: save, background-save stall, verified resume, against plain torch.
 
-    python benchmarks/checkpoint_io.py [--device cpu|cuda] [--presets cpu gpu10m]
+    python benchmarks/checkpoint_io.py [--device cpu|cuda] [--models gpu10m 4x] [--repeats 7]
 
-"save" is nanoresume's full commit (hash while writing, fsync, checksum file,
-os.replace, folder fsync); the baseline is a bare torch.save with no fsync.
-"load" reads once, verifies SHA-256, then torch.load(weights_only=True); the
-baseline is torch.load(weights_only=True) of the same file.
+For each model, on the full training state after one optimizer step (weights, AdamW
+moments, RNGs, config), every variant below runs once per repetition, interleaved, and
+the table shows the median of the repetitions. Each save goes to a new step name, as
+training does (never an overwrite), with retention at --keep-last 3.
+
+- plain save: ``torch.save(state, path)`` (no fsync, no checksum)
+- sync save: nanoresume's synchronous save (atomic, hashed, fsync'd, committed, pruned)
+- async stall: what a background save costs the training thread (the snapshot)
+- memory copy: ``copy.deepcopy(state)``, an in-memory copy of the same state
+- write+fsync: writing and fsyncing as many bytes: the disk's own limit
+- plain resume: ``torch.load`` + ``load_state_dict`` of model, optimizer and scheduler
+- verified resume: nanoresume's resume (verify, safe load, schema check, restore everything)
+- resume at step 100 and at step 100,000: the same, from checkpoints whose counters say so
 """
 
 import argparse
+import copy
+import os
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._common import make_trainer, median_seconds  # noqa: E402
-from nanoresume.checkpoint import load_checkpoint, save_atomically  # noqa: E402
+from benchmarks._common import make_trainer  # noqa: E402
+from nanoresume.checkpoint import CheckpointManager, step_path  # noqa: E402
+from nanoresume.loading import load_valid  # noqa: E402
+
+MODELS = {
+    "gpu10m": dict(preset="gpu10m"),
+    "4x": dict(preset="gpu10m", n_layer=16, n_head=8, n_embd=480),  # about 4x the parameters
+}
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def write_and_fsync(path: Path, n_bytes: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(n_bytes >> 20):
+            f.write(block)
+        f.write(block[: n_bytes & ((1 << 20) - 1)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def bench(model: str, device: str, repeats: int) -> None:
+    trainer = make_trainer(**MODELS[model], device=device, batch_size=1, async_save=False)
+    trainer.train_step()  # fills the optimizer state
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    folder = trainer.run_dir.checkpoints
+    sync_saves = CheckpointManager(folder / "sync", 1, 3)
+    async_saves = CheckpointManager(folder / "async", 1, 3, background=True)
+    (folder / "plain").mkdir()
+    times: dict[str, list[float]] = {}
+    commit_seconds = []
+
+    def record(name: str, seconds: float) -> None:
+        times.setdefault(name, []).append(seconds)
+
+    for rep in range(1, repeats + 1):
+        state = trainer.state_dict()
+        plain = step_path(folder / "plain", rep)
+        record("plain save", timed(lambda: torch.save(state, plain), sync))
+        record("sync save", timed(lambda: sync_saves.save(rep, state), sync))
+        record("async stall", timed(lambda: async_saves.save(rep, state), sync))
+        async_saves.wait()
+        commit_seconds.append(async_saves.last_commit_seconds)
+        record("memory copy", timed(lambda: copy.deepcopy(state), sync))
+        size = plain.stat().st_size
+        record("write+fsync", timed(lambda: write_and_fsync(folder / "raw.bin", size), sync))
+        record("plain resume", timed(lambda: plain_resume(trainer, plain), sync))
+        ours = step_path(folder / "sync", rep)
+        record("verified resume", timed(lambda: trainer.load_state_dict(load_valid(ours)), sync))
+        if rep > 3:
+            (plain.with_name(step_path(folder, rep - 3).name)).unlink()
+    med = {name: statistics.median(values) for name, values in times.items()}
+    at_100, at_100k = resume_times(trainer, folder, repeats, sync)
+    params = trainer.raw_model.num_parameters() / 1e6
+    print(f"\n{model}: {params:.1f}M parameters, checkpoint {size / 1e6:.1f} MB, device {device}, "
+          f"median of {repeats}")
+    rows = [
+        ("plain torch.save", med["plain save"], "1.00x", ""),
+        ("sync save (atomic, verified)", med["sync save"], f"{med['sync save'] / med['plain save']:.2f}x plain",
+         "goal <= 1.2x"),
+        ("async stall (training thread)", med["async stall"],
+         f"{med['async stall'] / med['memory copy']:.2f}x copy, {med['async stall'] / med['sync save']:.1%} of sync",
+         "goal <= 2x copy, <= 10% of sync"),
+        ("  background commit", statistics.median(commit_seconds), "", "off the training thread"),
+        ("in-memory copy (deepcopy)", med["memory copy"], "", ""),
+        ("write+fsync same bytes", med["write+fsync"], f"{med['write+fsync'] / med['plain save']:.2f}x plain",
+         "the disk's limit"),
+        ("plain load + load_state_dict", med["plain resume"], "1.00x", ""),
+        ("verified resume", med["verified resume"], f"{med['verified resume'] / med['plain resume']:.2f}x plain",
+         "goal <= 1.5x"),
+        ("verified resume at step 100", at_100, "", ""),
+        ("verified resume at step 100,000", at_100k, f"{at_100k / at_100:.2f}x step 100", "no replay: ~1x"),
+    ]
+    for name, seconds, ratio, goal in rows:
+        print(f"  {name:34} {seconds * 1e3:9.1f} ms  {ratio:32} {goal}")
+    sync_saves.close()
+    trainer.close()
+
+
+def plain_resume(trainer, path: Path) -> None:
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    trainer.raw_model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+
+
+def resume_times(trainer, folder: Path, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """Resume from a checkpoint at step 100 and at step 100,000 (counters set, not trained)."""
+    paths = {}
+    manager = CheckpointManager(folder / "counters", 1, 10)
+    for step in (100, 100_000):
+        trainer.progress.step = step
+        trainer.scheduler.last_epoch = step
+        paths[step] = manager.save(step, trainer.state_dict())
+    results = {step: [] for step in paths}
+    for _ in range(repeats):
+        for step, path in paths.items():
+            results[step].append(timed(lambda: trainer.load_state_dict(load_valid(path)), sync))
+    return statistics.median(results[100]), statistics.median(results[100_000])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--presets", nargs="+", default=["cpu", "gpu10m"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    print(f"{'preset':8} {'params':>8} {'ckpt MB':>8} {'step s':>8} {'save s':>8} {'bare save s':>11} "
-          f"{'save x':>7} {'load s':>8} {'bare load s':>11} {'load x':>7}")
-    for preset in args.presets:
-        trainer = make_trainer(preset, args.device, batch_size=4 if args.device == "cpu" else None)
-        trainer.train_step()  # warm-up; also fills the optimizer state
-        step_seconds = median_seconds(trainer.train_step, 3, sync)
-        folder = trainer.run_dir.checkpoints
-        ours, bare = folder / "bench.pt", folder / "bare.pt"
-        save = median_seconds(lambda: save_atomically(trainer.state_dict(), ours), args.repeats, sync)
-        bare_save = median_seconds(lambda: torch.save(trainer.state_dict(), bare), args.repeats, sync)
-        load = median_seconds(lambda: load_checkpoint(ours), args.repeats)
-        bare_load = median_seconds(lambda: torch.load(bare, weights_only=True, map_location="cpu"), args.repeats)
-        print(f"{preset:8} {trainer.raw_model.num_parameters() / 1e6:>7.2f}M {ours.stat().st_size / 1e6:>8.1f} "
-              f"{step_seconds:>8.3f} {save:>8.3f} {bare_save:>11.3f} {save / bare_save:>7.2f} "
-              f"{load:>8.3f} {bare_load:>11.3f} {load / bare_load:>7.2f}", flush=True)
-        trainer.close()
-    print(f"device {args.device}; step = one optimizer step ({'batch 4' if args.device == 'cpu' else 'preset batch'})")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    for model in args.models:
+        bench(model, args.device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Used by the CI test (a handful of kills) and by ``scripts/chaos.py`` (hundreds).
 The child process is ``python -m nanoresume.chaos child ARGS...``: scripts/train.py
-with :data:`nanoresume.checkpoint.testing_write_hook` set so that every checkpoint
+with :data:`nanoresume.checkpoint.files.testing_write_hook` set so that every checkpoint
 write announces itself on stderr and is slowed down, which lets the harness aim
 half of its kills inside a write (evaluations announce themselves too, for the
 signal tests). Production runs never set that hook.
@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 
 from . import checkpoint
+from .checkpoint import files as checkpoint_files
+from .checkpoint import manager as checkpoint_manager
 
 WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
@@ -192,15 +194,15 @@ def _child_main(argv: list[str]) -> int:
         if delay:
             time.sleep(delay)
 
-    save_atomically = checkpoint.save_atomically
+    save_atomically = checkpoint_manager.save_atomically
 
     def announced_save(obj: dict, path: Path) -> str:
         digest = save_atomically(obj, path)
         print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
         return digest
 
-    checkpoint.testing_write_hook = hook
-    checkpoint.save_atomically = announced_save  # type: ignore[assignment]
+    checkpoint_files.testing_write_hook = hook
+    checkpoint_manager.save_atomically = announced_save  # type: ignore[assignment]
     return main(argv)
 
 

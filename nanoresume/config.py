@@ -39,7 +39,7 @@ ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"
 # Fields always taken from the current command line, never from a resumed checkpoint. The
 # numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
 # the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
-RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress")
+RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress", "async_save")
 
 
 @dataclass
@@ -91,7 +91,11 @@ class TrainConfig:
     eval_iters: int = _opt(20, "validation batches per evaluation (a fixed set, the same every time)")
     ckpt_interval: Optional[int] = _opt(None, "steps between checkpoints (default: --eval-interval); "
                                               "the last step is always saved")
+    ckpt_minutes: Optional[float] = _opt(None, "also save when this many minutes have passed since the last "
+                                               "save, off the step interval (bounds what a kill can cost in time)")
     keep_last: int = _opt(3, "step checkpoints to keep; older ones are deleted after a new one is committed")
+    async_save: bool = _opt(True, "write checkpoints on a background thread: training waits only for a copy "
+                                  "of the state in memory (--no-async-save writes them on the training thread)")
     resume: str = _opt("none", "'auto': newest checkpoint in OUT that verifies (or start fresh if none); "
                                "a file path: exactly that checkpoint; 'none': start fresh, refusing if "
                                "OUT already holds checkpoints")
@@ -187,6 +191,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(0.0 < cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be between 0 and 1")
     if cfg.ckpt_interval is not None:
         check(cfg.ckpt_interval >= 1, f"--ckpt-interval {cfg.ckpt_interval} must be at least 1")
+    if cfg.ckpt_minutes is not None:
+        check(math.isfinite(cfg.ckpt_minutes) and cfg.ckpt_minutes > 0,
+              f"--ckpt-minutes {cfg.ckpt_minutes:g} must be a positive number of minutes")
     if cfg.time_limit is not None:
         check(cfg.time_limit > 0, f"--time-limit {cfg.time_limit:g} must be a positive duration")
     check(cfg.out_dir.strip() != "", "--out-dir must not be empty")

@@ -75,6 +75,3 @@ class RunDir:
         except OSError as e:
             raise CheckpointWriteError(f"could not write {path}: {e.strerror or e}",
                                        "free some space or choose another --out-dir") from None
-
-    def write_best(self, weights: dict[str, Any]) -> None:
-        checkpoint.save_atomically(weights, self.best)

@@ -124,22 +124,30 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Release OUT's lock and restore process-wide settings; safe to call twice."""
-        torch.use_deterministic_algorithms(self._was_deterministic)
-        self.run_dir.close()
+        """Wait for a save in flight, then release OUT's lock and restore process-wide settings;
+        safe to call twice. Raises the error of a background save that failed."""
+        try:
+            if hasattr(self, "manager"):
+                self.manager.close()
+        finally:
+            torch.use_deterministic_algorithms(self._was_deterministic)
+            self.run_dir.close()
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last)
         resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
         if resumed is not None:
             cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit)
-            manager.interval, manager.keep_last = cfg.effective_ckpt_interval, cfg.keep_last
             for change in changes:
                 self.console.log(f"changed on resume: {change}")
         problems = validate(cfg)  # the CLI defers this when resuming: flags only make sense merged
         if problems:
             raise ConfigError("; ".join(problems))
-        self.cfg, self.manager = cfg, manager
+        self.cfg = cfg
+        self.manager = checkpoint.CheckpointManager(
+            self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
+            every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None)
+        self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
@@ -162,7 +170,10 @@ class Trainer:
             self._check_same_data(path, state)
             self.load_state_dict(state)
             self.console.log(f"resumed from {path} at step {self.progress.step:,}")
-            for moved in manager.set_aside_after(self.progress.step):
+            if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
+                self.manager.staged_step = self.manager.committed_step = self.progress.step
+                self.manager.committed_path = path
+            for moved in self.manager.set_aside_after(self.progress.step):
                 self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
                                   f"run resumed from, so it belongs to a timeline the run left")
         elif cfg.resume == "auto":
@@ -247,7 +258,7 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"training loss is {mean_loss} at step {self.progress.step + 1}; nothing from that step was "
-                f"saved (newest checkpoint: step {self.manager.last_saved_step}). Lower --lr, raise "
+                f"saved (newest checkpoint: step {self.manager.committed_step}). Lower --lr, raise "
                 f"--warmup-steps or use --dtype bfloat16/float32, then rerun with --resume auto")
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -307,7 +318,9 @@ class Trainer:
         window = _Window()
         if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
             self._evaluate_and_log(tensorboard, window)
+            self._save_if_due(force=False)
         while progress.step < cfg.max_steps and not self.stop.is_set():
+            self.manager.poll()  # a background save that failed stops the run here, as a synchronous one would
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
             progress.step += 1
@@ -319,15 +332,13 @@ class Trainer:
             if self._evaluation_due():
                 self._evaluate_and_log(tensorboard, window)
             self._check_time_limit(window.slowest_step)
-            last = progress.step == cfg.max_steps
-            saved = self.manager.maybe_save(progress.step, self._checkpoint_state, force=last or self.stop.is_set())
-            result.last_checkpoint = saved or result.last_checkpoint
+            self._save_if_due(force=progress.step == cfg.max_steps or self.stop.is_set())
         result.step = progress.step
-        if self.stop.is_set() or progress.step == cfg.max_steps:
-            # Covers a stop before the first step, and a final evaluation redone after a restart;
-            # a no-op when this step is already saved.
-            result.last_checkpoint = self.manager.maybe_save(progress.step, self._checkpoint_state, force=True) \
-                or result.last_checkpoint
+        # Covers a stop before the first step, and a final evaluation redone after a restart;
+        # a no-op when this step is already saved.
+        self._save_if_due(force=self.stop.is_set() or progress.step == cfg.max_steps)
+        self.manager.wait()  # the stop message names a committed file, never one still in flight
+        result.last_checkpoint = self.manager.committed_path
         unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
         if self.stop.is_set() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
@@ -347,6 +358,17 @@ class Trainer:
         step = self.progress.step
         due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
         return due and self.progress.evaluated_step != step
+
+    def _save_if_due(self, force: bool) -> None:
+        """Save this step's checkpoint when it is due (or forced), and best.pt when the evaluation of
+        this step improved it: one save, staged now, committed now or in the background."""
+        step = self.progress.step
+        due = step > 0 or force  # step 0 is saved only when a stop comes before the first step
+        state = self._checkpoint_state() if due and self.manager.is_due(step, force) else None
+        best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
+        self._pending_best = None
+        if state is not None or best:
+            self.manager.save(step, state, also=best)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         for name, p in self.raw_model.named_parameters():
@@ -371,7 +393,7 @@ class Trainer:
         window.reset()
         if val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
-            self.run_dir.write_best({
+            self._pending_best = {
                 "format_version": checkpoint.FORMAT_VERSION,
                 "kind": "weights",
                 "model": self.raw_model.state_dict(),
@@ -379,13 +401,13 @@ class Trainer:
                 "step": step,
                 "tokens_seen": self.progress.tokens_seen,
                 "val_loss": val_loss,
-            })
+            }
 
     def _check_time_limit(self, slowest_step: float) -> None:
         """Stop while there is still time for one more step and a save (with room to spare)."""
         if self.cfg.time_limit is None:
             return
-        needed = 2 * slowest_step + 2 * self.manager.last_save_seconds + 1.0
+        needed = 2 * slowest_step + 2 * self.manager.last_commit_seconds + 1.0
         if time.monotonic() - self.started + needed >= self.cfg.time_limit:
             self.stop.request("time limit", TIME_LIMIT_EXIT_CODE)
 

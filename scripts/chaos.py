@@ -29,6 +29,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for when the kills land")
     parser.add_argument("--data", default=str(Path(argparse.__file__)), help="text to train on (small is fine)")
     parser.add_argument("--work-dir", default=None, help="where runs are written (default: a temp folder)")
+    parser.add_argument("--async-save", action=argparse.BooleanOptionalAction, default=True,
+                        help="save checkpoints in the background, as training does by default")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="nanoresume-chaos-"))
@@ -36,7 +38,8 @@ def main() -> int:
     common = ["--data", args.data, "--cache-dir", str(work / "cache"), "--n-layer", "2", "--n-head", "2",
               "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--dropout", "0.1",
               "--max-steps", str(max_steps), "--eval-interval", "50", "--eval-iters", "2",
-              "--ckpt-interval", "10", "--keep-last", "2", "--no-progress"]
+              "--ckpt-interval", "10", "--keep-last", "2", "--no-progress",
+              "--async-save" if args.async_save else "--no-async-save"]
     print(f"reference run ({max_steps} steps) in {work / 'reference'}", flush=True)
     if train(common + ["--out-dir", str(work / "reference")]) != 0:
         return 1

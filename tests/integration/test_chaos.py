@@ -13,8 +13,10 @@ pytestmark = pytest.mark.slow
 MAX_STEPS = 300  # long enough that all five kills land before the run can finish
 
 
-def test_a_run_killed_with_sigkill_again_and_again_ends_bitwise_equal_to_one_never_killed(tiny_cli_args, tmp_path):
-    flags = dict(max_steps=MAX_STEPS, eval_interval=50, ckpt_interval=10, keep_last=2)
+@pytest.mark.parametrize("async_save", [True, False], ids=["background saves", "synchronous saves"])
+def test_a_run_killed_with_sigkill_again_and_again_ends_bitwise_equal_to_one_never_killed(tiny_cli_args, tmp_path,
+                                                                                          async_save):
+    flags = dict(max_steps=MAX_STEPS, eval_interval=50, ckpt_interval=10, keep_last=2, async_save=async_save)
     reference = run_train(tiny_cli_args(out_dir=str(tmp_path / "reference"), **flags))
     assert reference.returncode == 0, reference.stderr
 

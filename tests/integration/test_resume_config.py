@@ -122,7 +122,7 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_retention_never_deletes_th
     assert "skipping" in out and "step_00000020.pt" in out and "abandoned" in out
     assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_00000020.pt", "step_00000030.pt"]
     assert load_checkpoint(step_path(folder, 20))["step"] == 20  # the new timeline's step 20, valid
-    assert (folder / "abandoned" / "step_00000020.pt").is_file()  # the corrupt one, kept for a look
+    assert (folder / "abandoned" / "1" / "step_00000020.pt").is_file()  # the corrupt one, kept for a look
 
     straight = dataclasses.replace(cfg, out_dir=str(tmp_path / "straight"))
     Trainer(straight).run()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nanoresume import checkpoint
-from nanoresume.chaos import EVAL_MARK, WRITE_DELAY_ENV, WRITE_MARK, final_states_equal
+from nanoresume.chaos import EVAL_MARK, WRITE_DELAY_ENV, WRITE_DONE_MARK, WRITE_MARK, final_states_equal
 
 from tests.conftest import REPO, TRAIN_SCRIPT, run_train
 
@@ -145,7 +145,7 @@ SAVE_FLAGS = dict(eval_interval=1000, ckpt_interval=20)
 
 
 def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(args_for, uninterrupted, tmp_path):
-    args = args_for("stopped", **SAVE_FLAGS)
+    args = args_for("stopped", **SAVE_FLAGS) + ["--no-async-save"]
     run = Training(args, slow_writes=0.003)  # a checkpoint write now takes about a second
     wait_for_marks(run, WRITE_MARK, 2)
     run.process.send_signal(signal.SIGTERM)
@@ -153,6 +153,24 @@ def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(arg
     assert saved_step(run.output) == 20
     assert run.output.count(WRITE_MARK) == 2  # the interrupted write finished; no second save
     checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", 20))
+
+    final = resume_to_end(args, tmp_path / "stopped")
+    assert final_states_equal(final, uninterrupted(**SAVE_FLAGS)) == []
+
+
+def test_signal_while_a_background_save_is_in_flight_commits_it_then_saves_the_stop(args_for, uninterrupted,
+                                                                                     tmp_path):
+    args = args_for("stopped", **SAVE_FLAGS)  # background saving is the default
+    run = Training(args, slow_writes=0.003)
+    wait_for_marks(run, WRITE_MARK, 2)  # the step-20 checkpoint is being written while training goes on
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 143
+    stopped_at = saved_step(run.output)
+    assert stopped_at > 20
+    assert run.output.count(WRITE_DONE_MARK) == 3  # best.pt at step 0, step 20 (in flight), the stop's step
+    folder = tmp_path / "stopped" / "checkpoints"
+    for step in (20, stopped_at):
+        assert checkpoint.load_checkpoint(checkpoint.step_path(folder, step))["step"] == step
 
     final = resume_to_end(args, tmp_path / "stopped")
     assert final_states_equal(final, uninterrupted(**SAVE_FLAGS)) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pathlib
 import zipfile
 from pathlib import Path
@@ -77,10 +78,10 @@ def test_a_failed_write_raises_checkpoint_write_error_and_keeps_earlier_files(tm
         if written > 100:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "testing_write_hook", disk_full)
+    monkeypatch.setattr(checkpoint.files, "testing_write_hook", disk_full)
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
         save_atomically(small_state(2), good)
-    monkeypatch.setattr(checkpoint, "testing_write_hook", None)
+    monkeypatch.setattr(checkpoint.files, "testing_write_hook", None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256"]
     assert load_checkpoint(good)["step"] == 1
 
@@ -127,11 +128,16 @@ def test_a_zero_length_file_is_refused(good_file):
     assert "empty" in assert_one_line_naming(info, good_file)
 
 
-def test_a_file_without_its_sha256_sidecar_is_refused(good_file):
-    checksum_path(good_file).unlink()
+def test_an_older_file_without_an_embedded_digest_is_refused_without_its_sidecar(tmp_path):
+    path = tmp_path / "step_00000001.pt"
+    buffer = io.BytesIO()
+    torch.save(small_state(), buffer)  # a plain torch.save file: what nanoresume wrote before digests were embedded
+    write_with_sidecar(path, buffer.getvalue())
+    assert load_checkpoint(path)["step"] == 1
+    checksum_path(path).unlink()
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(good_file)
-    assert "step_00000001.pt.sha256" in assert_one_line_naming(info, good_file)
+        load_checkpoint(path)
+    assert "step_00000001.pt.sha256" in assert_one_line_naming(info, path)
 
 
 def test_a_missing_file_is_refused(tmp_path):
@@ -197,105 +203,11 @@ def test_a_malicious_pickle_with_a_correct_checksum_is_refused_and_never_runs(tm
     assert marker.exists()
 
 
-# ---- resume resolution --------------------------------------------------------------------------
-
-
-def manager_with_steps(folder: Path, steps: list[int], keep_last: int = 10) -> CheckpointManager:
-    manager = CheckpointManager(folder, interval=1, keep_last=keep_last)
-    for step in steps:
-        manager.save(step, small_state(step))
-    return manager
-
-
-def test_auto_resumes_from_the_newest_checkpoint(tmp_path):
-    manager = manager_with_steps(tmp_path, [1, 2, 3])
-    warnings: list[str] = []
-    path, state = resolve_resume("auto", manager, warnings.append)
-    assert path == step_path(tmp_path, 3) and state["step"] == 3
-    assert warnings == []
-
-
-def test_auto_falls_back_past_a_corrupt_newest_file_with_one_warning_naming_it(tmp_path):
-    manager = manager_with_steps(tmp_path, [1, 2, 3])
-    newest = step_path(tmp_path, 3)
-    newest.write_bytes(newest.read_bytes()[:50])
-    warnings: list[str] = []
-    path, state = resolve_resume("auto", manager, warnings.append)
-    assert path == step_path(tmp_path, 2) and state["step"] == 2
-    assert len(warnings) == 1 and str(newest) in warnings[0]
-
-
-def test_auto_returns_none_on_an_empty_or_missing_folder_and_when_nothing_verifies(tmp_path):
-    warnings: list[str] = []
-    assert resolve_resume("auto", CheckpointManager(tmp_path / "missing", 1, 3), warnings.append) is None
-    (tmp_path / "empty").mkdir()
-    assert resolve_resume("auto", CheckpointManager(tmp_path / "empty", 1, 3), warnings.append) is None
-    assert warnings == []
-    manager = manager_with_steps(tmp_path / "bad", [1])
-    checksum_path(step_path(tmp_path / "bad", 1)).unlink()
-    assert resolve_resume("auto", manager, warnings.append) is None
-    assert len(warnings) == 1
-
-
-def test_none_refuses_when_checkpoints_exist_pointing_at_resume_auto_and_out_dir(tmp_path):
-    manager = manager_with_steps(tmp_path, [4])
-    with pytest.raises(CheckpointError) as info:
-        resolve_resume("none", manager, print)
-    message = str(info.value)
-    assert "--resume auto" in message and "--out-dir" in message and "step_00000004.pt" in message
-    assert resolve_resume("none", CheckpointManager(tmp_path / "fresh", 1, 3), print) is None
-
-
-def test_an_explicit_path_must_exist_and_load(tmp_path):
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        resolve_resume(str(tmp_path / "missing.pt"), CheckpointManager(tmp_path, 1, 3), print)
-    manager = manager_with_steps(tmp_path, [1, 2])
-    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager, print)
-    assert state["step"] == 1
-
-
-def test_an_explicit_path_to_inference_weights_is_refused(tmp_path):
-    best = tmp_path / "best.pt"
-    save_atomically({"format_version": 1, "kind": "weights", "model": {}}, best)
-    with pytest.raises(CheckpointError, match="not a full training state"):
-        resolve_resume(str(best), CheckpointManager(tmp_path, 1, 3), print)
-
-
-# ---- retention and leftovers --------------------------------------------------------------------
-
-
-def test_keep_last_keeps_exactly_the_newest_k_step_files_and_never_best_pt(tmp_path):
-    save_atomically(small_state(0), tmp_path / "best.pt")
-    manager = manager_with_steps(tmp_path, [10, 20, 30, 40, 50], keep_last=2)
-    assert [s.step for s in manager.list()] == [40, 50]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "best.pt", "best.pt.sha256",
-        "step_00000040.pt", "step_00000040.pt.sha256", "step_00000050.pt", "step_00000050.pt.sha256"]
-
-
-def test_step_names_are_zero_padded_so_name_order_is_step_order(tmp_path):
-    manager = manager_with_steps(tmp_path, [9, 10, 100000000])
-    assert [s.step for s in manager.list()] == [9, 10, 100000000]
-    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == [s.path.name for s in manager.list()]
-
-
-def test_maybe_save_writes_on_the_interval_when_forced_and_never_twice_for_one_step(tmp_path):
-    manager = CheckpointManager(tmp_path, interval=5, keep_last=10)
-    built: list[int] = []
-
-    def build(step: int):
-        return lambda: built.append(step) or small_state(step)
-
-    for step in range(1, 12):
-        manager.maybe_save(step, build(step))
-    assert built == [5, 10]
-    assert manager.maybe_save(10, build(10), force=True) is None  # already saved
-    assert manager.maybe_save(11, build(11), force=True) == step_path(tmp_path, 11)
-    assert built == [5, 10, 11]
+# ---- leftovers --------------------------------------------------------------------------------
 
 
 def test_remove_leftovers_deletes_temp_files_and_orphan_sidecars_but_nothing_else(tmp_path):
-    manager_with_steps(tmp_path, [10])
+    save_atomically(small_state(10), step_path(tmp_path, 10))
     leftovers = [".step_00000020.pt.tmp.123", ".step_00000020.pt.sha256.tmp.123", ".best.pt.tmp.77",
                  ".config.json.tmp.5", "step_00000030.pt.sha256", "best.pt.sha256"]
     unrelated = ["notes.txt", "step_00000040.pt.bak", ".hidden", "mystep_00000050.pt.sha256",
@@ -315,3 +227,119 @@ def test_random_bytes_are_reported_as_not_a_checkpoint_rather_than_as_unsafe_cod
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     assert "could run code" not in str(info.value)
+
+
+# ---- files that verify on their own ----------------------------------------------------------------
+
+
+def test_a_lone_renamed_copy_without_its_sidecar_loads(good_file, tmp_path):
+    lone = tmp_path / "elsewhere" / "shared weights.pt"
+    lone.parent.mkdir()
+    lone.write_bytes(good_file.read_bytes())
+    assert load_checkpoint(lone)["step"] == 1
+    assert checkpoint.verify_file(lone).self_consistent
+
+
+def test_the_file_is_still_an_ordinary_zip_and_its_sidecar_matches_the_whole_file(good_file):
+    with zipfile.ZipFile(good_file) as archive:
+        assert archive.testzip() is None  # every record's CRC-32 still checks
+        assert archive.comment.startswith(b"nanoresume-sha256:")
+    whole = hashlib.sha256(good_file.read_bytes()).hexdigest()
+    assert checksum_path(good_file).read_text() == f"{whole}  {good_file.name}\n"
+    assert torch.load(good_file, weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["flip a byte of tensor data", "truncate by one byte", "drop the trailer"])
+def test_a_damaged_lone_file_is_refused_with_one_line(good_file, tmp_path, damage):
+    payload = bytearray(good_file.read_bytes())
+    if damage == "flip a byte of tensor data":
+        start = bytes(payload).index(torch.arange(1000, dtype=torch.float32).numpy().tobytes()[:64])
+        payload[start + 100] ^= 0x40
+    elif damage == "truncate by one byte":
+        payload = payload[:-1]
+    else:
+        payload = payload[:-84]
+    lone = tmp_path / "lone.pt"
+    lone.write_bytes(bytes(payload))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(lone)
+    assert_one_line_naming(info, lone)
+
+
+def test_the_bytes_that_are_checked_are_the_bytes_that_are_loaded(good_file, tmp_path, monkeypatch):
+    """A different (valid) checkpoint swapped onto the name between the hash and the unpickling
+    must not be what comes back."""
+    impostor = tmp_path / "impostor.pt"
+    save_atomically(small_state(step=7), impostor)
+    real_digests = checkpoint.files.digests
+
+    def digests_then_swap(data):
+        found = real_digests(data)
+        os.replace(impostor, good_file)  # the swap lands after the check
+        return found
+
+    monkeypatch.setattr(checkpoint.files, "digests", digests_then_swap)
+    state = load_checkpoint(good_file)
+    assert state["step"] == 1
+    assert torch.equal(state["weights"], small_state(step=1)["weights"])
+
+
+def test_an_os_system_payload_is_named_as_unsafe_in_the_installed_torchs_own_words(tmp_path):
+    marker = tmp_path / "MARKER"
+    buffer = io.BytesIO()
+    torch.save({"format_version": 1, "kind": "train", "payload": _SystemOnLoad(f"touch {marker}")}, buffer)
+    path = tmp_path / "step_00000009.pt"
+    write_with_sidecar(path, buffer.getvalue())
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = assert_one_line_naming(info, path)
+    assert "could run code" in message and "system" in message
+    assert not marker.exists()
+
+
+class _SystemOnLoad:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+# ---- writes that fail ---------------------------------------------------------------------------
+
+
+class _RefusesToPickle:
+    def __reduce__(self):
+        raise TypeError("cannot pickle this handle")
+
+
+def test_a_value_that_cannot_be_serialized_is_one_line_that_keeps_its_cause(tmp_path):
+    path = tmp_path / "best.pt"
+    save_atomically(small_state(1), path)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_atomically({**small_state(2), "extra": _RefusesToPickle()}, path)
+    message = str(info.value)
+    assert "\n" not in message and "could not serialize" in message and "cannot pickle this handle" in message
+    assert isinstance(info.value.__cause__, TypeError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256"]
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_running_out_of_memory_inside_the_write_says_so_in_one_line(tmp_path, monkeypatch):
+    def out_of_memory(written: int) -> None:
+        if written > 100:
+            raise MemoryError()
+
+    monkeypatch.setattr(checkpoint.files, "testing_write_hook", out_of_memory)
+    with pytest.raises(CheckpointWriteError, match="out of memory while serializing") as info:
+        save_atomically(small_state(), tmp_path / "step_00000001.pt")
+    assert "enforce fail" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_in_the_way_of_a_checkpoint_name_is_named_rather_than_blamed_on_the_disk(tmp_path):
+    (tmp_path / "step_00000025.pt").mkdir()
+    with pytest.raises(CheckpointWriteError) as info:
+        save_atomically(small_state(), step_path(tmp_path, 25))
+    message = str(info.value)
+    assert "is a folder" in message and "free some space" not in message

@@ -1,0 +1,331 @@
+"""Checkpoint files: the commit protocol that writes them and the verified, safe load that reads them.
+
+Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
+
+Commit protocol for ``name.pt`` (a crash at any point leaves the old state or the
+new one, never a half file under a checkpoint's name):
+
+1. ``torch.save`` into ``.name.pt.tmp.<pid>`` in the same folder, hashing every byte
+   as it is written and embedding the digest in the file itself
+   (:mod:`~nanoresume.checkpoint.fileformat`); flush; fsync.
+2. Write ``name.pt.sha256`` (``sha256sum -c`` format) by the same temp-fsync-replace
+   steps. When overwriting (``best.pt``) it lists the old digest too, so whichever
+   file is in place during the swap passes ``sha256sum -c``.
+3. ``os.replace`` the temp file onto ``name.pt``; fsync the folder.
+4. (Overwrite only) rewrite the checksum file with the new digest alone.
+
+Loading opens the file once, hashes it through a memory map, checks the digest it
+carries (or, for files written before digests were embedded, its ``.sha256``), then
+unpickles that same open file with ``weights_only=True``: what is checked is what is
+loaded, even if the name is swapped in between, and a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import re
+import shutil
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..atomic import fsync_folder, remove_quietly, temp_path, write_file_atomically
+from ..errors import CheckpointError, CheckpointWriteError
+from .fileformat import DigestingWriter, Digests, digests
+
+FORMAT_VERSION = 1
+CHECKSUM_SUFFIX = ".sha256"
+STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
+# Temp files this package creates: ".<target>.tmp.<pid>" for targets it owns.
+_TEMP_PATTERN = re.compile(r"^\.(step_\d{8,}\.pt|best\.pt|config\.json)(\.sha256)?\.tmp\.\d+$")
+# torch words a refused global differently across versions ("Unsupported global: GLOBAL os.system",
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"); both name it after GLOBAL.
+_UNSAFE_GLOBAL = re.compile(r"\bGLOBAL\s+([\w.]+)")
+_OPEN_FD_PATH = "/proc/self/fd"  # reopening an open file through here gets the same inode, not the name
+
+# Test-only: called with the number of bytes written so far after every chunk of a
+# checkpoint write. Tests use it to slow writes down (to land a kill inside one) or to
+# raise OSError (disk full). Production code never sets it.
+testing_write_hook: Optional[Callable[[int], None]] = None
+
+
+def step_path(folder: Path, step: int) -> Path:
+    """``folder/step_00000500.pt``: zero-padded so that sorted names are sorted steps."""
+    return folder / f"step_{step:08d}.pt"
+
+
+def step_of(path: Path) -> int:
+    match = STEP_PATTERN.match(path.name)
+    assert match, f"{path} is not a step checkpoint name"
+    return int(match.group(1))
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+def save_atomically(obj: dict[str, Any], path: Path) -> str:
+    """Write ``obj`` to ``path`` by the commit protocol above; returns the file's SHA-256 hex digest.
+
+    Raises :class:`CheckpointWriteError` on any failure (disk full, I/O error, a value that
+    cannot be serialized); the temp file is removed and earlier files stay intact.
+    """
+    path = Path(path)
+    _refuse_non_file_in_the_way(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            writer = DigestingWriter(f, on_progress=_progress_hook())
+            try:
+                torch.save(obj, writer)
+                _, whole = writer.finish()
+            except Exception as e:
+                if writer.error is not None and writer.error is not e:
+                    raise writer.error from None  # the real cause, not torch's "file write failed"
+                raise
+            finally:
+                writer.close()
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, path, whole)
+        return whole
+    except OSError as e:
+        remove_quietly(tmp)
+        raise CheckpointWriteError(_write_failure(path, e, state_nbytes(obj)),
+                                   "free some space or choose another --out-dir, then rerun with --resume auto. "
+                                   "Earlier checkpoints are intact") from None
+    except Exception as e:
+        remove_quietly(tmp)
+        raise CheckpointWriteError(f"could not serialize checkpoint {path.name} in {path.parent}: "
+                                   f"{_describe(e)}", "earlier checkpoints are intact") from e
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def _progress_hook() -> Optional[Callable[[int], None]]:
+    hook = testing_write_hook
+    return None if hook is None else (lambda written: hook(written))
+
+
+def _refuse_non_file_in_the_way(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # let the write itself report it
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {path.name} there is {kind}",
+                                   f"move it out of {path.parent}, then rerun with --resume auto")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, MemoryError):
+        return "out of memory while serializing (MemoryError)"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def _commit(tmp: Path, path: Path, digest: str) -> None:
+    sidecar = checksum_path(path)
+    previous = accepted_digests(sidecar) if path.exists() else []
+    write_file_atomically(sidecar, _checksum_lines([digest] + [d for d in previous if d != digest], path.name))
+    fsync_folder(path.parent)  # the new digest is durable before the file it vouches for appears
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+    if previous:
+        write_file_atomically(sidecar, _checksum_lines([digest], path.name))
+        fsync_folder(path.parent)
+
+
+def _checksum_lines(digests: list[str], target_name: str) -> bytes:
+    return "".join(f"{d}  {target_name}\n" for d in digests).encode()
+
+
+def accepted_digests(sidecar: Path) -> list[str]:
+    """Digests listed in a checksum file (empty when it is missing or unreadable)."""
+    try:
+        lines = sidecar.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0].lower() for line in lines if line.strip()]
+
+
+def state_nbytes(obj: Any) -> int:
+    """Bytes of tensor data in a nested state (what a save needs on disk, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def _write_failure(path: Path, error: OSError, needed: int) -> str:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    reason = error.strerror or str(error)
+    return f"could not write checkpoint {path.name} in {path.parent}: {reason} (about {needed / 1e6:,.1f} MB needed, {free})"
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Verify, then safely unpickle a checkpoint; every problem is a one-line :class:`CheckpointError`.
+
+    Tensors may be backed by a private, read-only-on-disk memory map of the file (copy on
+    write), which makes loading about as fast as a plain ``torch.load``.
+    """
+    path = Path(path)
+    fd = _open_checkpoint(path)
+    try:
+        with _map(fd, path) as data:
+            _check_digest(path, digests(data))
+            state = _unpickle(path, fd, data, map_location)
+    finally:
+        os.close(fd)
+    if not isinstance(state, dict) or "format_version" not in state or "kind" not in state:
+        raise CheckpointError(f"{path}: not a nanoresume checkpoint (no format_version/kind)")
+    version = state["format_version"]
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer nanoresume (format {version}, "
+                              f"this one reads up to {FORMAT_VERSION}); upgrade nanoresume")
+    return state
+
+
+def read_verified(path: Path) -> bytes:
+    """The file's bytes, only if they verify (embedded digest, or the ``.sha256`` of an older file)."""
+    path = Path(path)
+    fd = _open_checkpoint(path)
+    try:
+        with _map(fd, path) as data:
+            _check_digest(path, digests(data))
+            return bytes(data)
+    finally:
+        os.close(fd)
+
+
+def verify_file(path: Path) -> Digests:
+    """Check a file's digest without unpickling it; raises CheckpointError, returns what was found."""
+    path = Path(path)
+    fd = _open_checkpoint(path)
+    try:
+        with _map(fd, path) as data:
+            found = digests(data)
+            _check_digest(path, found)
+            return found
+    finally:
+        os.close(fd)
+
+
+def _open_checkpoint(path: Path) -> int:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as OUT/checkpoints/step_00000500.pt")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file; pass a checkpoint file")
+    if info.st_size == 0:
+        os.close(fd)
+        raise CheckpointError(f"{path}: file is empty (0 bytes); its write never finished")
+    return fd
+
+
+class _map:
+    """A read-only memory map of an open file, or its bytes where mapping is not possible."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = fd, path
+        self.mapping: Optional[mmap.mmap] = None
+
+    def __enter__(self) -> Any:
+        try:
+            self.mapping = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            return self.mapping
+        except (OSError, ValueError):
+            try:
+                with os.fdopen(os.dup(self.fd), "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot read it ({e.strerror or e}); check its permissions") \
+                    from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.mapping is not None:
+            self.mapping.close()
+
+
+def _check_digest(path: Path, found: Digests) -> None:
+    if found.has_trailer:
+        if not found.self_consistent:
+            raise CheckpointError(f"{path}: checksum mismatch; the file is corrupt or truncated "
+                                  f"(or was changed after it was written)")
+        return
+    sidecar = checksum_path(path)
+    accepted = accepted_digests(sidecar)
+    if not accepted:
+        raise CheckpointError(f"{path}: carries no checksum of its own and has no {sidecar.name} beside it, so "
+                              f"it cannot be verified (it is truncated, was not written by nanoresume, or is an "
+                              f"older file copied without its checksum file)")
+    if found.whole not in accepted:
+        raise CheckpointError(f"{path}: checksum mismatch; the file is corrupt or truncated "
+                              f"(or was changed after it was written)")
+
+
+def _unpickle(path: Path, fd: int, data: Any, map_location: Any) -> Any:
+    try:
+        if isinstance(data, mmap.mmap) and sys.platform.startswith("linux") and os.path.isdir(_OPEN_FD_PATH):
+            try:  # the same open file (not the name, which may have been swapped), mapped by torch itself
+                return torch.load(f"{_OPEN_FD_PATH}/{fd}", map_location=map_location, weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise  # otherwise an old file torch cannot map: fall back to the verified bytes below
+        return torch.load(io.BytesIO(bytes(data)), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe is None:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (its data does not unpickle)") from None
+        raise CheckpointError(f"{path}: refused, it asks to import {unsafe.group(1)}, and loading it could run "
+                              f"code; a nanoresume checkpoint holds only tensors and plain values") from None
+    except Exception as e:  # torch raises RuntimeError and friends for a file that is not a checkpoint
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+# ---- leftovers -----------------------------------------------------------------------------------
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete temp files of interrupted writes and checksum files whose checkpoint is gone.
+
+    Only names this package creates are touched; unrelated files are left alone.
+    """
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        name = entry.name
+        orphan_sidecar = name.endswith(CHECKSUM_SUFFIX) and (
+            STEP_PATTERN.match(name[: -len(CHECKSUM_SUFFIX)]) or name == "best.pt" + CHECKSUM_SUFFIX
+        ) and not entry.with_name(name[: -len(CHECKSUM_SUFFIX)]).exists()
+        if entry.is_file() and (_TEMP_PATTERN.match(name) or orphan_sidecar):
+            remove_quietly(entry)
+            removed.append(entry)
+    return removed
