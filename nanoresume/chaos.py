@@ -172,9 +172,11 @@ def final_states_equal(a: Path, b: Path) -> list[str]:
 
 def _child_main(argv: list[str]) -> int:
     """scripts/train.py with observable (and slowed) checkpoint writes and evaluations (tests only)."""
+    from . import probes
     from .cli import main
     from .trainer import Trainer
 
+    probes.install()
     evaluate = Trainer.evaluate
 
     def announced_evaluate(self: Trainer) -> object:

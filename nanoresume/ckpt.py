@@ -222,8 +222,10 @@ def cmd_show(path: Path) -> int:
               f"last lr {state['scheduler'].get('_last_lr')}")
     if "scaler" in state:
         print(f"scaler: {state['scaler'] or 'disabled (float32/bfloat16 run)'}")
+    if "sampler" in state:
+        print(f"sampler: {state['sampler']} (written by {state.get('world_size', 1)} process(es))")
     for rank in state.get("ranks", []):
-        print(f"rank {rank.get('rank')}: sampler {rank.get('sampler')}, rng streams {', '.join(rank.get('rng', {}))}")
+        print(f"rank {rank.get('rank')}: rng streams {', '.join(rank.get('rng', {}))}")
     return 0
 
 

@@ -19,9 +19,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def train() -> int:
         cfg = parse_config(argv)
-        from .trainer import Trainer  # after parsing: --help stays fast
+        from . import distributed  # after parsing: --help stays fast
+        from .trainer import Trainer
 
-        return Trainer(cfg, explicit=explicit_fields(argv)).run().exit_code
+        try:
+            return Trainer(cfg, explicit=explicit_fields(argv)).run().exit_code
+        except RuntimeError as e:
+            lost = distributed.lost_peer_error(e)
+            if lost is None:
+                raise
+            raise lost from e
 
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
-    return run_reporting_errors(train)
+    return run_reporting_errors(train, quiet=not _is_main_process())
+
+
+def _is_main_process() -> bool:
+    """False on the ranks other than 0 under torchrun (read without importing torch)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

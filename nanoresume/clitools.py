@@ -25,12 +25,17 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
                         help="where to run the model; auto picks cuda when available")
 
 
-def run_reporting_errors(body: Callable[[], int]) -> int:
-    """Run a tool's body; turn every error a user can cause into one stderr line and an exit code."""
+def run_reporting_errors(body: Callable[[], int], quiet: bool = False) -> int:
+    """Run a tool's body; turn every error a user can cause into one stderr line and an exit code.
+
+    ``quiet``: exit with the code but print nothing (the ranks other than 0 under torchrun, which
+    stop with the same error rank 0 reports).
+    """
     try:
         return body()
     except NanoresumeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # unreadable file, permission denied, ...: the user's to fix
         where = f"{e.filename}: " if e.filename else ""

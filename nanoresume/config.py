@@ -120,9 +120,13 @@ class TrainConfig:
             vocab_size=self.vocab_size, dropout=self.dropout, bias=self.bias,
         )
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.block_size * self.grad_accum
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.batch_size * self.grad_accum * world_size
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Training tokens per optimizer step over all processes."""
+        return self.global_batch(world_size) * self.block_size
 
     @property
     def effective_ckpt_interval(self) -> int:
@@ -262,3 +266,53 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved with :meth:`TrainConfig.to_dict`, ignoring fields this version lacks."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]],
+                         saved_world_size: int = 1, world_size: int = 1) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the checkpoint's, overridden by flags given now.
+
+    ``explicit`` names the flags the user typed (None: every field counts as given, as in
+    library use). Raises :class:`CheckpointError` naming every field that defines the model
+    or data and differs; returns the merged config and a line per other changed field.
+
+    On a different number of processes the global batch (``batch_size * grad_accum *
+    world_size`` sequences per step) is kept by choosing ``--grad-accum``, unless the user
+    set the batch flags; it is refused when no whole accumulation keeps it.
+    """
+    from .errors import CheckpointError
+
+    base = config_from_dict(saved)
+    given = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else set(explicit)
+    merged = dataclasses.replace(base, **{name: getattr(current, name) for name in given | set(RUNTIME_FIELDS)})
+    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in the checkpoint but {getattr(merged, name)!r} now"
+                  for name in ARCHITECTURE_FIELDS if getattr(base, name) != getattr(merged, name)]
+    if mismatches:
+        raise CheckpointError("cannot resume: " + "; ".join(mismatches)
+                              + ". Pass the checkpoint's values, or choose another --out-dir for a new run")
+    merged = _keep_global_batch(base, merged, given, saved_world_size, world_size)
+    changes = [f"{flag(f.name)}: {getattr(base, f.name)!r} -> {getattr(merged, f.name)!r}"
+               + (" (no effect: the data order and random numbers continue from the checkpoint)"
+                  if f.name == "seed" else "")
+               for f in dataclasses.fields(TrainConfig)
+               if f.name not in RUNTIME_FIELDS and getattr(base, f.name) != getattr(merged, f.name)]
+    if saved_world_size != world_size:
+        changes.append(f"processes: {saved_world_size} -> {world_size} (global batch "
+                       f"{merged.global_batch(world_size):,} sequences per step)")
+    return merged, changes
+
+
+def _keep_global_batch(base: TrainConfig, merged: TrainConfig, given: set[str], saved_world: int,
+                       world: int) -> TrainConfig:
+    from .errors import CheckpointError
+
+    wanted = base.global_batch(saved_world)
+    if merged.global_batch(world) == wanted or "grad_accum" in given:
+        return merged  # unchanged, or the user chose the accumulation: a new global batch is theirs to pick
+    per_step = merged.batch_size * world
+    if wanted % per_step == 0:
+        return dataclasses.replace(merged, grad_accum=wanted // per_step)
+    raise CheckpointError(
+        f"cannot keep the global batch of {wanted:,} sequences per step ({base.batch_size} x --grad-accum "
+        f"{base.grad_accum} x {saved_world} process(es)) on {world} process(es) with --batch-size "
+        f"{merged.batch_size}; pass --batch-size B and --grad-accum A with B x A x {world} = {wanted:,}")

@@ -1,9 +1,9 @@
 """Byte-level token data (cached, memory-mapped) and a sampler whose position is one integer.
 
 Tokens are raw UTF-8 bytes (vocabulary 256). Text inputs are tokenized once into a
-cache file and memory-mapped afterwards. Batch ``i`` is a pure function of
-``(seed, rank, i)``, so saving ``i`` is all it takes to resume the data stream
-exactly, in O(1), without replaying earlier batches.
+cache file and memory-mapped afterwards. The windows of optimizer step ``i`` are a
+pure function of ``(seed, i)``, whatever the number of processes, so saving ``i`` is
+all it takes to resume the data stream exactly, in O(1), without replaying anything.
 """
 
 from __future__ import annotations
@@ -165,29 +165,40 @@ def windows(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[t
 
 
 class BatchSampler:
-    """Random training windows; batch ``index`` depends only on ``(seed, rank, index)``.
+    """Random training windows by optimizer step, the same for any number of processes.
 
-    Under data parallelism each rank has its own sampler (its own ``rank``), and
-    each rank's state is saved separately.
+    Step ``index``'s global batch (every window of one optimizer step, over all ranks and
+    micro-batches: ``batch_size * grad_accum * world_size`` of them) depends only on
+    ``(seed, index)``. Rank ``r`` of ``W`` takes the r-th contiguous share and cuts it into
+    micro-batches. So a run sees the same windows at the same step on 1, 2 or 8 processes,
+    and resuming on another world size keeps the data order exactly; the position is one
+    integer, restored in O(1) without replaying anything.
     """
 
-    def __init__(self, n_tokens: int, block_size: int, batch_size: int, seed: int, rank: int = 0) -> None:
+    def __init__(self, n_tokens: int, block_size: int, global_batch: int, seed: int) -> None:
         self.n_windows = n_tokens - block_size  # valid start offsets: [0, n_windows)
-        self.batch_size = batch_size
+        self.global_batch = global_batch
         self.seed = seed
-        self.rank = rank
-        self.index = 0  # batches drawn so far
+        self.index = 0  # optimizer steps drawn so far
 
-    def next_offsets(self) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.rank, self.index])))
+    def step_offsets(self, index: int) -> np.ndarray:
+        """Start offsets of every window of step ``index``'s global batch."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, index])))
+        return rng.integers(0, self.n_windows, size=self.global_batch)
+
+    def next_micro_batches(self, rank: int, world_size: int, grad_accum: int) -> list[np.ndarray]:
+        """This rank's micro-batches of the next step's global batch; advances the position."""
+        share = self.global_batch // world_size
+        mine = self.step_offsets(self.index)[rank * share:(rank + 1) * share]
         self.index += 1
-        return rng.integers(0, self.n_windows, size=self.batch_size)
+        micro = share // grad_accum
+        return [mine[m * micro:(m + 1) * micro] for m in range(grad_accum)]
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "rank": self.rank, "index": self.index}
+        return {"seed": self.seed, "index": self.index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.rank, self.index = int(state["seed"]), int(state["rank"]), int(state["index"])
+        self.seed, self.index = int(state["seed"]), int(state["index"])
 
 
 def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from .model import GPT
 # Top-level keys each kind must hold (see Trainer.state_dict and Trainer._evaluate_and_log).
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("format_version", "kind", "step", "tokens_seen", "best_val_loss", "evaluated_step", "config", "data",
-              "model", "optimizer", "scheduler", "scaler", "ranks"),
+              "model", "optimizer", "scheduler", "scaler", "sampler", "ranks"),
     "weights": ("format_version", "kind", "model", "model_config", "step", "tokens_seen", "val_loss"),
 }
 # ModelConfig fields read from a checkpoint; dropout is left out on purpose (inference runs without it).

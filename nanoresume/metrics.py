@@ -17,12 +17,16 @@ class TensorBoardLog:
     warns once and stops logging; the next checkpoint save reports the disk itself.
     """
 
-    def __init__(self, folder: Path, resumed_step: Optional[int], warn: Callable[[str], None]) -> None:
+    def __init__(self, folder: Optional[Path], resumed_step: Optional[int], warn: Callable[[str], None]) -> None:
+        """``folder=None``: log nothing (the ranks other than 0 under torchrun)."""
+        self.warn = warn
+        self.writer = None
+        if folder is None:
+            return
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when logging
 
         purge_step = resumed_step + 1 if resumed_step is not None else None
-        self.warn = warn
-        self.writer: Optional[SummaryWriter] = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def _guarded(self, action: Callable[[], None]) -> None:
         if self.writer is None:
@@ -51,11 +55,15 @@ class TensorBoardLog:
 class Console:
     """A tqdm progress bar plus log lines that do not break it. ``show_bar=False`` for logs/CI."""
 
-    def __init__(self, total_steps: int, initial_step: int, show_bar: bool) -> None:
-        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not show_bar, unit="step",
+    def __init__(self, total_steps: int, initial_step: int, show_bar: bool, quiet: bool = False) -> None:
+        """``quiet``: print nothing (the ranks other than 0 under torchrun)."""
+        self.quiet = quiet
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not show_bar or quiet, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
 
     def log(self, line: str) -> None:
+        if self.quiet:
+            return
         if self.bar.disable:
             print(line, flush=True)
         else:

@@ -40,3 +40,19 @@ def build_scheduler(
     """A LambdaLR (so it has a state dict) around :func:`lr_factor`."""
     schedule = functools.partial(lr_factor, warmup_steps=warmup_steps, max_steps=max_steps, min_ratio=min_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """Re-apply the current flags after loading a checkpoint, which restores the saved hyperparameters.
+
+    A no-op, bit for bit, when they did not change; groups are (decay, no decay) as built by
+    :func:`build_optimizer`.
+    """
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, decays in zip(optimizer.param_groups, (True, False)):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+        group["betas"] = betas
+        group["weight_decay"] = weight_decay if decays else 0.0

@@ -9,12 +9,20 @@ import torch
 from .errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error.
+
+    Under torchrun each process on a machine takes its own GPU, ``cuda:LOCAL_RANK``.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} needs a GPU of its own, but this machine has "
+                            f"{torch.cuda.device_count()}; lower --nproc_per_node")
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 

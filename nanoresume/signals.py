@@ -33,6 +33,16 @@ class StopFlag:
         if self.reason is None:
             self.reason, self.exit_code = reason, exit_code
 
+    @staticmethod
+    def describe(exit_code: int) -> tuple[str, int]:
+        """(reason, exit code) of a stop another rank asked for, from its exit code alone."""
+        if exit_code > 128:
+            try:
+                return signal.Signals(exit_code - 128).name, exit_code
+            except ValueError:
+                pass
+        return ("time limit" if exit_code == 75 else f"another rank (exit code {exit_code})"), exit_code
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals_received += 1
         if self.signals_received > 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -72,3 +72,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_rank_streams(seed: int, rank: int, step: Optional[int] = None) -> None:
+    """Give a rank random streams of its own (dropout masks differ between ranks).
+
+    Rank 0 keeps the streams of :func:`seed_everything`, so a single process draws exactly
+    what it always drew. With ``step`` (a resume on a different number of processes, whose
+    saved streams do not map onto the new ranks) every rank starts new streams derived from
+    ``(seed, rank, step)``: reproducible, but not a continuation of the original ones.
+    """
+    if rank == 0 and step is None:
+        return
+    key = [seed % 2**63, rank] + ([step] if step is not None else [])
+    derived = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
+    seed_everything(derived % 2**63)

@@ -5,6 +5,11 @@ checkpoint on the interval, at the end, and whenever it stops. Everything that
 must survive a restart goes through :meth:`Trainer.state_dict` /
 :meth:`Trainer.load_state_dict`, so a resumed run is bit-for-bit the one that
 never stopped.
+
+Under torchrun every rank runs this same loop on its share of each global batch
+(DistributedDataParallel); rank 0 alone writes files and logs, and every decision
+that could differ between ranks is taken together, once per step
+(:func:`nanoresume.distributed.agree`).
 """
 
 from __future__ import annotations
@@ -18,19 +23,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint
-from .config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS, TrainConfig, config_from_dict, flag, validate
+from . import checkpoint, distributed
+from .config import TrainConfig, merge_resumed_config, validate
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .distributed import DistributedEnv, ProcessGroup, StepVotes
+from .errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteLossError
 from .loading import load_valid
 from .metrics import Console, TensorBoardLog
 from .model import GPT
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .signals import StopFlag
-from .state import Progress, capture_rng_state, restore_rng_state, seed_everything
+from .state import Progress, capture_rng_state, restore_rng_state, seed_everything, seed_rank_streams
 
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
 
@@ -65,32 +72,8 @@ class RunResult:
     step: int
     stop_reason: Optional[str]  # None when training reached max_steps
     exit_code: int
-    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of this process
+    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss over all ranks)
     last_checkpoint: Optional[Path] = None
-
-
-def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
-    """The config of a resumed run: the checkpoint's, overridden by flags given now.
-
-    ``explicit`` names the flags the user typed (None: every field counts as given,
-    as in library use). Raises :class:`CheckpointError` naming every field that
-    defines the model or data and differs; returns the merged config and a line
-    per other changed field.
-    """
-    base = config_from_dict(saved)
-    given = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else set(explicit)
-    merged = dataclasses.replace(base, **{name: getattr(current, name) for name in given | set(RUNTIME_FIELDS)})
-    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in the checkpoint but {getattr(merged, name)!r} now"
-                  for name in ARCHITECTURE_FIELDS if getattr(base, name) != getattr(merged, name)]
-    if mismatches:
-        raise CheckpointError("cannot resume: " + "; ".join(mismatches)
-                              + ". Pass the checkpoint's values, or choose another --out-dir for a new run")
-    changes = [f"{flag(f.name)}: {getattr(base, f.name)!r} -> {getattr(merged, f.name)!r}"
-               + (" (no effect: the data order and random numbers continue from the checkpoint)"
-                  if f.name == "seed" else "")
-               for f in dataclasses.fields(TrainConfig)
-               if f.name not in RUNTIME_FIELDS and getattr(base, f.name) != getattr(merged, f.name)]
-    return merged, changes
 
 
 class Trainer:
@@ -98,20 +81,25 @@ class Trainer:
 
     ``stop`` lets a caller share a stop flag (signals install on it during
     :meth:`run`); ``explicit`` names the flags typed on the command line (see
-    :func:`merge_resumed_config`). The trainer holds OUT's lock from construction
-    until :meth:`run` returns or :meth:`close` is called (``with Trainer(cfg) as t:``).
+    :func:`~nanoresume.config.merge_resumed_config`). The trainer holds OUT's lock from
+    construction until :meth:`run` returns or :meth:`close` is called (``with Trainer(cfg) as t:``).
+    Under torchrun it also owns the process group, from construction to :meth:`close`.
     """
 
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
-                 on_step: Optional[Callable[["Trainer", int, float], None]] = None) -> None:
+                 on_step: Optional[Callable[["Trainer", int, float], None]] = None,
+                 env: Optional[DistributedEnv] = None) -> None:
         self.stop = stop or StopFlag()
         self.on_step = on_step
         self.started = time.monotonic()
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
+        self.env = env or distributed.detect()
+        self.device = resolve_device(cfg.device, self.env.local_rank)
+        self.process_group = ProcessGroup(self.env, self.device)
         self.run_dir = RunDir(Path(cfg.out_dir))
-        self.console = Console(cfg.max_steps, 0, show_bar=False)  # replaced once the start step is known
-        self.run_dir.open(self.console.warn)
+        self.console = Console(cfg.max_steps, 0, show_bar=False, quiet=not self.env.is_main)
         try:
+            self._open_run_dir()
             self._build(cfg, explicit)
         except BaseException:
             self.close()
@@ -124,20 +112,48 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Wait for a save in flight, then release OUT's lock and restore process-wide settings;
-        safe to call twice. Raises the error of a background save that failed."""
+        """Wait for a save in flight, then release OUT's lock, the process group and process-wide
+        settings; safe to call twice. Raises the error of a background save that failed."""
         try:
             if hasattr(self, "manager"):
                 self.manager.close()
         finally:
             torch.use_deterministic_algorithms(self._was_deterministic)
             self.run_dir.close()
+            self.process_group.close()
+
+    # ---- building ----------------------------------------------------------------------------
+
+    def _open_run_dir(self) -> None:
+        """Rank 0 alone creates, checks and locks OUT; a failure there stops every rank."""
+        error = None
+        if self.env.is_main:
+            try:
+                self.run_dir.open(self.console.warn)
+            except Exception as e:
+                error = e
+        distributed.raise_if_any_failed(error)
+
+    def _resolve_resume(self, cfg: TrainConfig) -> Optional[tuple[Path, dict[str, Any]]]:
+        """Rank 0 picks and loads the checkpoint to resume from and hands it to every rank, so ranks
+        that see a shared folder differently (stale caches) cannot disagree, and the others never
+        need to read OUT at all."""
+        resumed, error = None, None
+        if self.env.is_main:
+            try:
+                manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, 1, 1)
+                resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
+            except Exception as e:
+                error = e
+        distributed.raise_if_any_failed(error)
+        return distributed.broadcast_object(resumed)
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
-        manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last)
-        resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
+        env = self.env
+        resumed = self._resolve_resume(cfg)
         if resumed is not None:
-            cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit)
+            saved_world = int(resumed[1].get("world_size", 1))
+            cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit, saved_world, env.world_size)
             for change in changes:
                 self.console.log(f"changed on resume: {change}")
         problems = validate(cfg)  # the CLI defers this when resuming: flags only make sense merged
@@ -148,55 +164,86 @@ class Trainer:
             self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
             every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None)
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
-        self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
-        self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
-        check_block_size(self.data, cfg.block_size)
+        self.data = self._load_data(cfg)
 
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = GPT(cfg.model_config()).to(self.device)
-        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        seed_rank_streams(cfg.seed, env.rank)  # dropout differs between ranks (rank 0 keeps the plain seed)
+        compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.model = (DistributedDataParallel(compiled, device_ids=[self.device.index] if self.device.type == "cuda"
+                                              else None) if distributed.active() else compiled)
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.batch_size, cfg.seed)
+        self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.global_batch(env.world_size), cfg.seed)
         self.val_batches = eval_offsets(len(self.data.val), cfg.block_size, cfg.eval_iters, cfg.batch_size)
         self.progress = Progress()
+        self._last_eval_seconds = 0.0
+        self._slowest_step = 0.0
+        self._votes: Optional[StepVotes] = None  # the last step's collective decisions
+        self._background_error: Optional[Exception] = None
+        self._eval_model = compiled  # never the DDP wrapper: evaluation needs no gradient sync
 
         if resumed is not None:
-            path, state = resumed
-            self._check_same_data(path, state)
-            self.load_state_dict(state)
-            self.console.log(f"resumed from {path} at step {self.progress.step:,}")
-            if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
-                self.manager.staged_step = self.manager.committed_step = self.progress.step
-                self.manager.committed_path = path
-            for moved in self.manager.set_aside_after(self.progress.step):
-                self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
-                                  f"run resumed from, so it belongs to a timeline the run left")
+            self._resume_from(*resumed)
         elif cfg.resume == "auto":
             self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
         self.resumed_from = resumed[0] if resumed else None
-        self.run_dir.write_config(cfg.to_dict())
+        if env.is_main:
+            self.run_dir.write_config({**cfg.to_dict(), "world_size": env.world_size,
+                                       "global_batch_size": cfg.global_batch(env.world_size),
+                                       "tokens_per_step": cfg.tokens_per_step(env.world_size)})
 
-    # ---- state -------------------------------------------------------------------------
+    def _load_data(self, cfg: TrainConfig) -> Any:
+        """Rank 0 tokenizes (and fills the cache) first; the others then read the cache."""
+        data, error = None, None
+        for turn in ("main", "others"):
+            if (turn == "main") == self.env.is_main:
+                try:
+                    data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
+                    check_block_size(data, cfg.block_size)
+                except Exception as e:
+                    error = e
+            distributed.raise_if_any_failed(error if (turn == "main") == self.env.is_main else None)
+        return data
+
+    def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
+        self._check_same_data(path, state)
+        self.load_state_dict(state)
+        self.console.log(f"resumed from {path} at step {self.progress.step:,}")
+        if not self.env.is_main:
+            return
+        if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
+            self.manager.staged_step = self.manager.committed_step = self.progress.step
+            self.manager.committed_path = path
+        for moved in self.manager.set_aside_after(self.progress.step):
+            self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
+                              f"run resumed from, so it belongs to a timeline the run left")
+
+    # ---- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The full training state. Holds references to live tensors: write it before the next step."""
+        """The full training state (rank 0 gets every rank's RNG streams; a collective under torchrun).
+
+        Holds references to live tensors: save or copy it before the next step.
+        """
+        rank_states = distributed.gather_objects({"rank": self.env.rank, "rng": capture_rng_state()})
         return {
             "format_version": checkpoint.FORMAT_VERSION,
             "kind": "train",
             **self.progress.state_dict(),
+            "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
             "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            # One entry per data-parallel rank: each has its own RNG streams and sampler.
-            "ranks": [{"rank": 0, "rng": capture_rng_state(), "sampler": self.sampler.state_dict()}],
+            "sampler": self.sampler.state_dict(),  # the same on every rank: batches depend on the step only
+            "ranks": rank_states,  # one entry per rank: its own random number streams
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,22 +255,18 @@ class Trainer:
         else:
             self.scaler.load_state_dict(state["scaler"])
         self.progress.load_state_dict(state)
-        self._apply_hyperparameters()
-        rank_state = state["ranks"][0]
-        self.sampler.load_state_dict(rank_state["sampler"])
-        for warning in restore_rng_state(rank_state["rng"]):
-            self.console.warn(warning)
-
-    def _apply_hyperparameters(self) -> None:
-        """Loading an optimizer restores its saved hyperparameters; re-apply the current flags
-        (a no-op, bit for bit, when they did not change)."""
-        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group, decays in zip(self.optimizer.param_groups, (True, False)):
-            group["initial_lr"] = self.cfg.lr
-            group["lr"] = self.cfg.lr * factor
-            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
-            group["weight_decay"] = self.cfg.weight_decay if decays else 0.0
+        apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.lr, (self.cfg.beta1, self.cfg.beta2),
+                              self.cfg.weight_decay)
+        self.sampler.load_state_dict(state["sampler"])
+        ranks = state["ranks"]
+        if len(ranks) == self.env.world_size:
+            for warning in restore_rng_state(ranks[self.env.rank]["rng"]):
+                self.console.warn(warning)
+        else:
+            seed_rank_streams(self.cfg.seed, self.env.rank, self.progress.step)
+            self.console.warn(f"the checkpoint was written by {len(ranks)} process(es), this run has "
+                              f"{self.env.world_size}: model, optimizer and data order continue exactly, but "
+                              f"each rank's random numbers (dropout) start new streams")
 
     def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
         saved = state["data"]["fingerprint"]
@@ -233,7 +276,7 @@ class Trainer:
                 f"checkpoint, {self.data.fingerprint[:12]} for {self.data.source}); pass the same --data, "
                 f"or choose another --out-dir for a new run")
 
-    # ---- one step, one evaluation ----------------------------------------------------------
+    # ---- one step, one evaluation ------------------------------------------------------------
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -241,66 +284,105 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss over all ranks, grad norm).
+
+        Also takes this step's collective decisions (:meth:`_agree`) before the weights change.
+        """
         total_loss = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.grad_accum):
-            x, y = (t.to(self.device, non_blocking=True) for t in windows(
-                self.data.train, self.sampler.next_offsets(), self.cfg.block_size))
-            with self.autocast():
+        micro_batches = self.sampler.next_micro_batches(self.env.rank, self.env.world_size, self.cfg.grad_accum)
+        for i, offsets in enumerate(micro_batches):
+            x, y = (t.to(self.device, non_blocking=True) for t in windows(self.data.train, offsets,
+                                                                          self.cfg.block_size))
+            last = i == len(micro_batches) - 1
+            # Under DDP only the last micro-batch all-reduces the gradients.
+            sync = contextlib.nullcontext() if last or not distributed.active() else self.model.no_sync()
+            with sync, self.autocast():
                 _, loss = self.model(x, y)
-            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            with sync:
+                self.scaler.scale(loss / self.cfg.grad_accum).backward()
             total_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        # One device sync per step for both numbers; the weights are untouched until scaler.step.
-        mean_loss, grad_norm_value = torch.stack([total_loss / self.cfg.grad_accum, grad_norm.float()]).tolist()
-        if not math.isfinite(mean_loss):
+        votes = self._agree(total_loss / self.cfg.grad_accum, grad_norm)
+        if votes.save_failed:
+            raise self._save_failure()
+        if votes.any_nonfinite_loss:
             raise NonFiniteLossError(
-                f"training loss is {mean_loss} at step {self.progress.step + 1}; nothing from that step was "
-                f"saved (newest checkpoint: step {self.manager.committed_step}). Lower --lr, raise "
-                f"--warmup-steps or use --dtype bfloat16/float32, then rerun with --resume auto")
+                f"training loss is {votes.loss} at step {self.progress.step + 1}; nothing from that step was "
+                f"saved ({self._newest_saved()}). Lower --lr, raise --warmup-steps or use --dtype "
+                f"bfloat16/float32, then rerun with --resume auto")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return mean_loss, grad_norm_value
+        return votes.loss, votes.grad_norm
+
+    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> StepVotes:
+        """This step's decisions, the same on every rank: one small collective and one device sync."""
+        failed = False
+        if self.env.is_main:
+            try:
+                self.manager.poll()
+            except CheckpointWriteError as e:
+                self._background_error, failed = e, True
+        self._votes = distributed.agree(
+            loss, grad_norm, stop_code=self.stop.exit_code if self.stop.is_set() else 0,
+            time_up=self.env.is_main and self._time_is_up(),
+            save_time_due=self.env.is_main and self.manager.time_due(), save_failed=failed)
+        if self._votes.stop_code and not self.stop.is_set():
+            self.stop.request(*StopFlag.describe(self._votes.stop_code))  # a signal another rank received
+        if self._votes.time_up:
+            self.stop.request("time limit", TIME_LIMIT_EXIT_CODE)
+        return self._votes
+
+    def _save_failure(self) -> Exception:
+        if self.env.is_main:
+            return self._background_error
+        return distributed.PeerError("rank 0 could not write a checkpoint; see its error", 1)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Mean loss over the fixed validation batches; None if a stop request arrived during it.
 
-        A stop requested before it started does not cut it short: an evaluation that
-        is due is part of the step, and skipping it would change best.pt and the
-        checkpoint written at the stop.
+        A stop requested before it started does not cut it short: an evaluation that is due is
+        part of the step, and skipping it would change best.pt and the checkpoint written at the
+        stop. Under torchrun the batches are shared out between ranks, and an evaluation is never
+        cut short (the ranks would have to agree on it batch by batch).
         """
         stop_already_requested = self.stop.is_set()
-        self.model.eval()
+        rank, world = self.env.rank, self.env.world_size
+        self._eval_model.eval()
         try:
-            losses = []
-            for offsets in self.val_batches:
-                if self.stop.is_set() and not stop_already_requested:
+            losses = torch.zeros(len(self.val_batches), dtype=torch.float64, device=self.device)
+            for i, offsets in enumerate(self.val_batches):
+                if i % world != rank:
+                    continue
+                if world == 1 and self.stop.is_set() and not stop_already_requested:
                     return None
                 x, y = (t.to(self.device) for t in windows(self.data.val, offsets, self.cfg.block_size))
                 with self.autocast():
-                    _, loss = self.model(x, y)
-                losses.append(loss.item())
-            return sum(losses) / len(losses)
+                    _, loss = self._eval_model(x, y)
+                losses[i] = loss.double()
+            # Each batch's loss comes from exactly one rank; the sum over ranks just collects them.
+            per_batch = distributed.all_sum(losses).tolist()
+            return sum(per_batch) / len(per_batch)
         finally:
-            self.model.train()
+            self._eval_model.train()
 
-    # ---- the loop --------------------------------------------------------------------------
+    # ---- the loop ----------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         """Train until ``max_steps`` or a stop request; always save before returning."""
         cfg, progress = self.cfg, self.progress
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
-        self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress)
+        self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress and self.env.is_main,
+                               quiet=not self.env.is_main)
         with contextlib.ExitStack() as cleanup:  # every close runs, even if an earlier one fails
             cleanup.callback(self.close)
             cleanup.callback(self.console.close)
-            tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None,
-                                         self.console.warn)
+            tensorboard = TensorBoardLog(self.run_dir.tensorboard if self.env.is_main else None,
+                                         progress.step if self.resumed_from else None, self.console.warn)
             cleanup.callback(tensorboard.close)
             if not self.stop.can_install():
                 self.console.warn("not in the main thread: signals will not stop training gracefully")
@@ -319,36 +401,45 @@ class Trainer:
         if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
             self._evaluate_and_log(tensorboard, window)
             self._save_if_due(force=False)
-        while progress.step < cfg.max_steps and not self.stop.is_set():
-            self.manager.poll()  # a background save that failed stops the run here, as a synchronous one would
+        while progress.step < cfg.max_steps and not self._stop_agreed():
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
             progress.step += 1
-            progress.tokens_seen += cfg.tokens_per_step
+            progress.tokens_seen += cfg.tokens_per_step(self.env.world_size)
             self._log_step(tensorboard, window, loss, grad_norm, time.perf_counter() - step_start)
             result.step_losses.append((progress.step, loss))
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
             if self._evaluation_due():
                 self._evaluate_and_log(tensorboard, window)
-            self._check_time_limit(window.slowest_step)
-            self._save_if_due(force=progress.step == cfg.max_steps or self.stop.is_set())
+            self._save_if_due(force=progress.step == cfg.max_steps or self._stop_agreed(),
+                              time_due=self._votes.save_time_due)
         result.step = progress.step
         # Covers a stop before the first step, and a final evaluation redone after a restart;
         # a no-op when this step is already saved.
-        self._save_if_due(force=self.stop.is_set() or progress.step == cfg.max_steps)
-        self.manager.wait()  # the stop message names a committed file, never one still in flight
+        self._save_if_due(force=self._stop_agreed() or progress.step == cfg.max_steps)
+        if self.env.is_main:
+            self.manager.wait()  # the stop message names a committed file, never one still in flight
+        distributed.barrier()  # no rank exits (and makes torchrun stop the others) before that commit
         result.last_checkpoint = self.manager.committed_path
         unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
-        if self.stop.is_set() and unfinished:
+        if self._stop_agreed() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
             self.console.log(self._stopped_message(result.last_checkpoint))
         tensorboard.flush()
 
+    def _stop_agreed(self) -> bool:
+        """Single process: the stop flag. Under torchrun: what the ranks agreed on at the last step
+        (so all of them stop after the same step)."""
+        if not distributed.active():
+            return self.stop.is_set()
+        return self._votes is not None and bool(self._votes.stop_code or self._votes.time_up)
+
     def _log_step(self, tensorboard: TensorBoardLog, window: "_Window", loss: float, grad_norm: float,
                   seconds: float) -> None:
-        tokens = self.cfg.tokens_per_step
+        tokens = self.cfg.tokens_per_step(self.env.world_size)
         window.add(loss, tokens, seconds)
+        self._slowest_step = max(self._slowest_step, seconds)
         lr = self.optimizer.param_groups[0]["lr"]
         tensorboard.scalars(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                                  "train/tokens_per_s": tokens / seconds})
@@ -359,16 +450,24 @@ class Trainer:
         due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
         return due and self.progress.evaluated_step != step
 
-    def _save_if_due(self, force: bool) -> None:
+    def _save_if_due(self, force: bool, time_due: bool = False) -> None:
         """Save this step's checkpoint when it is due (or forced), and best.pt when the evaluation of
-        this step improved it: one save, staged now, committed now or in the background."""
+        this step improved it: one save, staged now, committed now or in the background.
+
+        Every rank takes the same decision (a collective: each hands rank 0 its RNG streams);
+        rank 0 alone writes. In synchronous mode every rank waits for the commit.
+        """
         step = self.progress.step
-        due = step > 0 or force  # step 0 is saved only when a stop comes before the first step
-        state = self._checkpoint_state() if due and self.manager.is_due(step, force) else None
+        due = (step > 0 or force) and self.manager.is_due(step, force, time_due=time_due)
+        state = self._checkpoint_state() if due else None
         best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
         self._pending_best = None
-        if state is not None or best:
+        if self.env.is_main and (state is not None or best):
             self.manager.save(step, state, also=best)
+        elif state is not None:
+            self.manager.staged_step = step  # the decision is shared; the file is rank 0's
+        if due and not self.manager.background:
+            distributed.barrier()
 
     def _checkpoint_state(self) -> dict[str, Any]:
         for name, p in self.raw_model.named_parameters():
@@ -379,7 +478,9 @@ class Trainer:
 
     def _evaluate_and_log(self, tensorboard: TensorBoardLog, window: "_Window") -> None:
         train_loss, tokens_per_second = window.summary()
+        started = time.perf_counter()
         val_loss = self.evaluate()
+        self._last_eval_seconds = time.perf_counter() - started
         if val_loss is None:
             return  # cut short by a stop request: an incomplete eval must not touch best.pt
         step = self.progress.step
@@ -393,29 +494,37 @@ class Trainer:
         window.reset()
         if val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
-            self._pending_best = {
-                "format_version": checkpoint.FORMAT_VERSION,
-                "kind": "weights",
-                "model": self.raw_model.state_dict(),
-                "model_config": dataclasses.asdict(self.cfg.model_config()),
-                "step": step,
-                "tokens_seen": self.progress.tokens_seen,
-                "val_loss": val_loss,
-            }
+            if self.env.is_main:
+                self._pending_best = {
+                    "format_version": checkpoint.FORMAT_VERSION,
+                    "kind": "weights",
+                    "model": self.raw_model.state_dict(),
+                    "model_config": dataclasses.asdict(self.cfg.model_config()),
+                    "step": step,
+                    "tokens_seen": self.progress.tokens_seen,
+                    "val_loss": val_loss,
+                }
 
-    def _check_time_limit(self, slowest_step: float) -> None:
-        """Stop while there is still time for one more step and a save (with room to spare)."""
+    def _time_is_up(self) -> bool:
+        """Whether to stop after this step, while there is still time for one more step, an
+        evaluation and a save (with room to spare). Rank 0's clock decides for every rank."""
         if self.cfg.time_limit is None:
-            return
-        needed = 2 * slowest_step + 2 * self.manager.last_commit_seconds + 1.0
-        if time.monotonic() - self.started + needed >= self.cfg.time_limit:
-            self.stop.request("time limit", TIME_LIMIT_EXIT_CODE)
+            return False
+        needed = 2 * self._slowest_step + self._last_eval_seconds + 2 * self.manager.last_commit_seconds + 1.0
+        return time.monotonic() - self.started + needed >= self.cfg.time_limit
+
+    def _newest_saved(self) -> str:
+        step = self.manager.committed_step
+        return "no checkpoint was written yet" if step is None else f"newest checkpoint: step {step}"
 
     def _start_message(self) -> str:
         params = self.raw_model.num_parameters()
-        return (f"training steps {self.progress.step:,} -> {self.cfg.max_steps:,} on {self.device.type} "
+        cfg, world = self.cfg, self.env.world_size
+        processes = (f", {world} processes x batch {cfg.batch_size} x accumulation {cfg.grad_accum} = "
+                     f"global batch {cfg.global_batch(world):,}" if world > 1 else "")
+        return (f"training steps {self.progress.step:,} -> {cfg.max_steps:,} on {self.device.type} "
                 f"({str(self.dtype).removeprefix('torch.')}), {params / 1e6:.2f}M parameters, "
-                f"{self.cfg.tokens_per_step:,} tokens/step; data {self.data.describe()}")
+                f"{cfg.tokens_per_step(world):,} tokens/step{processes}; data {self.data.describe()}")
 
     def _stopped_message(self, saved: Optional[Path]) -> str:
         where = f"saved {saved}" if saved is not None else "nothing new to save"

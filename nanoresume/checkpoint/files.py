@@ -39,7 +39,9 @@ from ..atomic import fsync_folder, remove_quietly, temp_path, write_file_atomica
 from ..errors import CheckpointError, CheckpointWriteError
 from .fileformat import DigestingWriter, Digests, digests
 
-FORMAT_VERSION = 1
+# 2: the data position is one sampler for all ranks (batches depend on the step only) and ranks
+# hold only their RNG streams; 1: a sampler per rank, drawn per micro-batch.
+FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
 # Temp files this package creates: ".<target>.tmp.<pid>" for targets it owns.

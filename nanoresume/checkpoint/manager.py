@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..atomic import fsync_folder, remove_quietly
 from ..errors import CheckpointError
-from .files import STEP_PATTERN, checksum_path, load_checkpoint, save_atomically, step_of, step_path
+from .files import FORMAT_VERSION, STEP_PATTERN, checksum_path, load_checkpoint, save_atomically, step_of, step_path
 from .snapshot import Snapshotter
 from .writer import CommitRunner
 
@@ -263,7 +263,13 @@ def resolve_resume(
 
 
 def require_train_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` if a run can resume from it, else CheckpointError saying why."""
     if state.get("kind") != "train":
         raise CheckpointError(f"{path}: holds {state.get('kind')!r} weights, not a full training state; "
                               f"resume from a checkpoints/step_*.pt file")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: a training state of format {state.get('format_version')!r}, whose data "
+                              f"order this nanoresume (format {FORMAT_VERSION}) cannot continue exactly; finish that "
+                              f"run with the version that wrote it (its weights still work with sample, evaluate "
+                              f"and ckpt export)")
     return state

@@ -126,7 +126,8 @@ def test_diff_names_a_changed_tensor_and_config_field(trained_run: Path, tmp_pat
 def test_show_prints_config_tensors_and_optimizer_summary(trained_run: Path, capsys) -> None:
     code, out, _ = run_tool(capsys, "show", str(trained_run / "checkpoints" / "step_00000020.pt"))
     assert code == 0
-    assert "kind 'train', format_version 1, step 20" in out
+    assert "kind 'train', format_version 2, step 20" in out
+    assert "sampler: {'seed': 1337, 'index': 20} (written by 1 process(es))" in out
     assert "n_embd = 32" in out
     assert any(line.split()[:3] == ["blocks.0.attn.qkv.weight", "(96,", "32)"] for line in out.splitlines())
     assert "exp_avg_sq:" in out and "rng streams python, numpy, torch, cuda" in out

@@ -92,7 +92,7 @@ def test_a_gradient_accumulation_run_stopped_between_checkpoints_resumes_exactly
     resumed, second = run(dataclasses.replace(cut_cfg, resume="auto"))
     assert_identical(baseline, base_result.step_losses, resumed, first.step_losses + second.step_losses,
                      assert_same_state)
-    assert resumed.sampler.index == 2 * N  # two micro-batches per step, none drawn twice
+    assert resumed.sampler.index == N  # one global batch (two micro-batches) per step, none drawn twice
 
 
 def test_three_chained_interruptions_give_the_same_result_as_one_run(configs, assert_same_state):

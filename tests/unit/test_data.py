@@ -166,26 +166,44 @@ def test_windows_pair_each_input_with_the_next_token_as_target():
     assert y[2, -1].item() == 98
 
 
-def draw(sampler, n):
-    return [sampler.next_offsets() for _ in range(n)]
+def draw(sampler, n, rank=0, world=1, accum=1):
+    """The next ``n`` steps' offsets of one rank, each step's micro-batches joined."""
+    return [np.concatenate(sampler.next_micro_batches(rank, world, accum)) for _ in range(n)]
 
 
-def test_the_same_seed_and_rank_give_the_same_offsets():
+def test_the_same_seed_gives_the_same_offsets():
     a, b = BatchSampler(1000, 16, 8, seed=7), BatchSampler(1000, 16, 8, seed=7)
     for x, y in zip(draw(a, 5), draw(b, 5)):
         assert np.array_equal(x, y)
 
 
-def test_a_different_seed_or_rank_gives_different_offsets():
+def test_a_different_seed_gives_different_offsets():
     base = draw(BatchSampler(1000, 16, 8, seed=7), 3)
     other_seed = draw(BatchSampler(1000, 16, 8, seed=8), 3)
-    other_rank = draw(BatchSampler(1000, 16, 8, seed=7, rank=1), 3)
     assert not any(np.array_equal(x, y) for x, y in zip(base, other_seed))
-    assert not any(np.array_equal(x, y) for x, y in zip(base, other_rank))
+
+
+@pytest.mark.parametrize("world, accum", [(2, 1), (4, 2), (8, 1), (1, 8)])
+def test_every_world_size_and_accumulation_sees_the_same_windows_at_each_step(world, accum):
+    """Step i's global batch depends on (seed, i) only: the ranks' micro-batches, put together in rank
+    order, are exactly the one-process batch, so resuming on another world size keeps the data order."""
+    single = draw(BatchSampler(5000, 16, 8, seed=11), 4)
+    samplers = [BatchSampler(5000, 16, 8, seed=11) for _ in range(world)]
+    for step in range(4):
+        pieces = [np.concatenate(s.next_micro_batches(rank, world, accum)) for rank, s in enumerate(samplers)]
+        assert all(len(p) == 8 // world for p in pieces)
+        assert np.array_equal(np.concatenate(pieces), single[step])
+
+
+def test_micro_batches_split_a_ranks_share_in_order():
+    micro = BatchSampler(1000, 16, 12, seed=2).next_micro_batches(rank=1, world_size=2, grad_accum=3)
+    whole = BatchSampler(1000, 16, 12, seed=2).step_offsets(0)
+    assert [len(m) for m in micro] == [2, 2, 2]
+    assert np.array_equal(np.concatenate(micro), whole[6:12])
 
 
 def test_offsets_stay_inside_the_valid_window_range():
-    sampler = BatchSampler(n_tokens=40, block_size=32, batch_size=64, seed=0)
+    sampler = BatchSampler(n_tokens=40, block_size=32, global_batch=64, seed=0)
     offsets = np.concatenate(draw(sampler, 20))
     assert offsets.min() >= 0 and offsets.max() <= 40 - 32 - 1
     assert set(offsets.tolist()) == set(range(8))
@@ -207,13 +225,13 @@ def test_load_state_dict_reproduces_the_batches_that_would_have_followed():
 def test_the_sampler_does_not_touch_or_depend_on_global_rngs():
     np.random.seed(0)
     sampler = BatchSampler(1000, 16, 8, seed=3)
-    first = sampler.next_offsets()
+    first = draw(sampler, 1)[0]
     np.random.seed(12345)
     random.seed(12345)
     torch.manual_seed(12345)
     state = np.random.get_state()[1].copy()
     fresh = BatchSampler(1000, 16, 8, seed=3)
-    assert np.array_equal(fresh.next_offsets(), first)
+    assert np.array_equal(draw(fresh, 1)[0], first)
     assert np.array_equal(np.random.get_state()[1], state)
 
 

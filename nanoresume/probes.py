@@ -1,0 +1,102 @@
+"""Test-only instrumentation of a training process (``python -m nanoresume.chaos child ...``).
+
+Set by environment variables, so tests can drive real subprocesses (and torchrun workers)
+without any test code in the training path:
+
+- ``NANORESUME_PROBE_RECORD=DIR``: each rank appends JSON lines to ``DIR/rank<r>.jsonl``:
+  ``{"step", "loss"}`` after every optimizer step and ``{"index", "offsets"}`` for the
+  windows it drew, so tests can compare losses bit for bit and the data order window for window;
+- ``NANORESUME_PROBE_STOP=STEP[:RANK]``: during that step, that rank (default: every rank)
+  asks to stop exactly as a SIGTERM would;
+- ``NANORESUME_PROBE_NAN=STEP:RANK``: that rank's loss is NaN at that step.
+
+Production runs never import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+RECORD_ENV = "NANORESUME_PROBE_RECORD"
+STOP_ENV = "NANORESUME_PROBE_STOP"
+NAN_ENV = "NANORESUME_PROBE_NAN"
+
+
+def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
+    if not text:
+        return None
+    step, _, rank = text.partition(":")
+    return int(step), (int(rank) if rank else None)
+
+
+def install() -> None:
+    """Patch the trainer and sampler as the environment asks; a no-op when it asks for nothing."""
+    from . import distributed
+    from .data import BatchSampler
+    from .model import GPT
+    from .trainer import Trainer
+
+    rank = distributed.detect().rank
+    record_dir = os.environ.get(RECORD_ENV)
+    stop_at = _step_and_rank(os.environ.get(STOP_ENV))
+    nan_at = _step_and_rank(os.environ.get(NAN_ENV))
+    poison = {"on": False}
+
+    def record(entry: dict[str, Any]) -> None:
+        if record_dir:
+            with open(Path(record_dir) / f"rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    draw = BatchSampler.next_micro_batches
+
+    def recorded_draw(self: BatchSampler, *args: Any, **kwargs: Any) -> Any:
+        index = self.index
+        batches = draw(self, *args, **kwargs)
+        record({"index": index, "offsets": [int(o) for batch in batches for o in batch]})
+        return batches
+
+    step = Trainer.train_step
+
+    def probed_step(self: Trainer) -> tuple[float, float]:
+        upcoming = self.progress.step + 1
+        if stop_at and stop_at[0] == upcoming and stop_at[1] in (None, rank):
+            self.stop.request("SIGTERM", 143)
+        poison["on"] = bool(nan_at and nan_at == (upcoming, rank))
+        try:
+            loss, norm = step(self)
+        finally:
+            poison["on"] = False
+        record({"step": upcoming, "loss": loss})
+        return loss, norm
+
+    forward = GPT.forward
+
+    def poisoned_forward(self: GPT, *args: Any, **kwargs: Any) -> Any:
+        logits, loss = forward(self, *args, **kwargs)
+        if poison["on"] and loss is not None:
+            loss = loss * torch.tensor(float("nan"), device=loss.device)
+        return logits, loss
+
+    BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
+    Trainer.train_step = probed_step  # type: ignore[method-assign]
+    GPT.forward = poisoned_forward  # type: ignore[method-assign]
+
+
+def read_records(folder: Path, rank: int = 0) -> tuple[dict[int, float], dict[int, list[int]]]:
+    """(step -> loss, step index -> offsets) recorded by one rank; a later line for the same step wins
+    (a step replayed after a kill)."""
+    losses: dict[int, float] = {}
+    windows: dict[int, list[int]] = {}
+    path = Path(folder) / f"rank{rank}.jsonl"
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if "loss" in entry:
+            losses[entry["step"]] = entry["loss"]
+        else:
+            windows[entry["index"]] = entry["offsets"]
+    return losses, windows

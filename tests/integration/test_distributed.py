@@ -1,0 +1,256 @@
+"""torchrun + DDP on CPU (gloo, 2 processes): exact resume, collective stops, rank 0 alone writes,
+resuming on another world size, and two "nodes" on loopback. Real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanoresume.chaos import final_states_equal
+from nanoresume.checkpoint import load_checkpoint, step_path
+from nanoresume.probes import NAN_ENV, RECORD_ENV, STOP_ENV, read_records
+from tests.conftest import REPO, TINY_FLAGS, cli_flags
+
+pytestmark = pytest.mark.slow
+
+AUDIT = Path(__file__).resolve().parent / "audit"
+STEPS = 30
+# dropout 0: with no random numbers in the step, runs on different world sizes differ only by rounding.
+FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=STEPS, eval_interval=10, ckpt_interval=10,
+             progress=False)
+
+
+def launch_command(nproc: int, extra: list[str] = ()) -> list[str]:
+    if nproc == 0:  # a plain single process, no torchrun
+        return [sys.executable, "-m", "nanoresume.chaos", "child"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "--monitor-interval=0.1", "--shutdown-timeout=10", *extra, "-m", "nanoresume.chaos", "child"]
+
+
+def environment(records: Path, **extra: str) -> dict[str, str]:
+    records.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **{RECORD_ENV: str(records)}, **extra)
+
+
+@pytest.fixture
+def args(tiny_text: Path, tmp_path: Path):
+    def make(out: str, **overrides) -> list[str]:
+        values = dict(FLAGS, data=str(tiny_text), out_dir=str(tmp_path / out), cache_dir=str(tmp_path / "cache"))
+        values.update(overrides)
+        return cli_flags(values)
+
+    return make
+
+
+def run(command: list[str], train_args: list[str], env: dict[str, str], timeout: float = 120) \
+        -> subprocess.CompletedProcess:
+    return subprocess.run(command + train_args, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def losses(records: Path, rank: int = 0) -> dict[int, float]:
+    return read_records(records, rank)[0]
+
+
+def windows_by_step(records: Path, ranks: int) -> dict[int, list[int]]:
+    """Step index -> every window of that step's global batch: the ranks that drew it, in rank order."""
+    per_rank = [read_records(records, r)[1] for r in range(ranks)]
+    indices = sorted(set().union(*per_rank))
+    return {index: [o for rank in per_rank if index in rank for o in rank[index]] for index in indices}
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(tiny_text: Path, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted 2-process run, with every file operation of each rank under OUT audited."""
+    root = tmp_path_factory.mktemp("reference")
+    values = dict(FLAGS, data=str(tiny_text), out_dir=str(root / "out"), cache_dir=str(root / "cache"))
+    env = environment(root / "records", PYTHONPATH=f"{AUDIT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                      NANORESUME_AUDIT_WATCH=str(root / "out"), NANORESUME_AUDIT_LOG=str(root / "audit"))
+    result = run(launch_command(2), cli_flags(values), env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"out": root / "out", "records": root / "records", "audit": root / "audit", "stdout": result.stdout}
+
+
+def test_only_rank_0_creates_or_writes_anything_under_out(two_process_reference):
+    audit = two_process_reference["audit"]
+    rank0 = Path(f"{audit}.rank0").read_text().splitlines()
+    assert any("best.pt" in line for line in rank0) and any("step_00000030.pt" in line for line in rank0)
+    assert any("config.json" in line for line in rank0) and any("tfevents" in line for line in rank0)
+    assert not Path(f"{audit}.rank1").exists(), Path(f"{audit}.rank1").read_text()
+
+
+def test_the_start_line_and_config_json_show_the_global_batch(two_process_reference):
+    assert "2 processes x batch 2 x accumulation 1 = global batch 4" in two_process_reference["stdout"]
+    config = json.loads((two_process_reference["out"] / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch_size"] == 4
+    state = load_checkpoint(step_path(two_process_reference["out"] / "checkpoints", STEPS))
+    assert state["world_size"] == 2 and [r["rank"] for r in state["ranks"]] == [0, 1]
+
+
+def test_ranks_agree_on_every_step_loss(two_process_reference):
+    assert losses(two_process_reference["records"], 0) == losses(two_process_reference["records"], 1)
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_process_reference, args, tmp_path):
+    train_args = args("stopped", max_steps=400, ckpt_interval=1000)
+    reference = run(launch_command(2), args("ref400", max_steps=400, ckpt_interval=1000),
+                    environment(tmp_path / "ref-records"))
+    assert reference.returncode == 0, reference.stderr
+    records = tmp_path / "records"
+    launcher = subprocess.Popen(launch_command(2) + train_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=environment(records), cwd=REPO)
+    wait_for_steps(records, 20)
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=60)[0]
+    stopped = [int(line.split("after step ")[1].split(";")[0].replace(",", ""))
+               for line in output.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, output  # rank 0 alone speaks
+    state = load_checkpoint(step_path(tmp_path / "stopped" / "checkpoints", stopped[0]))
+    assert state["step"] == stopped[0] < 400
+
+    resumed = run(launch_command(2), train_args + ["--resume", "auto"], environment(records))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert final_states_equal(step_path(tmp_path / "stopped" / "checkpoints", 400),
+                              step_path(tmp_path / "ref400" / "checkpoints", 400)) == []
+    assert losses(records) == losses(tmp_path / "ref-records")
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_without_a_hang(args, tmp_path):
+    records = tmp_path / "records"
+    launcher = subprocess.Popen(launch_command(2) + args("one", max_steps=400), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=environment(records), cwd=REPO)
+    wait_for_steps(records, 20)
+    os.kill(worker_pid(launcher.pid, rank=1), signal.SIGTERM)
+    output = launcher.communicate(timeout=60)[0]  # a hang fails here
+    last = [max(losses(records, rank)) for rank in (0, 1)]
+    assert last[0] == last[1] < 400, output
+    assert f"stopped by SIGTERM after step {last[0]}" in output
+    assert load_checkpoint(step_path(tmp_path / "one" / "checkpoints", last[0]))["step"] == last[0]
+
+
+def test_sigkill_of_one_worker_then_resume_auto_ends_bit_exact(two_process_reference, args, tmp_path):
+    train_args = args("killed")
+    records = tmp_path / "records"
+    launcher = subprocess.Popen(launch_command(2) + train_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=environment(records, NANORESUME_CHAOS_WRITE_DELAY="0.01"),
+                                cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not step_path(tmp_path / "killed" / "checkpoints", 10).exists():  # a first commit (slowed writes)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wait_for_steps(records, 21)  # the step-20 save is now being written in the background
+    os.kill(worker_pid(launcher.pid, rank=1), signal.SIGKILL)
+    launcher.communicate(timeout=60)
+    assert launcher.returncode != 0
+    resumed = run(launch_command(2), train_args + ["--resume", "auto"], environment(records))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    final = step_path(tmp_path / "killed" / "checkpoints", STEPS)
+    assert final_states_equal(final, step_path(two_process_reference["out"] / "checkpoints", STEPS)) == []
+    assert losses(records) == losses(two_process_reference["records"])
+
+
+@pytest.mark.parametrize("before, after", [(2, 0), (0, 2)], ids=["2 processes -> 1", "1 process -> 2"])
+def test_a_resume_on_another_world_size_keeps_every_step_s_windows_and_close_losses(args, tmp_path, before,
+                                                                                   after):
+    """Global batch 4 throughout: 2 processes x batch 2, or 1 process x batch 2 x accumulation 2."""
+    single_args = ["--grad-accum", "2"]
+    first = (single_args if before == 0 else [])
+    reference = run(launch_command(0), args("reference") + single_args, environment(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+    records = tmp_path / "records"
+    stopped = run(launch_command(before), args("switched") + first, environment(records, **{STOP_ENV: "15"}))
+    assert "stopped by SIGTERM after step 15" in stopped.stdout, stopped.stdout + stopped.stderr
+    resumed = run(launch_command(after), args("switched") + ["--resume", "auto"], environment(records))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "start new streams" in resumed.stdout + resumed.stderr  # the one warning about dropout streams
+    expected_accum = 2 if after == 0 else 1
+    assert f"--grad-accum: {3 - expected_accum} -> {expected_accum}" in resumed.stdout
+    assert windows_by_step(records, 2) == windows_by_step(tmp_path / "ref", 1)
+    ours, theirs = losses(records), losses(tmp_path / "ref")
+    assert ours.keys() == theirs.keys()
+    for step in ours:
+        assert math.isclose(ours[step], theirs[step], rel_tol=1e-4), (step, ours[step], theirs[step])
+
+
+def test_time_limit_stops_both_ranks_cleanly_with_75(args, tmp_path):
+    records = tmp_path / "records"
+    result = run(launch_command(2), args("timed", max_steps=100000) + ["--time-limit", "10"], environment(records))
+    assert result.returncode != 0
+    assert "stopped by time limit after step" in result.stdout, result.stdout + result.stderr
+    assert "exitcode  : 75" in result.stderr  # torchrun's summary of the workers
+    last = max(losses(records, 0))
+    assert last == max(losses(records, 1))
+    assert load_checkpoint(step_path(tmp_path / "timed" / "checkpoints", last))["step"] == last
+
+
+def test_a_nan_on_one_rank_stops_both_ranks_with_one_line(args, tmp_path):
+    records = tmp_path / "records"
+    result = run(launch_command(2), args("nan"), environment(records, **{NAN_ENV: "14:1"}))
+    assert "training loss is nan at step 14" in result.stderr, result.stdout + result.stderr
+    assert max(losses(records, 0)) == max(losses(records, 1)) == 13
+    assert "nanoresume/" not in result.stderr  # no traceback from the workers, only torchrun's summary
+    assert [p.name for p in (tmp_path / "nan" / "checkpoints").glob("step_*.pt")] == ["step_00000010.pt"]
+
+
+def test_two_nodes_on_loopback_train_stop_and_resume_like_one_machine(two_process_reference, args, tmp_path):
+    train_args = args("nodes")
+    records = tmp_path / "records"
+
+    def both_nodes(extra_env: dict[str, str], resume: bool) -> list[subprocess.CompletedProcess]:
+        port = free_port()
+        launchers = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+             "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+             f"--rdzv_id=nodes-{port}", "--monitor-interval=0.1", "-m", "nanoresume.chaos", "child",
+             *train_args, *(["--resume", "auto"] if resume else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(records, **extra_env),
+            cwd=REPO) for node in (0, 1)]
+        outputs = [p.communicate(timeout=120)[0] for p in launchers]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(launchers, outputs)]
+
+    stopped = both_nodes({STOP_ENV: "12:1"}, resume=False)
+    assert "stopped by SIGTERM after step 12" in stopped[0].stdout + stopped[1].stdout
+    finished = both_nodes({}, resume=True)
+    assert all(p.returncode == 0 for p in finished), [p.stdout for p in finished]
+    assert final_states_equal(step_path(tmp_path / "nodes" / "checkpoints", STEPS),
+                              step_path(two_process_reference["out"] / "checkpoints", STEPS)) == []
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def wait_for_steps(records: Path, steps: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if all(len(losses(records, rank)) >= steps for rank in (0, 1)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"the workers did not reach step {steps}")
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (its children, in rank order of their environment)."""
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}: {children}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
