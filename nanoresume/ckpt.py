@@ -396,7 +396,8 @@ def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
     sub = command("export", "write the model of a checkpoint as a weights-only file like best.pt "
                             "(with its .sha256), for sample.py, evaluate.py or sharing")
     sub.add_argument("path", type=Path, metavar="PATH", help="a step checkpoint (or weights file) to export")
-    sub.add_argument("--to", type=Path, required=True, metavar="FILE", default=argparse.SUPPRESS, help="file to write; required")
+    sub.add_argument("--to", type=Path, required=True, metavar="FILE", default=argparse.SUPPRESS,
+                     help="file to write; required")
     sub.add_argument("--force", action="store_true", default=False, help="overwrite FILE if it exists")
     return parser
 

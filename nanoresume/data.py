@@ -196,7 +196,8 @@ def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int
     return [starts[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
-def iterate_in_order(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_in_order(tokens: np.ndarray, block_size: int,
+                     batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping full windows, in order. The last ``< block_size`` targets are
     left out; :mod:`nanoresume.evaluation` scores that tail itself."""
     n_windows = (len(tokens) - 1) // block_size

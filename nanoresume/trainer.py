@@ -69,7 +69,8 @@ class RunResult:
     last_checkpoint: Optional[Path] = None
 
 
-def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
+def merge_resumed_config(saved: dict[str, Any], current: TrainConfig,
+                         explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
     """The config of a resumed run: the checkpoint's, overridden by flags given now.
 
     ``explicit`` names the flags the user typed (None: every field counts as given,

@@ -35,9 +35,10 @@ def test_a_single_run_logs_train_loss_at_every_step_and_val_loss_at_each_eval(ma
     cfg = make_config(max_steps=10, eval_interval=5)
     result = train(cfg)
     scalars = read_scalars(Path(cfg.out_dir) / "tb")
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity"} <= set(scalars)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss",
+            "val/perplexity"} <= set(scalars)
     assert [e.step for e in scalars["train/loss"]] == list(range(1, 11))
-    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(l)) for _, l in result.step_losses]
+    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(loss)) for _, loss in result.step_losses]
     assert [e.step for e in scalars["val/loss"]] == [0, 5, 10]
 
 
@@ -52,7 +53,7 @@ def test_after_a_stop_and_resume_train_loss_steps_strictly_increase_without_dupl
     steps = [e.step for e in scalars["train/loss"]]
     assert steps == list(range(1, 21))
     losses = first.step_losses + second.step_losses
-    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(l)) for _, l in losses]
+    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(loss)) for _, loss in losses]
     assert [e.step for e in scalars["val/loss"]] == [0, 5, 10, 15, 20]
 
 
@@ -67,5 +68,5 @@ def test_steps_lost_after_the_resumed_checkpoint_are_purged_not_duplicated(make_
     scalars = read_scalars(Path(cfg.out_dir) / "tb")
     steps = [e.step for e in scalars["train/loss"]]
     assert steps == list(range(1, 21))
-    assert [e.value for e in scalars["train/loss"]][10:] == [float(np.float32(l)) for _, l in resumed.step_losses]
+    assert [e.value for e in scalars["train/loss"]][10:] == [float(np.float32(loss)) for _, loss in resumed.step_losses]
     assert [e.step for e in scalars["val/loss"]] == [0, 5, 10, 15, 20]
