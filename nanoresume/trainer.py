@@ -24,6 +24,7 @@ from .config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS, TrainConfig, config_fro
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .loading import load_valid
+from .memory import check_fits
 from .metrics import Console, TensorBoardLog
 from .model import GPT
 from .optim import build_optimizer, build_scheduler
@@ -33,6 +34,9 @@ from .signals import StopFlag
 from .state import Progress, capture_rng_state, restore_rng_state, seed_everything
 
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
+# A stop is honoured between optimizer steps; a step longer than this would outlast the ~30 s
+# grace period that preemption usually gives (Kubernetes, many schedulers) before its SIGKILL.
+SLOW_STEP_SECONDS = 20.0
 
 
 class _Window:
@@ -94,20 +98,34 @@ def merge_resumed_config(saved: dict[str, Any], current: TrainConfig,
     return merged, changes
 
 
+def check_before_creating_out(cfg: TrainConfig) -> None:
+    """Fail before OUT is created on what needs no OUT to check: the device, and an explicit
+    ``--resume PATH`` that does not exist."""
+    resolve_device(cfg.device)
+    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).expanduser().exists():
+        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file; pass an existing "
+                              f"OUT/checkpoints/step_*.pt file, or --resume auto")
+
+
 class Trainer:
     """Build everything for ``cfg`` (resuming if asked), then :meth:`run`.
 
     ``stop`` lets a caller share a stop flag (signals install on it during
     :meth:`run`); ``explicit`` names the flags typed on the command line (see
-    :func:`merge_resumed_config`). The trainer holds OUT's lock from construction
-    until :meth:`run` returns or :meth:`close` is called (``with Trainer(cfg) as t:``).
+    :func:`merge_resumed_config`); ``started`` is the ``time.monotonic()`` that
+    ``--time-limit`` counts from (default: now; the CLI passes its process start).
+    The trainer holds OUT's lock from construction until :meth:`run` returns or
+    :meth:`close` is called (``with Trainer(cfg) as t:``).
     """
 
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
-                 on_step: Optional[Callable[["Trainer", int, float], None]] = None) -> None:
+                 on_step: Optional[Callable[["Trainer", int, float], None]] = None,
+                 started: Optional[float] = None) -> None:
         self.stop = stop or StopFlag()
         self.on_step = on_step
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
+        self._warned_slow_step = False
+        check_before_creating_out(cfg)
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.run_dir = RunDir(Path(cfg.out_dir))
         self.console = Console(cfg.max_steps, 0, show_bar=False)  # replaced once the start step is known
@@ -142,10 +160,11 @@ class Trainer:
             raise ConfigError("; ".join(problems))
         self.cfg, self.manager = cfg, manager
         self.device = resolve_device(cfg.device)
+        check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
-        self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
+        self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir, warn=self.console.warn)
         check_block_size(self.data, cfg.block_size)
 
         seed_everything(cfg.seed)
@@ -162,6 +181,7 @@ class Trainer:
             path, state = resumed
             self._check_same_data(path, state)
             self.load_state_dict(state)
+            self.stop.last_committed_step = self.progress.step
             self.console.log(f"resumed from {path} at step {self.progress.step:,}")
             for moved in manager.set_aside_after(self.progress.step):
                 self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
@@ -246,10 +266,12 @@ class Trainer:
         # One device sync per step for both numbers; the weights are untouched until scaler.step.
         mean_loss, grad_norm_value = torch.stack([total_loss / self.cfg.grad_accum, grad_norm.float()]).tolist()
         if not math.isfinite(mean_loss):
+            committed = self.stop.last_committed_step
+            newest = "no checkpoint yet" if committed is None else f"newest checkpoint: step {committed}"
             raise NonFiniteLossError(
                 f"training loss is {mean_loss} at step {self.progress.step + 1}; nothing from that step was "
-                f"saved (newest checkpoint: step {self.manager.last_saved_step}). Lower --lr, raise "
-                f"--warmup-steps or use --dtype bfloat16/float32, then rerun with --resume auto")
+                f"saved ({newest}). Lower --lr, raise --warmup-steps or use --dtype bfloat16/float32, "
+                f"then rerun with --resume auto")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,21 +308,22 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
         self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress)
-        with contextlib.ExitStack() as cleanup:  # every close runs, even if an earlier one fails
+        if not self.stop.can_install():
+            self.console.warn("not in the main thread: signals will not stop training gracefully")
+        # Handlers stay installed through teardown, where a signal forces an immediate exit.
+        with self.stop.installed(), contextlib.ExitStack() as cleanup:  # every close runs, even if one fails
             cleanup.callback(self.close)
             cleanup.callback(self.console.close)
             tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None,
                                          self.console.warn)
             cleanup.callback(tensorboard.close)
-            if not self.stop.can_install():
-                self.console.warn("not in the main thread: signals will not stop training gracefully")
-            with self.stop.installed():
-                self.console.log(self._start_message())
-                if progress.step >= cfg.max_steps and not self._evaluation_due():
-                    self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
-                                     f"nothing to do (raise --max-steps to train longer)")
-                    return result
-                self._loop(tensorboard, result)
+            cleanup.callback(setattr, self.stop, "exit_on_signal", True)  # runs first: nothing left to save
+            self.console.log(self._start_message())
+            if progress.step >= cfg.max_steps and not self._evaluation_due():
+                self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
+                                 f"nothing to do (raise --max-steps to train longer)")
+                return result
+            self._loop(tensorboard, result)
         return result
 
     def _loop(self, tensorboard: TensorBoardLog, result: RunResult) -> None:
@@ -311,9 +334,11 @@ class Trainer:
         while progress.step < cfg.max_steps and not self.stop.is_set():
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
+            seconds = time.perf_counter() - step_start
             progress.step += 1
             progress.tokens_seen += cfg.tokens_per_step
-            self._log_step(tensorboard, window, loss, grad_norm, time.perf_counter() - step_start)
+            self._log_step(tensorboard, window, loss, grad_norm, seconds)
+            self._warn_if_slow(seconds)
             result.step_losses.append((progress.step, loss))
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
@@ -321,14 +346,12 @@ class Trainer:
                 self._evaluate_and_log(tensorboard, window)
             self._check_time_limit(window.slowest_step)
             last = progress.step == cfg.max_steps
-            saved = self.manager.maybe_save(progress.step, self._checkpoint_state, force=last or self.stop.is_set())
-            result.last_checkpoint = saved or result.last_checkpoint
+            result.last_checkpoint = self._save(force=last or self.stop.is_set()) or result.last_checkpoint
         result.step = progress.step
         if self.stop.is_set() or progress.step == cfg.max_steps:
             # Covers a stop before the first step, and a final evaluation redone after a restart;
             # a no-op when this step is already saved.
-            result.last_checkpoint = self.manager.maybe_save(progress.step, self._checkpoint_state, force=True) \
-                or result.last_checkpoint
+            result.last_checkpoint = self._save(force=True) or result.last_checkpoint
         unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
         if self.stop.is_set() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
@@ -343,6 +366,20 @@ class Trainer:
         tensorboard.scalars(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                                  "train/tokens_per_s": tokens / seconds})
         self.console.advance(loss, lr, tokens / seconds)
+
+    def _save(self, force: bool) -> Optional[Path]:
+        """Save this step if due (or forced); a committed save is what a forced exit names from now on."""
+        saved = self.manager.maybe_save(self.progress.step, self._checkpoint_state, force=force)
+        if saved is not None:
+            self.stop.last_committed_step = self.progress.step
+        return saved
+
+    def _warn_if_slow(self, seconds: float) -> None:
+        if seconds > SLOW_STEP_SECONDS and not self._warned_slow_step:
+            self._warned_slow_step = True
+            self.console.warn(f"step {self.progress.step:,} took {seconds:.0f} s; a stop signal waits for the "
+                              f"step to end, so it may outlast a ~30 s preemption grace period. Lower "
+                              f"--grad-accum (or --batch-size) for shorter steps")
 
     def _evaluation_due(self) -> bool:
         step = self.progress.step
