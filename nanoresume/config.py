@@ -80,7 +80,7 @@ class TrainConfig:
     batch_size: Optional[int] = _opt(None, "sequences per micro-batch (default: from --preset)")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     max_steps: int = _opt(5000, "optimizer steps to train for")
-    lr: Optional[float] = _opt(None, "peak learning rate (default: from --preset)")
+    lr: Optional[float] = _opt(None, "peak learning rate, at most 1 (default: from --preset)")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (end of the cosine)")
     warmup_steps: int = _opt(100, "linear learning-rate warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only; biases, norms stay undecayed)")
@@ -102,7 +102,7 @@ class TrainConfig:
                               "else float16 (with a gradient scaler)",
                       choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = _opt(False, "wrap the model in torch.compile (checkpoints hold the plain weights)")
-    seed: int = _opt(1337, "seed for weights, dropout and batch order")
+    seed: int = _opt(1337, "seed for weights, dropout and batch order (0 to 2**64-1)")
     deterministic: bool = _opt(True, "use only deterministic GPU kernels, so a resumed run is bit-for-bit "
                                      "the uninterrupted one (no effect on CPU; --no-deterministic trades "
                                      "that for some GPU speed)")
