@@ -68,7 +68,11 @@ class StopFlag:
 
     @contextmanager
     def installed(self) -> Iterator[StopFlag]:
-        """Route stop signals to this flag while the block runs; always restore the old handlers."""
+        """Route stop signals to this flag while the block runs; always restore the old handlers.
+
+        Each installation starts graceful: a flag reused for another run forgets the last teardown.
+        """
+        self.exit_on_signal = False
         if not self.can_install():
             yield self
             return
