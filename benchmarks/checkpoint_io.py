@@ -41,10 +41,11 @@ MODELS = {
 }
 
 
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def timed(sync: Callable[[], None], fn: Callable[..., object], *args: object) -> float:
+    """Seconds ``fn(*args)`` takes, device work included."""
     sync()
     start = time.perf_counter()
-    fn()
+    fn(*args)
     sync()
     return time.perf_counter() - start
 
@@ -76,17 +77,16 @@ def bench(model: str, device: str, repeats: int) -> None:
     for rep in range(1, repeats + 1):
         state = trainer.state_dict()
         plain = step_path(folder / "plain", rep)
-        record("plain save", timed(lambda: torch.save(state, plain), sync))
-        record("sync save", timed(lambda: sync_saves.save(rep, state), sync))
-        record("async stall", timed(lambda: async_saves.save(rep, state), sync))
+        record("plain save", timed(sync, torch.save, state, plain))
+        record("sync save", timed(sync, sync_saves.save, rep, state))
+        record("async stall", timed(sync, async_saves.save, rep, state))
         async_saves.wait()
         commit_seconds.append(async_saves.last_commit_seconds)
-        record("memory copy", timed(lambda: copy.deepcopy(state), sync))
+        record("memory copy", timed(sync, copy.deepcopy, state))
         size = plain.stat().st_size
-        record("write+fsync", timed(lambda: write_and_fsync(folder / "raw.bin", size), sync))
-        record("plain resume", timed(lambda: plain_resume(trainer, plain), sync))
-        ours = step_path(folder / "sync", rep)
-        record("verified resume", timed(lambda: trainer.load_state_dict(load_valid(ours)), sync))
+        record("write+fsync", timed(sync, write_and_fsync, folder / "raw.bin", size))
+        record("plain resume", timed(sync, plain_resume, trainer, plain))
+        record("verified resume", timed(sync, verified_resume, trainer, step_path(folder / "sync", rep)))
         if rep > 3:
             (plain.with_name(step_path(folder, rep - 3).name)).unlink()
     med = {name: statistics.median(values) for name, values in times.items()}
@@ -117,6 +117,10 @@ def bench(model: str, device: str, repeats: int) -> None:
     trainer.close()
 
 
+def verified_resume(trainer, path: Path) -> None:
+    trainer.load_state_dict(load_valid(path))
+
+
 def plain_resume(trainer, path: Path) -> None:
     state = torch.load(path, weights_only=True, map_location="cpu")
     trainer.raw_model.load_state_dict(state["model"])
@@ -135,7 +139,7 @@ def resume_times(trainer, folder: Path, repeats: int, sync: Callable[[], None]) 
     results = {step: [] for step in paths}
     for _ in range(repeats):
         for step, path in paths.items():
-            results[step].append(timed(lambda: trainer.load_state_dict(load_valid(path)), sync))
+            results[step].append(timed(sync, verified_resume, trainer, path))
     return statistics.median(results[100]), statistics.median(results[100_000])
 
 

@@ -46,8 +46,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nanoresume-stop-"))
     results = [one_stop(args.preset, args.device, args.extra, work) for _ in range(args.repeats)]
     seconds = [s for s, _ in results]
-    print(f"{args.preset} on {args.device} {' '.join(args.extra)}: SIGTERM -> exit median {statistics.median(seconds):.2f} s "
-          f"(max {max(seconds):.2f} s), exit codes {sorted({c for _, c in results})}")
+    print(f"{args.preset} on {args.device} {' '.join(args.extra)}: "
+          f"SIGTERM -> exit median {statistics.median(seconds):.2f} s (max {max(seconds):.2f} s), "
+          f"exit codes {sorted({c for _, c in results})}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import Callable, Optional
 
 from . import checkpoint
 from .checkpoint import files as checkpoint_files
 from .checkpoint import manager as checkpoint_manager
+from .compare import first_difference
+from .config import RUNTIME_FIELDS
 
 WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
@@ -159,15 +159,19 @@ def _with_resume_auto(args: list[str]) -> list[str]:
     return out + ["--resume", "auto"]
 
 
-def final_states_equal(a: Path, b: Path) -> list[str]:
-    """Names of model/optimizer tensors that differ between two checkpoints (empty: bitwise equal)."""
-    sa, sb = checkpoint.load_checkpoint(a), checkpoint.load_checkpoint(b)
-    differing = [f"model.{k}" for k in sa["model"] if not torch.equal(sa["model"][k], sb["model"][k])]
-    for index, state in sa["optimizer"]["state"].items():
-        for key, tensor in state.items():
-            if not torch.equal(tensor, sb["optimizer"]["state"][index][key]):
-                differing.append(f"optimizer.state.{index}.{key}")
-    return differing
+def final_state_difference(a: Path, b: Path) -> Optional[str]:
+    """None if two checkpoint files hold the same full state bit for bit, else where they first differ.
+
+    Everything is compared (model, optimizer, scheduler, scaler, counters, RNG streams,
+    sampler, data fingerprint, config) except the config fields that only say how each
+    run was started (``--out-dir``, ``--resume``, ...), which differ between a reference
+    run and its interrupted twin by design.
+    """
+    states = [checkpoint.load_checkpoint(path) for path in (a, b)]
+    for state in states:
+        for name in RUNTIME_FIELDS:
+            state["config"].pop(name, None)
+    return first_difference(states[0], states[1])
 
 
 def _child_main(argv: list[str]) -> int:

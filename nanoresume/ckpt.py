@@ -1,7 +1,8 @@
 """``python -m nanoresume.ckpt list|verify|show|diff|export``: inspect what training wrote.
 
-Every file is read with :func:`nanoresume.checkpoint.load_checkpoint` (checksum
-first, then ``weights_only=True``), so no command ever runs code from a file.
+Every file is read with :func:`nanoresume.loading.read_state` (checksum first, then
+``weights_only=True``, then the schema), so no command ever runs code from a file,
+and ``verify`` passes exactly the files that training would resume from.
 Exit codes: 0 ok; 1 ``verify``/``list`` found bad files or ``diff`` found
 differences; 2 a user error (missing file, bad flag, wrong kind).
 """
@@ -19,11 +20,12 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint
-from .checkpoint import CheckpointManager, StepFile, load_checkpoint, resolve_resume
+from .checkpoint import CheckpointManager, StepFile, resolve_resume
 from .clitools import make_parser, run_reporting_errors
+from .compare import plain_equal, tensors_identical
 from .config import RUNTIME_FIELDS, config_from_dict
 from .errors import CheckpointError, CheckpointWriteError, UserError
-from .loading import check_model_tensors, check_schema, load_valid
+from .loading import load_valid, read_state
 
 # Config fields that describe how a run was started, not what it computed: an
 # uninterrupted run and its resumed twin differ here (resume 'none' vs 'auto',
@@ -45,7 +47,8 @@ def step_folder(out: Path) -> Path:
 
 
 class CachedLoader:
-    """Load each file once; remember a CheckpointError so listing and resume resolution agree."""
+    """Load and fully check each file once (as training does); remember a CheckpointError so listing
+    and resume resolution agree."""
 
     def __init__(self) -> None:
         self.results: dict[Path, Any] = {}
@@ -53,7 +56,7 @@ class CachedLoader:
     def __call__(self, path: Path) -> dict[str, Any]:
         if path not in self.results:
             try:
-                self.results[path] = load_checkpoint(path)
+                self.results[path] = load_valid(path)
             except CheckpointError as e:
                 self.results[path] = e
         result = self.results[path]
@@ -69,8 +72,6 @@ def problem(path: Path, load: Callable[[Path], dict[str, Any]]) -> Optional[str]
     """
     try:
         state = load(path)
-        check_schema(path, state)
-        check_model_tensors(path, state)
     except CheckpointError as e:
         return str(e)
     if checkpoint.STEP_PATTERN.match(path.name) and state["kind"] != "train":
@@ -248,15 +249,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def tensors_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes: stricter than torch.equal, which calls 0.0 == -0.0 and NaN != NaN."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    bytes_a = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    bytes_b = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return torch.equal(bytes_a, bytes_b)
-
-
 def describe_tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     if a.shape != b.shape:
         return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
@@ -266,12 +258,6 @@ def describe_tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     differ = int((x != y).sum().item())
     diff = (x - y).abs().nan_to_num(nan=math.inf)
     return f"max abs diff {diff.max().item():.3g} ({differ:,} of {a.numel():,} values differ)"
-
-
-def plain_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return type(a) is type(b) and a == b
 
 
 def diff_states(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...]) -> tuple[list[str], list[str], int]:
@@ -302,9 +288,7 @@ def natural_key(key: str) -> list[Any]:
 def cmd_diff(path_a: Path, path_b: Path, strict: bool) -> int:
     states = []
     for path in (path_a, path_b):
-        state = load_checkpoint(path)
-        check_schema(path, state)
-        states.append(state)
+        states.append(read_state(path))
     lines, ignored, compared = diff_states(states[0], states[1], () if strict else IGNORED_BY_DIFF)
     print(f"A = {path_a}\nB = {path_b}")
     for line in lines:
@@ -398,7 +382,8 @@ def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
     sub = command("export", "write the model of a checkpoint as a weights-only file like best.pt "
                             "(with its .sha256), for sample.py, evaluate.py or sharing")
     sub.add_argument("path", type=Path, metavar="PATH", help="a step checkpoint (or weights file) to export")
-    sub.add_argument("--to", type=Path, required=True, metavar="FILE", default=argparse.SUPPRESS, help="file to write; required")
+    sub.add_argument("--to", type=Path, required=True, metavar="FILE", default=argparse.SUPPRESS,
+                     help="file to write; required")
     sub.add_argument("--force", action="store_true", default=False, help="overwrite FILE if it exists")
     return parser
 

@@ -2,16 +2,19 @@
 
 Exit codes: 0 finished; 1 a save failed or the loss became NaN/inf; 2 a bad
 flag, path, data or checkpoint; 75 stopped by --time-limit; 128+N stopped by
-signal N (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1).
+signal N (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
-from .config import explicit_fields, parse_config
+from . import PROCESS_STARTED
 from .clitools import run_reporting_errors
+from .config import explicit_fields, parse_config
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -23,7 +26,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .trainer import Trainer
 
         try:
-            return Trainer(cfg, explicit=explicit_fields(argv)).run().exit_code
+            return Trainer(cfg, explicit=explicit_fields(argv), started=PROCESS_STARTED).run().exit_code
         except RuntimeError as e:
             lost = distributed.lost_peer_error(e)
             if lost is None:
@@ -31,11 +34,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise lost from e
 
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
-    return run_reporting_errors(train, quiet=not _is_main_process())
+    return run_reporting_errors(train, quiet=os.environ.get("RANK", "0") != "0")  # rank 0 speaks for all
 
 
-def _is_main_process() -> bool:
-    """False on the ranks other than 0 under torchrun (read without importing torch)."""
-    import os
+def exit_now(code: int) -> NoReturn:
+    """End the process once :func:`main` has returned, skipping the interpreter's teardown.
 
-    return os.environ.get("RANK", "0") == "0"
+    By then every checkpoint is committed and every file, writer and thread of the run
+    is closed (Trainer.run closes them before returning); what is left is flushing the
+    standard streams and log handlers. Tearing down torch's modules would take about a
+    second more, which counts against a preemption grace period. Only for processes:
+    library code returns instead.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing more can reach it
+    os._exit(code)

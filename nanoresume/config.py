@@ -13,12 +13,13 @@ import math
 import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
 
 VOCAB_SIZE = 256  # byte-level tokens: every UTF-8 text works, no tokenizer to download
+MAX_LR = 1.0
+MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -79,7 +80,7 @@ class TrainConfig:
     batch_size: Optional[int] = _opt(None, "sequences per micro-batch (default: from --preset)")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     max_steps: int = _opt(5000, "optimizer steps to train for")
-    lr: Optional[float] = _opt(None, "peak learning rate (default: from --preset)")
+    lr: Optional[float] = _opt(None, "peak learning rate, at most 1 (default: from --preset)")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (end of the cosine)")
     warmup_steps: int = _opt(100, "linear learning-rate warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only; biases, norms stay undecayed)")
@@ -105,7 +106,7 @@ class TrainConfig:
                               "else float16 (with a gradient scaler)",
                       choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = _opt(False, "wrap the model in torch.compile (checkpoints hold the plain weights)")
-    seed: int = _opt(1337, "seed for weights, dropout and batch order")
+    seed: int = _opt(1337, "seed for weights, dropout and batch order (0 to 2**64-1)")
     deterministic: bool = _opt(True, "use only deterministic GPU kernels, so a resumed run is bit-for-bit "
                                      "the uninterrupted one (no effect on CPU; --no-deterministic trades "
                                      "that for some GPU speed)")
@@ -185,7 +186,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         check(cfg.n_embd % cfg.n_head == 0,
               f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
-    check(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr} must be a positive number")
+    # AdamW learning rates live far below 1; far above, the update overflows float32 and crashes.
+    check(math.isfinite(cfg.lr) and 0 < cfg.lr <= MAX_LR, f"--lr {cfg.lr} must be in (0, {MAX_LR:g}]")
+    check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be in [0, 2**64 - 1]")
     check(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio {cfg.min_lr_ratio} must be in [0, 1]")
     check(cfg.warmup_steps >= 0, f"--warmup-steps {cfg.warmup_steps} must be 0 or more")
     check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay} must be 0 or more")
@@ -201,8 +204,11 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.time_limit is not None:
         check(cfg.time_limit > 0, f"--time-limit {cfg.time_limit:g} must be a positive duration")
     check(cfg.out_dir.strip() != "", "--out-dir must not be empty")
-    if cfg.data is not None:  # checked here too, so a typo fails before OUT is created
-        check(Path(cfg.data).expanduser().exists(), f"--data {cfg.data}: no such file or folder")
+    if cfg.data is not None:  # checked here too, so a typo or an empty file fails before OUT is created
+        from .data import data_path_problem  # here, not at the top: it imports torch, and --help stays fast
+
+        problem = data_path_problem(cfg.data)
+        check(problem is None, str(problem))
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
     return problems
 

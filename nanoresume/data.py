@@ -1,20 +1,23 @@
 """Byte-level token data (cached, memory-mapped) and a sampler whose position is one integer.
 
-Tokens are raw UTF-8 bytes (vocabulary 256). Text inputs are tokenized once into a
-cache file and memory-mapped afterwards. The windows of optimizer step ``i`` are a
-pure function of ``(seed, i)``, whatever the number of processes, so saving ``i`` is
-all it takes to resume the data stream exactly, in O(1), without replaying anything.
+Tokens are raw UTF-8 bytes (vocabulary 256). Text inputs are written once into a
+cache file named by the tokens' SHA-256 and memory-mapped afterwards. The windows of
+optimizer step ``i`` are a pure function of ``(seed, i)``, whatever the number of
+processes, so saving ``i`` is all it takes to resume the data stream exactly, in O(1),
+without replaying anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
+import stat
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +25,10 @@ import torch
 from .atomic import write_file_atomically
 from .errors import DataError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: cache files named by the tokens' SHA-256; 1 named them by path, size and mtime
+# Temp files of cache writes (atomic.temp_path: ".<target>.tmp.<pid>"), format 2 and format 1 names.
+_CACHE_TEMP_FILE = re.compile(r"^\.(tokens-v\d+-[0-9a-f]{32}\.bin|[0-9a-f]{24}\.(?:bin|json))\.tmp\.(\d+)$")
+_DATA_ADVICE = "point --data at a .txt file, a folder of .txt files, or a .bin/.npy token file"
 _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 
 
@@ -53,6 +59,27 @@ def stdlib_sources() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _warn_on_stderr(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def data_path_problem(data: str) -> Optional[str]:
+    """What a stat tells is wrong with ``--data`` (missing, empty, a device or pipe), so a bad path
+    fails before anything is read or created; None if nothing is."""
+    try:
+        info = Path(data).expanduser().stat()
+    except OSError:
+        return f"--data {data}: no such file or folder; {_DATA_ADVICE}"
+    if stat.S_ISDIR(info.st_mode):
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return (f"--data {data} is not a regular file (a device, pipe or socket may never end or may "
+                f"block forever); {_DATA_ADVICE}")
+    if info.st_size == 0:
+        return f"--data {data} holds no text (0 bytes); give it a non-empty file"
+    return None
+
+
 def text_files(path: Path) -> list[Path]:
     """``path`` itself, or every ``.txt`` file below a folder, sorted so the order is reproducible."""
     if path.is_dir():
@@ -60,24 +87,26 @@ def text_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_tokens(data: Optional[str], val_fraction: float, cache_dir: Optional[str] = None) -> TokenData:
+def load_tokens(data: Optional[str], val_fraction: float, cache_dir: Optional[str] = None,
+                warn: Callable[[str], None] = _warn_on_stderr) -> TokenData:
     """Tokens for ``--data`` (or the default corpus), split deterministically: the last
-    ``val_fraction`` of the tokens is validation."""
+    ``val_fraction`` of the tokens is validation. ``warn`` hears about cache trouble (the
+    tokens are still right)."""
     if data is None:
-        tokens, fingerprint = _cached_tokens(stdlib_sources(), cache_dir)
+        tokens, fingerprint = _cached_tokens(stdlib_sources(), cache_dir, warn)
         source = f"Python {sysconfig.get_python_version()} standard library"
     else:
         path = Path(data).expanduser()
-        if not path.exists():
-            raise DataError(f"--data {data}: no such file or folder; point --data at a .txt file, "
-                            f"a folder of .txt files, or a .bin/.npy token file")
+        problem = data_path_problem(data)
+        if problem is not None:
+            raise DataError(problem)
         if path.suffix in (".bin", ".npy") and path.is_file():
             tokens, fingerprint = _token_file(path)
         else:
             files = text_files(path)
             if not files:
                 raise DataError(f"--data {data}: the folder holds no .txt files")
-            tokens, fingerprint = _cached_tokens(files, cache_dir)
+            tokens, fingerprint = _cached_tokens(files, cache_dir, warn)
         source = str(path)
     if len(tokens) == 0:
         raise DataError(f"--data {data or '(default corpus)'} holds no text; give it a non-empty file")
@@ -91,7 +120,7 @@ def _token_file(path: Path) -> tuple[np.ndarray, str]:
         if path.suffix == ".bin":
             tokens = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
         else:
-            tokens = np.load(path, mmap_mode="r").reshape(-1)
+            tokens = _npy_tokens(path)
     except (OSError, ValueError) as e:
         raise DataError(f"--data {path}: cannot read it as a token file ({e})") from None
     if tokens.dtype != np.uint8:
@@ -103,32 +132,89 @@ def _token_file(path: Path) -> tuple[np.ndarray, str]:
     return tokens, _sha256_array(tokens)
 
 
-def _cached_tokens(files: Sequence[Path], cache_dir: Optional[str]) -> tuple[np.ndarray, str]:
-    """Concatenate ``files`` as bytes once, then reuse the memory-mapped cache while they are unchanged."""
-    try:
-        signature = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    except OSError as e:
-        raise DataError(f"--data: cannot read {e.filename} ({e.strerror})") from None
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, signature]).encode()).hexdigest()[:24]
+def _npy_tokens(path: Path) -> np.ndarray:
+    """A .npy array, memory-mapped; a file without the .npy header is named as such (numpy would
+    take it for a pickle and suggest loading it unsafely, which nanoresume never does)."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise DataError(f"--data {path}: not a NumPy .npy file (it lacks the .npy header); write token "
+                            f"arrays with numpy.save, or pass raw uint8 bytes as .bin or text as .txt")
+    return np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1)
+
+
+def _cached_tokens(files: Sequence[Path], cache_dir: Optional[str],
+                   warn: Callable[[str], None]) -> tuple[np.ndarray, str]:
+    """The concatenated bytes of ``files``, memory-mapped from a cache file named by their SHA-256.
+
+    Every source byte is read and hashed on every load (about 20 ms for the 12.6 MB default
+    corpus), so any edit, even one that keeps the size and mtime, names another cache file.
+    A damaged cache file is rebuilt, never trusted; an unwritable cache folder costs memory
+    (the tokens stay in RAM), never correctness. Either is said once through ``warn``.
+    """
+    fingerprint, n_tokens = _sha256_files(files)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    bin_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        if bin_path.stat().st_size == meta["n_tokens"]:
-            tokens = _memmap(bin_path, meta["n_tokens"])
-            if _sha256_array(tokens) == meta["fingerprint"]:  # a damaged cache is rebuilt, never trusted
-                return tokens, meta["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        pass  # no cache yet, or a stale/half-written one: rebuild it below
+    path = _cache_path(folder, fingerprint)
+    _remove_abandoned_temp_files(folder, warn)
+    if path.is_file():
+        if path.stat().st_size == n_tokens:
+            cached = _memmap(path, n_tokens)
+            if _sha256_array(cached) == fingerprint:
+                return cached, fingerprint
+        warn(f"the token cache {path} does not match the data it is named after (damaged or truncated); "
+             f"rebuilding it")
     tokens = np.frombuffer(b"".join(_read_bytes(f) for f in files), dtype=np.uint8)
-    fingerprint = _sha256_array(tokens)
+    fingerprint = _sha256_array(tokens)  # of the bytes read now, should a file have changed since
+    path = _cache_path(folder, fingerprint)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(bin_path, tokens.tobytes())
-        write_file_atomically(meta_path, json.dumps({"n_tokens": len(tokens), "fingerprint": fingerprint}).encode())
+        write_file_atomically(path, tokens.tobytes())
+    except OSError as e:
+        warn(f"cannot write the token cache in {folder} ({e.strerror or e}); keeping the tokens in memory "
+             f"instead. Pass --cache-dir a writable folder to cache them")
+        return tokens, fingerprint
+    return _memmap(path, len(tokens)), fingerprint
+
+
+def _cache_path(folder: Path, fingerprint: str) -> Path:
+    return folder / f"tokens-v{CACHE_FORMAT}-{fingerprint[:32]}.bin"
+
+
+def _sha256_files(files: Sequence[Path]) -> tuple[str, int]:
+    """SHA-256 and length of the files' bytes, concatenated in order, reading one file at a time."""
+    digest, size = hashlib.sha256(), 0
+    for f in files:
+        data = _read_bytes(f)
+        digest.update(data)
+        size += len(data)
+    return digest.hexdigest(), size
+
+
+def _remove_abandoned_temp_files(folder: Path, warn: Callable[[str], None]) -> None:
+    """A cache write killed midway leaves a full-size ``.<name>.tmp.<pid>`` file behind; remove those
+    whose process is gone (a writer still running keeps its file)."""
+    try:
+        entries = list(folder.iterdir())
     except OSError:
-        return tokens, fingerprint  # an unwritable cache only costs speed; the data is still right
-    return _memmap(bin_path, len(tokens)), fingerprint
+        return  # no cache folder yet, or none we can list
+    for entry in entries:
+        match = _CACHE_TEMP_FILE.match(entry.name)
+        if match is None or _process_exists(int(match.group(2))) or not entry.is_file():
+            continue
+        try:
+            entry.unlink()
+        except OSError:
+            continue
+        warn(f"removed {entry}, left in the token cache by an interrupted write")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
+        return False
+    except PermissionError:
+        return True  # it exists, but belongs to someone else
+    return True
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -207,7 +293,8 @@ def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int
     return [starts[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
 
-def iterate_in_order(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_in_order(tokens: np.ndarray, block_size: int,
+                     batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping full windows, in order. The last ``< block_size`` targets are
     left out; :mod:`nanoresume.evaluation` scores that tail itself."""
     n_windows = (len(tokens) - 1) // block_size

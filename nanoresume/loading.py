@@ -1,71 +1,62 @@
-"""What a saved checkpoint must hold, and a ready-to-run GPT from either kind of file.
+"""Reading a checkpoint safely and completely, and a ready-to-run GPT from either kind of file.
 
-Two kinds exist: ``"train"`` (``OUT/checkpoints/step_*.pt``, the full training
-state) and ``"weights"`` (``OUT/best.pt`` or an export: model tensors plus the
-model config). Sampling, evaluation and the checkpoint tool all go through
-here, so they agree on what a valid file is. Every load uses
-:func:`nanoresume.checkpoint.load_checkpoint` (checksum, then ``weights_only=True``).
+Two kinds exist, described in :mod:`nanoresume.schema`: ``"train"`` (the full
+training state) and ``"weights"`` (model tensors plus the model config). Training,
+sampling, evaluation and the checkpoint tool all read files through here, so they
+agree on what a valid file is: :func:`nanoresume.checkpoint.load_checkpoint`
+(checksum, then ``weights_only=True``), the schema with its types, then the
+model tensors against the config.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from . import schema
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import GPT
+from .optim import build_optimizer
 
-# Top-level keys each kind must hold (see Trainer.state_dict and Trainer._evaluate_and_log).
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("format_version", "kind", "step", "tokens_seen", "best_val_loss", "evaluated_step", "config", "data",
-              "model", "optimizer", "scheduler", "scaler", "sampler", "ranks"),
-    "weights": ("format_version", "kind", "model", "model_config", "step", "tokens_seen", "val_loss"),
-}
-# ModelConfig fields read from a checkpoint; dropout is left out on purpose (inference runs without it).
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+_MIN_TENSORS_PER_BLOCK = 6  # ln_1, qkv, proj, ln_2, fc, mlp proj weights, even without biases
 
 
 def check_schema(path: Path, state: dict[str, Any]) -> None:
-    """Raise a one-line :class:`CheckpointError` if a loaded state lacks a key its kind needs."""
-    kind = state.get("kind")
-    if kind not in REQUIRED_KEYS:
-        raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}; expected 'train' (a step "
-                              f"checkpoint) or 'weights' (best.pt or an export)")
-    missing = [key for key in REQUIRED_KEYS[kind] if key not in state]
-    if missing:
-        raise CheckpointError(f"{path}: {kind} checkpoint lacks {', '.join(missing)}; "
-                              f"it was not written by nanoresume or is from an incompatible version")
-    if not isinstance(state["model"], dict) or not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
-        raise CheckpointError(f"{path}: 'model' is not a dict of tensors")
+    """Raise a one-line :class:`CheckpointError` naming what is missing or of the wrong type."""
+    found = schema.problems(state)
+    if found:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise CheckpointError(f"{path}: {'; '.join(found[:3])}{more}")
 
 
 def model_config_from_state(path: Path, state: dict[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` of a checkpoint of either kind, with dropout 0 (inference)."""
-    saved = state.get("model_config") if state.get("kind") == "weights" else state.get("config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: holds no model config")
-    missing = [name for name in SHAPE_FIELDS if saved.get(name) is None]
-    if missing:
-        raise CheckpointError(f"{path}: model config lacks {', '.join(missing)}")
-    cfg = ModelConfig(**{name: saved[name] for name in SHAPE_FIELDS}, dropout=0.0)
-    if cfg.n_head < 1 or cfg.n_embd % cfg.n_head != 0:
-        raise CheckpointError(f"{path}: model config is invalid (n_embd {cfg.n_embd}, n_head {cfg.n_head})")
+    """The :class:`ModelConfig` of a schema-checked checkpoint of either kind, with dropout 0 (inference)."""
+    saved = state["model_config"] if state["kind"] == "weights" else state["config"]
+    cfg = ModelConfig(**{name: saved[name] for name in schema.SHAPE_FIELDS}, dropout=0.0)
+    if min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) < 1 or cfg.n_embd % cfg.n_head:
+        raise CheckpointError(f"{path}: model config is invalid (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
+                              f"n_embd {cfg.n_embd}, block_size {cfg.block_size}, vocab_size {cfg.vocab_size})")
     return cfg
 
 
 def check_model_tensors(path: Path, state: dict[str, Any]) -> ModelConfig:
-    """The file's model tensors must be exactly those of a GPT built from its config (names and shapes).
+    """The file's model tensors must be exactly those of a GPT built from its config (names and shapes),
+    and a training state's optimizer must hold the groups and moment shapes of that GPT's optimizer.
 
     Builds the GPT on the meta device, so no memory is allocated for weights.
     """
     cfg = model_config_from_state(path, state)
-    with torch.device("meta"):
-        expected = {name: t.shape for name, t in GPT(cfg).state_dict().items()}
     found = {name: t.shape for name, t in state["model"].items()}
+    if _MIN_TENSORS_PER_BLOCK * cfg.n_layer > len(found):  # say so before building a huge model
+        raise CheckpointError(f"{path}: model tensors do not match its config: n_layer {cfg.n_layer} needs at "
+                              f"least {_MIN_TENSORS_PER_BLOCK * cfg.n_layer} tensors, the file holds {len(found)}")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     wrong = sorted(n for n in expected.keys() & found.keys() if expected[n] != found[n])
@@ -74,18 +65,49 @@ def check_model_tensors(path: Path, state: dict[str, Any]) -> ModelConfig:
                [f"{n} has shape {tuple(found[n])}, config needs {tuple(expected[n])}" for n in wrong[:3]]
     if problems:
         raise CheckpointError(f"{path}: model tensors do not match its config: {'; '.join(problems)}")
+    if state["kind"] == "train":
+        problem = _optimizer_mismatch(model, state["optimizer"])
+        if problem is not None:
+            raise CheckpointError(f"{path}: optimizer state does not match the model: {problem}")
     return cfg
 
 
-def load_valid(path: Path) -> dict[str, Any]:
-    """Load (checksum + safe unpickle) and check the schema and model tensors; raises CheckpointError."""
+def _optimizer_mismatch(model: GPT, saved: dict[str, Any]) -> Optional[str]:
+    """What keeps ``optimizer.load_state_dict(saved)`` and the next step from working, if anything.
+
+    Saved parameter ids count through the groups in order, as ``Optimizer.state_dict`` numbers them.
+    """
+    groups = build_optimizer(model, lr=1.0, weight_decay=0.0, betas=(0.9, 0.99)).param_groups
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != saved_sizes:
+        return f"its groups hold {saved_sizes} parameters, the model's optimizer {sizes}"
+    shapes = dict(zip((i for g in saved["param_groups"] for i in g["params"]),
+                      (p.shape for g in groups for p in g["params"])))
+    for index, entry in saved["state"].items():
+        if index not in shapes:
+            return f"state for parameter {index!r}, which no group holds"
+        wrong = [name for name, t in entry.items() if t.dim() > 0 and t.shape != shapes[index]]
+        if wrong:
+            return f"{', '.join(wrong)} of parameter {index} has shape {tuple(entry[wrong[0]].shape)}, " \
+                   f"the parameter {tuple(shapes[index])}"
+    return None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """Load a checkpoint (checksum + safe unpickle) and check its schema; raises CheckpointError."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as OUT/best.pt "
                               f"or OUT/checkpoints/step_00000500.pt")
     state = load_checkpoint(path)
     check_schema(path, state)
-    check_model_tensors(path, state)
+    return state
+
+
+def load_valid(path: Path) -> dict[str, Any]:
+    """:func:`read_state`, and the model tensors must match the config; raises CheckpointError."""
+    state = read_state(path)
+    check_model_tensors(Path(path), state)
     return state
 
 
@@ -95,4 +117,3 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, dict[str, Any]]:
     model = GPT(model_config_from_state(Path(path), state))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
-

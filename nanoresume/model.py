@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of ``GPT(cfg)`` (the tied embedding counted once), computed without building it,
+    so that a size that cannot fit is refused before anything is allocated."""
+    C, bias = cfg.n_embd, int(cfg.bias)
+    # per block: qkv 3C^2, attention proj C^2, MLP 4C^2 + 4C^2; two LayerNorm weights; biases
+    # of qkv (3C), proj (C), fc (4C), MLP proj (C) and both LayerNorms (2C)
+    block = 12 * C * C + 2 * C + 11 * C * bias
+    return cfg.vocab_size * C + cfg.block_size * C + cfg.n_layer * block + C * (1 + bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, win
 from .distributed import DistributedEnv, ProcessGroup, StepVotes
 from .errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteLossError
 from .loading import load_valid
+from .memory import check_fits
 from .metrics import Console, TensorBoardLog
 from .model import GPT
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
@@ -40,6 +41,9 @@ from .signals import StopFlag
 from .state import Progress, capture_rng_state, restore_rng_state, seed_everything, seed_rank_streams
 
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
+# A stop is honoured between optimizer steps; a step longer than this would outlast the ~30 s
+# grace period that preemption usually gives (Kubernetes, many schedulers) before its SIGKILL.
+SLOW_STEP_SECONDS = 20.0
 
 
 class _Window:
@@ -81,25 +85,28 @@ class Trainer:
 
     ``stop`` lets a caller share a stop flag (signals install on it during
     :meth:`run`); ``explicit`` names the flags typed on the command line (see
-    :func:`~nanoresume.config.merge_resumed_config`). The trainer holds OUT's lock from
-    construction until :meth:`run` returns or :meth:`close` is called (``with Trainer(cfg) as t:``).
-    Under torchrun it also owns the process group, from construction to :meth:`close`.
+    :func:`~nanoresume.config.merge_resumed_config`); ``started`` is the ``time.monotonic()``
+    that ``--time-limit`` counts from (default: now; the CLI passes its process start).
+    The trainer holds OUT's lock from construction until :meth:`run` returns or :meth:`close`
+    is called (``with Trainer(cfg) as t:``). Under torchrun it also owns the process group,
+    from construction to :meth:`close`.
     """
 
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
                  on_step: Optional[Callable[["Trainer", int, float], None]] = None,
-                 env: Optional[DistributedEnv] = None) -> None:
+                 started: Optional[float] = None, env: Optional[DistributedEnv] = None) -> None:
         self.stop = stop or StopFlag()
         self.on_step = on_step
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
+        self._warned_slow_step = False
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.env = env or distributed.detect()
-        self.device = resolve_device(cfg.device, self.env.local_rank)
+        self.device = resolve_device(cfg.device, self.env.local_rank)  # fails before OUT is created
         self.process_group = ProcessGroup(self.env, self.device)
         self.run_dir = RunDir(Path(cfg.out_dir))
         self.console = Console(cfg.max_steps, 0, show_bar=False, quiet=not self.env.is_main)
         try:
-            self._open_run_dir()
+            self._open_run_dir(cfg)
             self._build(cfg, explicit)
         except BaseException:
             self.close()
@@ -124,11 +131,12 @@ class Trainer:
 
     # ---- building ----------------------------------------------------------------------------
 
-    def _open_run_dir(self) -> None:
+    def _open_run_dir(self, cfg: TrainConfig) -> None:
         """Rank 0 alone creates, checks and locks OUT; a failure there stops every rank."""
         error = None
         if self.env.is_main:
             try:
+                _check_resume_path_exists(cfg)  # before OUT is created
                 self.run_dir.open(self.console.warn)
             except Exception as e:
                 error = e
@@ -160,9 +168,12 @@ class Trainer:
         if problems:
             raise ConfigError("; ".join(problems))
         self.cfg = cfg
+        check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
         self.manager = checkpoint.CheckpointManager(
             self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
             every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None)
+        self.manager.on_commit = lambda step, path: setattr(self.stop, "last_committed_step", step)
+        self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
@@ -203,7 +214,7 @@ class Trainer:
         for turn in ("main", "others"):
             if (turn == "main") == self.env.is_main:
                 try:
-                    data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
+                    data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir, warn=self.console.warn)
                     check_block_size(data, cfg.block_size)
                 except Exception as e:
                     error = e
@@ -213,6 +224,7 @@ class Trainer:
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
         self._check_same_data(path, state)
         self.load_state_dict(state)
+        self.stop.last_committed_step = self._newest_checkpoint = self.progress.step
         self.console.log(f"resumed from {path} at step {self.progress.step:,}")
         if not self.env.is_main:
             return
@@ -378,21 +390,22 @@ class Trainer:
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
         self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress and self.env.is_main,
                                quiet=not self.env.is_main)
-        with contextlib.ExitStack() as cleanup:  # every close runs, even if an earlier one fails
+        if not self.stop.can_install():
+            self.console.warn("not in the main thread: signals will not stop training gracefully")
+        # Handlers stay installed through teardown, where a signal forces an immediate exit.
+        with self.stop.installed(), contextlib.ExitStack() as cleanup:  # every close runs, even if one fails
             cleanup.callback(self.close)
             cleanup.callback(self.console.close)
             tensorboard = TensorBoardLog(self.run_dir.tensorboard if self.env.is_main else None,
                                          progress.step if self.resumed_from else None, self.console.warn)
             cleanup.callback(tensorboard.close)
-            if not self.stop.can_install():
-                self.console.warn("not in the main thread: signals will not stop training gracefully")
-            with self.stop.installed():
-                self.console.log(self._start_message())
-                if progress.step >= cfg.max_steps and not self._evaluation_due():
-                    self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
-                                     f"nothing to do (raise --max-steps to train longer)")
-                    return result
-                self._loop(tensorboard, result)
+            cleanup.callback(setattr, self.stop, "exit_on_signal", True)  # runs first: nothing left to save
+            self.console.log(self._start_message())
+            if progress.step >= cfg.max_steps and not self._evaluation_due():
+                self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
+                                 f"nothing to do (raise --max-steps to train longer)")
+                return result
+            self._loop(tensorboard, result)
         return result
 
     def _loop(self, tensorboard: TensorBoardLog, result: RunResult) -> None:
@@ -404,9 +417,11 @@ class Trainer:
         while progress.step < cfg.max_steps and not self._stop_agreed():
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
+            seconds = time.perf_counter() - step_start
             progress.step += 1
             progress.tokens_seen += cfg.tokens_per_step(self.env.world_size)
-            self._log_step(tensorboard, window, loss, grad_norm, time.perf_counter() - step_start)
+            self._log_step(tensorboard, window, loss, grad_norm, seconds)
+            self._warn_if_slow(seconds)
             result.step_losses.append((progress.step, loss))
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
@@ -445,6 +460,13 @@ class Trainer:
                                                  "train/tokens_per_s": tokens / seconds})
         self.console.advance(loss, lr, tokens / seconds)
 
+    def _warn_if_slow(self, seconds: float) -> None:
+        if seconds > SLOW_STEP_SECONDS and not self._warned_slow_step:
+            self._warned_slow_step = True
+            self.console.warn(f"step {self.progress.step:,} took {seconds:.0f} s; a stop signal waits for the "
+                              f"step to end, so it may outlast a ~30 s preemption grace period. Lower "
+                              f"--grad-accum (or --batch-size) for shorter steps")
+
     def _evaluation_due(self) -> bool:
         step = self.progress.step
         due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
@@ -462,6 +484,8 @@ class Trainer:
         state = self._checkpoint_state() if due else None
         best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
         self._pending_best = None
+        if state is not None:
+            self._newest_checkpoint = step
         if self.env.is_main and (state is not None or best):
             self.manager.save(step, state, also=best)
         elif state is not None:
@@ -514,8 +538,8 @@ class Trainer:
         return time.monotonic() - self.started + needed >= self.cfg.time_limit
 
     def _newest_saved(self) -> str:
-        step = self.manager.committed_step
-        return "no checkpoint was written yet" if step is None else f"newest checkpoint: step {step}"
+        step = self._newest_checkpoint
+        return "no checkpoint yet" if step is None else f"newest checkpoint: step {step}"
 
     def _start_message(self) -> str:
         params = self.raw_model.num_parameters()
@@ -530,3 +554,10 @@ class Trainer:
         where = f"saved {saved}" if saved is not None else "nothing new to save"
         return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: "
                 f"python scripts/train.py --out-dir {self.cfg.out_dir} --resume auto")
+
+
+def _check_resume_path_exists(cfg: TrainConfig) -> None:
+    """An explicit ``--resume PATH`` that does not exist fails before OUT is created."""
+    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).expanduser().exists():
+        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file; pass an existing "
+                              f"OUT/checkpoints/step_*.pt file, or --resume auto")

@@ -6,8 +6,9 @@
 Trains a tiny model once without interruption (the reference), then trains it
 again while killing it with SIGKILL at random moments (half of them inside a
 checkpoint write), resuming with --resume auto after each kill. Prints the kill
-count, the checkpoints lost (must be 0) and whether the final model and optimizer
-state are bitwise equal to the reference. Exit 0 only if everything held.
+count, the checkpoints lost (must be 0) and whether the final state (model,
+optimizer, scheduler, counters, RNG streams, sampler, config) is bitwise equal to
+the reference. Exit 0 only if everything held.
 """
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanoresume.chaos import final_states_equal, run_chaos  # noqa: E402
+from nanoresume.chaos import final_state_difference, run_chaos  # noqa: E402
 from nanoresume.checkpoint import step_path  # noqa: E402
 from nanoresume.cli import main as train  # noqa: E402
 
@@ -28,12 +29,12 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=100, help="SIGKILLs to deliver before letting the run finish")
     parser.add_argument("--seed", type=int, default=0, help="seed for when the kills land")
     parser.add_argument("--data", default=str(Path(argparse.__file__)), help="text to train on (small is fine)")
-    parser.add_argument("--work-dir", default=None, help="where runs are written (default: a temp folder)")
+    parser.add_argument("--work-dir", default=argparse.SUPPRESS, help="where runs are written (default: a temp folder)")
     parser.add_argument("--async-save", action=argparse.BooleanOptionalAction, default=True,
                         help="save checkpoints in the background, as training does by default")
     args = parser.parse_args()
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="nanoresume-chaos-"))
+    work = Path(getattr(args, "work_dir", None) or tempfile.mkdtemp(prefix="nanoresume-chaos-"))
     max_steps = max(200, args.kills * 8)  # room for every kill to land mid-run
     common = ["--data", args.data, "--cache-dir", str(work / "cache"), "--n-layer", "2", "--n-head", "2",
               "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--dropout", "0.1",
@@ -46,12 +47,13 @@ def main() -> int:
     chaos_out = work / "chaos"
     report = run_chaos(common + ["--out-dir", str(chaos_out)], chaos_out, kills=args.kills, seed=args.seed,
                        max_wait=3.0, timeout=24 * 3600)
-    differing = final_states_equal(step_path(chaos_out / "checkpoints", max_steps),
-                                   step_path(work / "reference" / "checkpoints", max_steps))
-    print(f"final state bitwise equal to the uninterrupted run: {not differing}")
+    difference = final_state_difference(step_path(chaos_out / "checkpoints", max_steps),
+                                        step_path(work / "reference" / "checkpoints", max_steps))
+    print(f"final state bitwise equal to the uninterrupted run: {difference is None}"
+          + (f" (first difference: {difference})" if difference else ""))
     for problem in report.problems:
         print(f"problem: {problem}")
-    return 0 if not differing and not report.problems and report.checkpoints_lost == 0 else 1
+    return 0 if difference is None and not report.problems and report.checkpoints_lost == 0 else 1
 
 
 if __name__ == "__main__":

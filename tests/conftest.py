@@ -1,12 +1,9 @@
-"""Shared fixtures: a tiny text corpus, a tiny config, and a runner for scripts/train.py."""
+"""Shared fixtures: a tiny text corpus, a tiny config, CLI flags for it, a state comparer, and a guard
+on torch's global deterministic-algorithms flag. Plain helpers live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,15 +12,11 @@ from typing import Any, Callable
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from nanoresume.compare import first_difference  # noqa: E402
 from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-TRAIN_SCRIPT = REPO / "scripts" / "train.py"
-
-# Small enough that a step takes milliseconds on a 2-core CPU, big enough to learn something.
-TINY_FLAGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, dropout=0.1,
-                  eval_iters=2, warmup_steps=5, lr=3e-3)
+from tests.helpers import TINY_FLAGS, cli_flags  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,78 +30,46 @@ def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _tiny_values(tiny_text: Path, tmp_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    values = dict(TINY_FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "out"),
+                  cache_dir=str(tmp_path / "cache"), max_steps=20, eval_interval=10, progress=False)
+    values.update(overrides)
+    return values
+
+
 @pytest.fixture
 def make_config(tiny_text: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
     """``make_config(max_steps=20, ...)``: a resolved tiny config writing under tmp_path/out."""
-
-    def make(**overrides: Any) -> TrainConfig:
-        values = dict(TINY_FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "out"),
-                      cache_dir=str(tmp_path / "cache"), max_steps=20, eval_interval=10, progress=False)
-        values.update(overrides)
-        return resolve_config(TrainConfig(**values))
-
-    return make
-
-
-def cli_flags(cfg_values: dict[str, Any]) -> list[str]:
-    """Command-line flags for a dict of config values (booleans as --x / --no-x)."""
-    args = []
-    for name, value in cfg_values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return args
+    return lambda **overrides: resolve_config(TrainConfig(**_tiny_values(tiny_text, tmp_path, overrides)))
 
 
 @pytest.fixture
 def tiny_cli_args(tiny_text: Path, tmp_path: Path) -> Callable[..., list[str]]:
     """``tiny_cli_args(max_steps=20)``: flags for scripts/train.py on the tiny config."""
-
-    def make(**overrides: Any) -> list[str]:
-        values = dict(TINY_FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "out"),
-                      cache_dir=str(tmp_path / "cache"), max_steps=20, eval_interval=10, progress=False)
-        values.update(overrides)
-        return cli_flags(values)
-
-    return make
-
-
-def run_train(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
-    """Run scripts/train.py in a real subprocess and capture its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **kwargs.pop("env", {}))
-    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
-
-
-def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    return dataclasses.replace(cfg, **changes)
-
-
-def _assert_same_state(a: Any, b: Any, where: str = "state") -> None:
-    """Same nested structure; every tensor equal bit for bit (dtype and shape included)."""
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a, b), f"{where}: tensors differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{where}: {type(a).__name__} of {len(a)} vs {b!r:.80}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    else:
-        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+    return lambda **overrides: cli_flags(_tiny_values(tiny_text, tmp_path, overrides))
 
 
 @pytest.fixture
 def assert_same_state() -> Callable[..., None]:
-    """``assert_same_state(a, b)``: nested dicts/lists equal, tensors compared with torch.equal."""
-    return _assert_same_state
+    """``assert_same_state(a, b)``: the same nested structure, every leaf equal bit for bit
+    (:func:`nanoresume.compare.first_difference`, which the chaos harness uses too)."""
+
+    def check(a: Any, b: Any, where: str = "state") -> None:
+        difference = first_difference(a, b, where)
+        assert difference is None, difference
+
+    return check
+
+
+@pytest.fixture(autouse=True)
+def deterministic_flag_guard(request: pytest.FixtureRequest):
+    """A Trainer turns on torch's process-wide deterministic-algorithms flag and ``close()`` puts it
+    back. A test that builds one and never closes it would change every later test: restore the
+    flag, and fail that test so the leak gets fixed."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    after = torch.are_deterministic_algorithms_enabled()
+    if after != before:
+        torch.use_deterministic_algorithms(before)
+        pytest.fail(f"{request.node.nodeid} left torch.use_deterministic_algorithms({after}) behind; "
+                    f"close every Trainer it builds (trainer.close(), run(), or `with Trainer(...)`)")

@@ -180,7 +180,8 @@ def _write_failure(path: Path, error: OSError, needed: int) -> str:
     except OSError:
         free = "free space unknown"
     reason = error.strerror or str(error)
-    return f"could not write checkpoint {path.name} in {path.parent}: {reason} (about {needed / 1e6:,.1f} MB needed, {free})"
+    return (f"could not write checkpoint {path.name} in {path.parent}: {reason} "
+            f"(about {needed / 1e6:,.1f} MB needed, {free})")
 
 
 # ---- reading -------------------------------------------------------------------------------------

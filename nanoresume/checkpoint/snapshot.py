@@ -1,12 +1,13 @@
-"""A copy of a training state in CPU memory, taken on the training thread so a background write
-can never see a tensor change under it.
+"""A copy of a training state in CPU memory, taken on the training thread so a background
+write can never see a tensor change under it.
 
 The copy keeps the state's shape exactly: a tensor met twice is one tensor in the copy,
 and tensors that share storage (tied embeddings, views) share storage in the copy too,
-so ``torch.save`` writes the same bytes it would have written from the live state. Buffers are kept between snapshots and reused when
-the next state has the same storages (every checkpoint of a run does), which spares the
-allocation and page faults of fresh memory; on CUDA they are pinned, so the
-device-to-host copies run asynchronously and finish with one synchronize.
+so ``torch.save`` writes the same bytes it would have written from the live state.
+Buffers are kept between snapshots and reused when the next state has the same storages
+(every checkpoint of a run does), which spares the allocation and page faults of fresh
+memory; on CUDA they are pinned, so the device-to-host copies run asynchronously and
+finish with one synchronize.
 """
 
 from __future__ import annotations

@@ -15,15 +15,10 @@ from nanoresume import ckpt
 from nanoresume.checkpoint import load_checkpoint, save_atomically
 from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer
-from tests.conftest import TINY_FLAGS
+from tests.helpers import REPO, TINY_FLAGS, flip_a_byte, run_script, stop_after
 
-REPO = Path(__file__).resolve().parents[2]
 CKPT_SCRIPT = REPO / "scripts" / "ckpt.py"
 SAMPLE_SCRIPT = REPO / "scripts" / "sample.py"
-
-
-def run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
 
 
 def run_tool(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -49,12 +44,6 @@ def trained_run(trained_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_template, tmp_path / "run"))
 
 
-def flip_middle_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_list_and_verify_a_clean_run(trained_run: Path, capsys) -> None:
     proc = run_script(CKPT_SCRIPT, "list", str(trained_run))
     assert proc.returncode == 0, proc.stderr
@@ -68,7 +57,7 @@ def test_list_and_verify_a_clean_run(trained_run: Path, capsys) -> None:
 
 
 def test_one_corrupted_file_is_reported_alone_and_fails_list_and_verify(trained_run: Path, capsys) -> None:
-    flip_middle_byte(trained_run / "checkpoints" / "step_00000030.pt")
+    flip_a_byte(trained_run / "checkpoints" / "step_00000030.pt")
     code, out, _ = run_tool(capsys, "verify", str(trained_run))
     bad = [line for line in out.splitlines() if line.startswith("BAD")]
     assert code == 1 and len(bad) == 1
@@ -94,8 +83,7 @@ def test_diff_says_identical_for_an_uninterrupted_and_a_resumed_run(make_config,
     straight = make_config(max_steps=12, eval_interval=6, out_dir=str(tmp_path / "straight"))
     Trainer(straight).run()
     interrupted = dataclasses.replace(straight, out_dir=str(tmp_path / "resumed"))
-    stop_at_4 = lambda tr, step, loss: tr.stop.request("test", 99) if step == 4 else None  # noqa: E731
-    assert Trainer(interrupted, on_step=stop_at_4).run().step == 4
+    assert Trainer(interrupted, on_step=stop_after(4)).run().step == 4
     Trainer(dataclasses.replace(interrupted, resume="auto")).run()
     capsys.readouterr()
     a = tmp_path / "straight" / "checkpoints" / "step_00000012.pt"

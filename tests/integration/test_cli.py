@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
+import torch
 
 from nanoresume.config import TrainConfig, flag
-
-from tests.conftest import run_train  # noqa: E402  (tests/ is on sys.path via rootdir conftest)
-
-
-def assert_one_line_error(proc, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.helpers import assert_one_line_error, run_train
 
 
 @pytest.mark.slow
@@ -116,6 +107,10 @@ def test_help_lists_every_flag_and_exits_0():
     (["--max-steps", "ten"], "--max-steps"),
     (["--preset", "huge"], "--preset"),
     (["--dropout", "1.5"], "--dropout"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--lr", "1e308"], "--lr"),
+    (["--data", "/dev/zero"], "not a regular file"),
 ])
 def test_a_bad_flag_exits_2_with_one_line_naming_it(tiny_cli_args, extra, named):
     assert_one_line_error(run_train(tiny_cli_args() + extra, timeout=60), named)
@@ -127,10 +122,26 @@ def test_a_missing_data_path_exits_2_naming_data(tiny_cli_args):
 
 
 @pytest.mark.slow
-def test_an_empty_data_file_exits_2_naming_data(tiny_cli_args, tmp_path):
-    empty = tmp_path / "empty.txt"
+@pytest.mark.parametrize("case", ["missing resume path", "empty data file", "cuda without cuda", "fifo as data"])
+def test_a_user_error_known_before_training_exits_2_without_creating_out(tiny_cli_args, tmp_path, case):
+    empty, fifo = tmp_path / "empty.txt", tmp_path / "pipe.txt"
     empty.write_text("")
-    assert_one_line_error(run_train(tiny_cli_args(data=str(empty))), "--data", "no text")
+    os.mkfifo(fifo)
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    flags, named = {
+        "missing resume path": (dict(resume=str(tmp_path / "missing.pt")), "no such checkpoint file"),
+        "empty data file": (dict(data=str(empty)), "no text"),
+        "cuda without cuda": (dict(device="cuda"), "no CUDA device"),
+        "fifo as data": (dict(data=str(fifo)), "not a regular file"),
+    }[case]
+    assert_one_line_error(run_train(tiny_cli_args(**flags), timeout=60), named)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_model_too_big_for_memory_exits_2_in_one_line_instead_of_hanging(tiny_cli_args):
+    assert_one_line_error(run_train(tiny_cli_args(n_layer=10**6), timeout=60), "--n-layer 1000000", "GB")
 
 
 @pytest.mark.slow

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from nanoresume.chaos import final_states_equal
+from nanoresume.chaos import final_state_difference
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.probes import NAN_ENV, RECORD_ENV, STOP_ENV, read_records
-from tests.conftest import REPO, TINY_FLAGS, cli_flags
+from tests.helpers import REPO, TINY_FLAGS, cli_flags
 
 pytestmark = pytest.mark.slow
 
@@ -118,8 +118,8 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_pr
 
     resumed = run(launch_command(2), train_args + ["--resume", "auto"], environment(records))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert final_states_equal(step_path(tmp_path / "stopped" / "checkpoints", 400),
-                              step_path(tmp_path / "ref400" / "checkpoints", 400)) == []
+    assert final_state_difference(step_path(tmp_path / "stopped" / "checkpoints", 400),
+                              step_path(tmp_path / "ref400" / "checkpoints", 400)) is None
     assert losses(records) == losses(tmp_path / "ref-records")
 
 
@@ -154,7 +154,7 @@ def test_sigkill_of_one_worker_then_resume_auto_ends_bit_exact(two_process_refer
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout
     final = step_path(tmp_path / "killed" / "checkpoints", STEPS)
-    assert final_states_equal(final, step_path(two_process_reference["out"] / "checkpoints", STEPS)) == []
+    assert final_state_difference(final, step_path(two_process_reference["out"] / "checkpoints", STEPS)) is None
     assert losses(records) == losses(two_process_reference["records"])
 
 
@@ -221,8 +221,8 @@ def test_two_nodes_on_loopback_train_stop_and_resume_like_one_machine(two_proces
     assert "stopped by SIGTERM after step 12" in stopped[0].stdout + stopped[1].stdout
     finished = both_nodes({}, resume=True)
     assert all(p.returncode == 0 for p in finished), [p.stdout for p in finished]
-    assert final_states_equal(step_path(tmp_path / "nodes" / "checkpoints", STEPS),
-                              step_path(two_process_reference["out"] / "checkpoints", STEPS)) == []
+    assert final_state_difference(step_path(tmp_path / "nodes" / "checkpoints", STEPS),
+                              step_path(two_process_reference["out"] / "checkpoints", STEPS)) is None
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -14,7 +15,7 @@ from nanoresume import checkpoint
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.errors import CheckpointWriteError, NonFiniteLossError, UserError
 from nanoresume.trainer import Trainer
-from tests.conftest import run_train
+from tests.helpers import run_train, stop_after
 
 
 def leftover_temp_files(out: Path) -> list[str]:
@@ -150,12 +151,28 @@ def poison(trainer: Trainer) -> None:
 def test_a_nan_loss_stops_naming_the_step_and_saves_nothing_from_it(make_config):
     cfg = make_config(max_steps=30, ckpt_interval=5, eval_interval=5)
     trainer = Trainer(cfg, on_step=lambda tr, step, loss: poison(tr) if step == 7 else None)
-    with pytest.raises(NonFiniteLossError, match="training loss is nan at step 8"):
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 8; .*\(newest checkpoint: step 5\)"):
         trainer.run()
     folder = Path(cfg.out_dir) / "checkpoints"
     assert [p.name for p in sorted(folder.glob("step_*.pt"))] == ["step_00000005.pt"]
     for saved in (load_checkpoint(step_path(folder, 5)), load_checkpoint(Path(cfg.out_dir) / "best.pt")):
         assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_a_nan_loss_before_any_checkpoint_says_there_is_none_instead_of_step_none(make_config):
+    cfg = make_config(max_steps=30, ckpt_interval=100, eval_interval=100)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: poison(tr) if step == 2 else None)
+    with pytest.raises(NonFiniteLossError) as failure:
+        trainer.run()
+    assert "(no checkpoint yet)" in str(failure.value) and "None" not in str(failure.value)
+
+
+def test_a_nan_loss_after_a_resume_names_the_checkpoint_it_resumed_from(make_config):
+    cfg = make_config(max_steps=30, ckpt_interval=4, eval_interval=100)
+    Trainer(cfg, on_step=stop_after(4)).run()
+    resumed = Trainer(dataclasses.replace(cfg, resume="auto"), on_step=lambda tr, step, loss: poison(tr))
+    with pytest.raises(NonFiniteLossError, match=r"at step 6; .*\(newest checkpoint: step 4\)"):
+        resumed.run()
 
 
 def test_non_finite_weights_are_never_written_to_a_checkpoint(make_config):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanoresume.checkpoint import load_checkpoint
-from tests.conftest import REPO, run_train
+from tests.helpers import REPO, run_train
 from tests.integration.test_ckpt_tool import trained_run, trained_template  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.errors import CheckpointError
 from nanoresume.trainer import Trainer
+from tests.helpers import flip_a_byte, run_train, stop_after
 
 
 @pytest.fixture
@@ -70,12 +72,9 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_while_the_first_holds_i
     from nanoresume.errors import UserError
 
     cfg = make_config(max_steps=2)
-    first = Trainer(cfg)
-    try:
+    with Trainer(cfg):
         with pytest.raises(UserError, match="another training run"):
             Trainer(dataclasses.replace(cfg, resume="auto"))
-    finally:
-        first.run_dir.close()
 
 
 def test_an_out_dir_that_is_a_file_is_refused_naming_out_dir(make_config, tmp_path):
@@ -95,23 +94,17 @@ def test_a_stop_before_the_first_step_does_not_claim_a_checkpoint_it_never_wrote
     stop.request("test", 99)
     result = Trainer(cfg, stop=stop).run()
     assert result.step == 0 and result.exit_code == 99
-    out = capsys.readouterr().out
-    claimed = [w.rstrip(".") for w in out.split() if w.endswith(".pt.") or w.endswith(".pt")]
-    assert all(Path(c).exists() for c in claimed), f"message names missing files: {claimed}"
-
-
-def flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    [stopped] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopped by")]
+    claimed = [word.strip("'\".,;") for word in stopped.split() if ".pt" in word]
+    # It names exactly the file it wrote, step 0's checkpoint, and that file is really there.
+    assert claimed == [str(step_path(Path(cfg.out_dir) / "checkpoints", 0))], stopped
+    assert load_checkpoint(Path(claimed[0]))["step"] == 0
 
 
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_retention_never_deletes_the_good_ones(
         make_config, tmp_path, capsys):
-    from nanoresume.checkpoint import load_checkpoint, step_path
-
     cfg = make_config(max_steps=30, eval_interval=10, keep_last=2)
-    Trainer(cfg, on_step=lambda tr, step, loss: tr.stop.request("test", 99) if step == 20 else None).run()
+    Trainer(cfg, on_step=stop_after(20)).run()
     folder = Path(cfg.out_dir) / "checkpoints"
     flip_a_byte(step_path(folder, 20))
 
@@ -146,14 +139,13 @@ def test_switching_to_float16_on_resume_starts_a_new_scaler_with_a_warning(finis
 
 
 def test_a_new_seed_on_resume_is_reported_as_having_no_effect(finished, capsys):
-    Trainer(dataclasses.replace(finished, resume="auto", seed=7))
+    with Trainer(dataclasses.replace(finished, resume="auto", seed=7)):
+        pass
     assert "--seed: 1337 -> 7 (no effect" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_flags_given_on_resume_are_validated_against_the_checkpoint_not_the_preset(tiny_cli_args, tmp_path):
-    from tests.conftest import run_train
-
     # n_embd 36 with 6 heads is valid; the cpu preset's 64 would not divide by 6.
     assert run_train(tiny_cli_args(max_steps=10, n_embd=36, n_head=6)).returncode == 0
     resumed = run_train(["--out-dir", str(tmp_path / "out"), "--resume", "auto", "--n-head", "6",

@@ -1,13 +1,12 @@
 """The heart of nanoresume: a run stopped at any step and resumed is the run that never stopped.
 
-Every comparison is exact: tensors with torch.equal, losses as Python floats with ==.
+Every comparison is exact: tensors bit for bit (nanoresume.compare), losses as Python floats with ==.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
 
 import pytest
 
@@ -15,40 +14,9 @@ import nanoresume.trainer as trainer_module
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.data import BatchSampler
 from nanoresume.trainer import Trainer
+from tests.helpers import final_state, train, train_in_pieces
 
 N = 20  # steps of every run here; eval every 5
-
-
-def run(cfg, stop_at: Optional[int] = None):
-    """Train ``cfg``; with ``stop_at``, request a stop right after that step (as a signal would)."""
-    def stop(tr: Trainer, step: int, loss: float) -> None:
-        if step == stop_at:
-            tr.stop.request("test", 99)
-
-    trainer = Trainer(cfg, on_step=stop if stop_at is not None else None)
-    result = trainer.run()
-    if stop_at is not None and stop_at < cfg.max_steps:
-        assert (result.step, result.stop_reason, result.exit_code) == (stop_at, "test", 99)
-    return trainer, result
-
-
-def run_in_pieces(cfg, stops: list[int]):
-    """Stop after each step in ``stops`` and resume (--resume auto) until max_steps; all losses."""
-    losses: list[tuple[int, float]] = []
-    trainer, result = run(cfg, stop_at=stops[0])
-    losses += result.step_losses
-    for stop_at in stops[1:] + [None]:
-        trainer, result = run(dataclasses.replace(cfg, resume="auto"), stop_at=stop_at)
-        assert trainer.resumed_from is not None
-        losses += result.step_losses
-    return trainer, losses
-
-
-def final_state(trainer: Trainer) -> dict[str, Any]:
-    """Everything a run ends with, except the config (out_dir and resume differ by design)."""
-    state = trainer.state_dict()
-    del state["config"]
-    return state
 
 
 @pytest.fixture
@@ -78,18 +46,18 @@ def assert_identical(baseline, baseline_losses, resumed, resumed_losses, assert_
 def test_stopping_at_step_k_and_resuming_equals_the_uninterrupted_run(configs, stop_at, assert_same_state):
     base_cfg, cut_cfg = configs()
     assert base_cfg.dropout > 0  # dropout makes the torch RNG part of the state under test
-    baseline, base_result = run(base_cfg)
-    resumed, losses = run_in_pieces(cut_cfg, [stop_at])
+    baseline, base_result = train(base_cfg)
+    resumed, losses = train_in_pieces(cut_cfg, [stop_at])
     assert_identical(baseline, base_result.step_losses, resumed, losses, assert_same_state)
 
 
 def test_a_gradient_accumulation_run_stopped_between_checkpoints_resumes_exactly(configs, assert_same_state):
     base_cfg, cut_cfg = configs(grad_accum=2, ckpt_interval=8)
-    baseline, base_result = run(base_cfg)
-    _, first = run(cut_cfg, stop_at=11)  # checkpoints fall due at 8 and 16; the stop forces one at 11
+    baseline, base_result = train(base_cfg)
+    _, first = train(cut_cfg, stop_at=11)  # checkpoints fall due at 8 and 16; the stop forces one at 11
     assert sorted(p.name for p in (Path(cut_cfg.out_dir) / "checkpoints").glob("*.pt")) == [
         "step_00000008.pt", "step_00000011.pt"]
-    resumed, second = run(dataclasses.replace(cut_cfg, resume="auto"))
+    resumed, second = train(dataclasses.replace(cut_cfg, resume="auto"))
     assert_identical(baseline, base_result.step_losses, resumed, first.step_losses + second.step_losses,
                      assert_same_state)
     assert resumed.sampler.index == N  # one global batch (two micro-batches) per step, none drawn twice
@@ -97,19 +65,19 @@ def test_a_gradient_accumulation_run_stopped_between_checkpoints_resumes_exactly
 
 def test_three_chained_interruptions_give_the_same_result_as_one_run(configs, assert_same_state):
     base_cfg, cut_cfg = configs()
-    baseline, base_result = run(base_cfg)
-    resumed, losses = run_in_pieces(cut_cfg, [2, 7, 15])
+    baseline, base_result = train(base_cfg)
+    resumed, losses = train_in_pieces(cut_cfg, [2, 7, 15])
     assert_identical(baseline, base_result.step_losses, resumed, losses, assert_same_state)
 
 
 def test_resuming_from_an_older_checkpoint_replays_the_lost_steps_exactly(configs, assert_same_state):
     """A crash after step 13 loses steps 11-13; resuming from step 10 must redo them identically."""
     base_cfg, cut_cfg = configs()
-    baseline, base_result = run(base_cfg)
-    _, first = run(cut_cfg, stop_at=13)
+    baseline, base_result = train(base_cfg)
+    _, first = train(cut_cfg, stop_at=13)
     newest = step_path(Path(cut_cfg.out_dir) / "checkpoints", 13)
     newest.unlink()
-    resumed, second = run(dataclasses.replace(cut_cfg, resume="auto"))
+    resumed, second = train(dataclasses.replace(cut_cfg, resume="auto"))
     assert resumed.resumed_from == step_path(Path(cut_cfg.out_dir) / "checkpoints", 10)
     assert first.step_losses[10:13] == second.step_losses[:3]
     assert first.step_losses[:10] + second.step_losses == base_result.step_losses
@@ -125,8 +93,8 @@ def test_resuming_from_an_older_checkpoint_replays_the_lost_steps_exactly(config
 def test_the_checkpoint_written_at_a_stop_equals_the_one_an_uninterrupted_run_writes_there(
         configs, stop_at, assert_same_state):
     base_cfg, cut_cfg = configs()
-    run(dataclasses.replace(base_cfg, ckpt_interval=1, keep_last=N))
-    run(cut_cfg, stop_at=stop_at)
+    train(dataclasses.replace(base_cfg, ckpt_interval=1, keep_last=N))
+    train(cut_cfg, stop_at=stop_at)
     expected = load_checkpoint(step_path(Path(base_cfg.out_dir) / "checkpoints", stop_at))
     written = load_checkpoint(step_path(Path(cut_cfg.out_dir) / "checkpoints", stop_at))
     for state in (expected, written):
@@ -139,9 +107,9 @@ def test_the_checkpoint_written_at_a_stop_equals_the_one_an_uninterrupted_run_wr
 
 def test_a_resume_that_skips_restoring_the_rngs_is_detected(configs, monkeypatch, assert_same_state):
     base_cfg, cut_cfg = configs()
-    baseline, base_result = run(base_cfg)
+    baseline, base_result = train(base_cfg)
     monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: [])
-    resumed, losses = run_in_pieces(cut_cfg, [6])
+    resumed, losses = train_in_pieces(cut_cfg, [6])
     assert losses[:6] == base_result.step_losses[:6]
     assert losses[6] != base_result.step_losses[6]  # dropout masks differ from the first resumed step
     with pytest.raises(AssertionError, match="differ"):
@@ -150,9 +118,9 @@ def test_a_resume_that_skips_restoring_the_rngs_is_detected(configs, monkeypatch
 
 def test_a_resume_that_skips_restoring_the_sampler_is_detected(configs, monkeypatch, assert_same_state):
     base_cfg, cut_cfg = configs()
-    baseline, base_result = run(base_cfg)
+    baseline, base_result = train(base_cfg)
     monkeypatch.setattr(BatchSampler, "load_state_dict", lambda self, state: None)
-    resumed, losses = run_in_pieces(cut_cfg, [6])
+    resumed, losses = train_in_pieces(cut_cfg, [6])
     assert losses[6] != base_result.step_losses[6]
     with pytest.raises(AssertionError):
         assert_identical(baseline, base_result.step_losses, resumed, losses, assert_same_state)
@@ -160,9 +128,9 @@ def test_a_resume_that_skips_restoring_the_sampler_is_detected(configs, monkeypa
 
 def test_a_resume_that_skips_the_optimizer_state_is_detected(configs, monkeypatch, assert_same_state):
     base_cfg, cut_cfg = configs()
-    baseline, base_result = run(base_cfg)
+    baseline, base_result = train(base_cfg)
     monkeypatch.setattr(trainer_module.torch.optim.AdamW, "load_state_dict", lambda self, state: None)
-    resumed, losses = run_in_pieces(cut_cfg, [6])
+    resumed, losses = train_in_pieces(cut_cfg, [6])
     with pytest.raises(AssertionError):
         assert_same_state(baseline.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
     assert losses != base_result.step_losses
@@ -171,7 +139,7 @@ def test_a_resume_that_skips_the_optimizer_state_is_detected(configs, monkeypatc
 def test_a_stop_during_the_final_evaluation_is_a_stop_and_the_restart_redoes_it(configs, monkeypatch,
                                                                                   assert_same_state):
     base_cfg, cut_cfg = configs()
-    baseline, _ = run(base_cfg)
+    baseline, _ = train(base_cfg)
 
     trainer = Trainer(cut_cfg)
     real_windows = trainer_module.windows

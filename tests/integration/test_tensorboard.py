@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nanoresume.checkpoint import step_path
-from nanoresume.trainer import Trainer
+from tests.helpers import train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -26,33 +26,29 @@ def next_second() -> None:
     time.sleep(1.02 - time.time() % 1)
 
 
-def train(cfg, stop_at=None):
-    hook = (lambda tr, step, loss: tr.stop.request("test", 99) if step == stop_at else None) if stop_at else None
-    return Trainer(cfg, on_step=hook).run()
-
-
 def test_a_single_run_logs_train_loss_at_every_step_and_val_loss_at_each_eval(make_config):
     cfg = make_config(max_steps=10, eval_interval=5)
-    result = train(cfg)
+    _, result = train(cfg)
     scalars = read_scalars(Path(cfg.out_dir) / "tb")
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity"} <= set(scalars)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss",
+            "val/perplexity"} <= set(scalars)
     assert [e.step for e in scalars["train/loss"]] == list(range(1, 11))
-    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(l)) for _, l in result.step_losses]
+    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(loss)) for _, loss in result.step_losses]
     assert [e.step for e in scalars["val/loss"]] == [0, 5, 10]
 
 
 def test_after_a_stop_and_resume_train_loss_steps_strictly_increase_without_duplicates(make_config):
     cfg = make_config(max_steps=20, eval_interval=5)
-    first = train(cfg, stop_at=7)
+    _, first = train(cfg, stop_at=7)
     next_second()
-    second = train(dataclasses.replace(cfg, resume="auto"))
+    _, second = train(dataclasses.replace(cfg, resume="auto"))
     tb = Path(cfg.out_dir) / "tb"
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2
     scalars = read_scalars(tb)
     steps = [e.step for e in scalars["train/loss"]]
     assert steps == list(range(1, 21))
     losses = first.step_losses + second.step_losses
-    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(l)) for _, l in losses]
+    assert [e.value for e in scalars["train/loss"]] == [float(np.float32(loss)) for _, loss in losses]
     assert [e.step for e in scalars["val/loss"]] == [0, 5, 10, 15, 20]
 
 
@@ -62,10 +58,10 @@ def test_steps_lost_after_the_resumed_checkpoint_are_purged_not_duplicated(make_
     train(cfg, stop_at=13)
     step_path(Path(cfg.out_dir) / "checkpoints", 13).unlink()  # as if killed before saving step 13
     next_second()
-    resumed = train(dataclasses.replace(cfg, resume="auto"))
+    _, resumed = train(dataclasses.replace(cfg, resume="auto"))
     assert resumed.step_losses[0][0] == 11
     scalars = read_scalars(Path(cfg.out_dir) / "tb")
     steps = [e.step for e in scalars["train/loss"]]
     assert steps == list(range(1, 21))
-    assert [e.value for e in scalars["train/loss"]][10:] == [float(np.float32(l)) for _, l in resumed.step_losses]
+    assert [e.value for e in scalars["train/loss"]][10:] == [float(np.float32(loss)) for _, loss in resumed.step_losses]
     assert [e.step for e in scalars["val/loss"]] == [0, 5, 10, 15, 20]

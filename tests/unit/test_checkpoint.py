@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from nanoresume import checkpoint
-from nanoresume.checkpoint import (CheckpointManager, checksum_path, load_checkpoint, remove_leftovers,
-                                   resolve_resume, save_atomically, step_path)
+from nanoresume.checkpoint import (checksum_path, load_checkpoint, remove_leftovers,
+                                   save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
 from nanoresume.trainer import Trainer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import pytest
 
@@ -53,6 +54,10 @@ def test_an_unknown_preset_is_refused_naming_the_flag():
     (dict(dropout=-0.1), "--dropout"),
     (dict(lr=0.0), "--lr"),
     (dict(lr=float("nan")), "--lr"),
+    (dict(lr=1e308), "--lr 1e+308 must be in (0, 1]"),
+    (dict(seed=-1), "--seed -1 must be in [0, 2**64 - 1]"),
+    (dict(seed=2**70), f"--seed {2**70} must be in"),
+    (dict(data="/dev/zero"), "--data /dev/zero is not a regular file"),
     (dict(min_lr_ratio=1.5), "--min-lr-ratio"),
     (dict(warmup_steps=-1), "--warmup-steps"),
     (dict(weight_decay=-0.1), "--weight-decay"),
@@ -73,6 +78,16 @@ def test_every_validation_rule_names_its_flag(overrides, named):
     assert "\n" not in str(info.value)
 
 
+def test_an_empty_data_file_or_a_fifo_is_refused_by_validation_before_anything_is_created(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for data, named in ((empty, "holds no text"), (fifo, "not a regular file")):
+        with pytest.raises(ConfigError, match=named):
+            resolve_config(TrainConfig(data=str(data)))
+
+
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
         resolve_config(TrainConfig(max_steps=-1, dropout=2.0, lr=-1.0))
@@ -83,6 +98,8 @@ def test_all_problems_are_reported_together():
 def test_valid_edge_values_are_accepted():
     cfg = resolve_config(TrainConfig(dropout=0.0, warmup_steps=0, grad_clip=0.0, weight_decay=0.0,
                                      min_lr_ratio=0.0, beta1=0.0, ckpt_interval=1, time_limit=0.5))
+    resolve_config(TrainConfig(seed=0, lr=1.0))
+    resolve_config(TrainConfig(seed=2**64 - 1))
     assert cfg.effective_ckpt_interval == 1
     assert resolve_config(TrainConfig(eval_interval=7)).effective_ckpt_interval == 7
 

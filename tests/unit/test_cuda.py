@@ -9,9 +9,11 @@ import torch
 
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.runtime import resolve_dtype
-from tests.integration.test_resume_exact import N, final_state, run, run_in_pieces
+from tests.helpers import final_state, train, train_in_pieces
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+N = 20  # steps of every run here
 
 
 @pytest.fixture
@@ -31,15 +33,15 @@ def test_auto_dtype_on_a_gpu_is_bf16_where_supported_else_fp16():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_a_gpu_run_stopped_and_resumed_is_bitwise_the_uninterrupted_one(gpu_configs, dtype, assert_same_state):
     base_cfg, cut_cfg = gpu_configs(dtype, grad_accum=2)
-    baseline, base_result = run(base_cfg)
-    resumed, losses = run_in_pieces(cut_cfg, [6, 13])
+    baseline, base_result = train(base_cfg)
+    resumed, losses = train_in_pieces(cut_cfg, [6, 13])
     assert losses == base_result.step_losses
     assert_same_state(final_state(baseline), final_state(resumed))
 
 
 def test_fp16_checkpoints_hold_the_grad_scaler_and_cuda_rng_state(gpu_configs):
     base_cfg, _ = gpu_configs("float16")
-    trainer, _ = run(base_cfg)
+    trainer, _ = train(base_cfg)
     state = load_checkpoint(step_path(trainer.run_dir.checkpoints, N))
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     cuda_rng = state["ranks"][0]["rng"]["cuda"]
@@ -49,6 +51,6 @@ def test_fp16_checkpoints_hold_the_grad_scaler_and_cuda_rng_state(gpu_configs):
 
 def test_a_gpu_checkpoint_loads_on_the_cpu_for_inspection(gpu_configs):
     base_cfg, _ = gpu_configs("bfloat16")
-    trainer, _ = run(base_cfg)
+    trainer, _ = train(base_cfg)
     state = load_checkpoint(step_path(trainer.run_dir.checkpoints, N), map_location="cpu")
     assert all(t.device.type == "cpu" for t in state["model"].values())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,7 +76,7 @@ def test_the_split_is_deterministic_and_validation_is_the_last_fraction(tmp_path
     assert bytes(again.val) == bytes(tokens.val)
 
 
-def test_the_second_load_memory_maps_the_cache_without_reading_the_source(tmp_path, monkeypatch):
+def test_the_second_load_memory_maps_the_cache_without_writing_it_again(tmp_path, monkeypatch):
     path = tmp_path / "a.txt"
     path.write_text(TEXT)
     cache = tmp_path / "cache"
@@ -81,11 +84,11 @@ def test_the_second_load_memory_maps_the_cache_without_reading_the_source(tmp_pa
     cached = sorted(cache.glob("*.bin"))
     assert len(cached) == 1
 
-    def no_reading(p):
-        raise AssertionError(f"source {p} was read again although the cache is valid")
+    def no_writing(p, payload):
+        raise AssertionError(f"cache {p} was written again although it is valid")
 
-    monkeypatch.setattr(data_module, "_read_bytes", no_reading)
-    second = load_tokens(str(path), 0.1, str(cache))
+    monkeypatch.setattr(data_module, "write_file_atomically", no_writing)
+    second = load_tokens(str(path), 0.1, str(cache), warn=pytest.fail)
     assert isinstance(second.train, np.memmap)
     assert os.path.samefile(second.train.filename, cached[0])
     assert second.fingerprint == first.fingerprint
@@ -114,14 +117,99 @@ def test_a_same_size_edit_with_a_new_mtime_invalidates_the_cache(tmp_path):
     assert all_tokens(load_tokens(str(path), 0.1, cache)) == b"y" * 500
 
 
-def test_a_corrupt_cache_is_rebuilt_instead_of_trusted(tmp_path):
+def test_a_same_size_edit_that_keeps_the_mtime_is_not_served_from_the_stale_cache(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"x" * 500)
+    cache = str(tmp_path / "cache")
+    before = load_tokens(str(path), 0.1, cache)
+    stat = path.stat()
+    path.write_bytes(b"y" * 500)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime: only the bytes differ
+    after = load_tokens(str(path), 0.1, cache)
+    assert all_tokens(after) == b"y" * 500
+    assert after.fingerprint != before.fingerprint  # so a resume on the edited data is refused
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
+def test_a_damaged_cache_is_rebuilt_with_one_warning_instead_of_trusted(tmp_path, damage):
     path = tmp_path / "a.txt"
     path.write_text(TEXT)
     cache = tmp_path / "cache"
     load_tokens(str(path), 0.1, str(cache))
-    [meta] = cache.glob("*.json")
-    meta.write_text("{not json")
-    assert all_tokens(load_tokens(str(path), 0.1, str(cache))) == TEXT.encode()
+    [cached] = cache.glob("*.bin")
+    data = bytearray(cached.read_bytes())
+    if damage == "truncate":
+        del data[-10:]
+    else:
+        data[5] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    warnings = []
+    assert all_tokens(load_tokens(str(path), 0.1, str(cache), warn=warnings.append)) == TEXT.encode()
+    assert len(warnings) == 1 and str(cached) in warnings[0] and "rebuilding" in warnings[0]
+    assert cached.read_bytes() == TEXT.encode()
+
+
+def test_an_unwritable_cache_folder_warns_once_and_the_tokens_are_still_right(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where the cache folder should go")
+    warnings = []
+    tokens = load_tokens(str(path), 0.1, str(blocker / "cache"), warn=warnings.append)
+    assert all_tokens(tokens) == TEXT.encode()
+    assert len(warnings) == 1 and "cannot write the token cache" in warnings[0] and "--cache-dir" in warnings[0]
+
+
+def test_temp_files_of_cache_writes_killed_midway_are_removed_with_a_warning(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(TEXT)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (the kernel does not reuse it this soon)
+    abandoned = [cache / f".tokens-v2-{'a' * 32}.bin.tmp.{dead.pid}",
+                 cache / f".{'b' * 24}.bin.tmp.{dead.pid}"]  # the name the previous cache format used
+    live = cache / f".tokens-v2-{'c' * 32}.bin.tmp.{os.getpid()}"  # a writer still at work
+    unrelated = cache / "notes.tmp.1"
+    for file in abandoned + [live, unrelated]:
+        file.write_bytes(b"\0" * 1000)
+    warnings = []
+    load_tokens(str(path), 0.1, str(cache), warn=warnings.append)
+    assert not any(f.exists() for f in abandoned)
+    assert live.exists() and unrelated.exists()
+    assert len(warnings) == 2 and all("interrupted write" in w for w in warnings)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_device_or_a_fifo_as_data_is_refused_at_once_instead_of_read_forever(tmp_path, kind):
+    if kind == "device":
+        target = "/dev/zero"
+    else:
+        target = str(tmp_path / "pipe")
+        os.mkfifo(target)
+
+    def hung(signum, frame):
+        raise TimeoutError(f"--data {target} hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)  # the old code read /dev/zero until memory ran out and blocked forever on a FIFO
+    try:
+        with pytest.raises(DataError, match="not a regular file") as info:
+            load_tokens(target, 0.1, str(tmp_path / "cache"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert f"--data {target}" in str(info.value)
+
+
+def test_a_npy_file_that_is_not_numpy_is_named_as_such_without_advice_to_load_it_unsafely(tmp_path):
+    garbage = tmp_path / "t.npy"
+    garbage.write_bytes(b"these bytes are no array header" * 10)
+    with pytest.raises(DataError) as info:
+        load_tokens(str(garbage), 0.1)
+    message = str(info.value)
+    assert "not a NumPy .npy file" in message and "numpy.save" in message
+    assert "allow_pickle" not in message and "unsafely" not in message
 
 
 def test_an_empty_text_file_raises_data_error_naming_data(tmp_path):

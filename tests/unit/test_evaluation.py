@@ -16,8 +16,8 @@ from nanoresume.config import ModelConfig
 from nanoresume.data import windows
 from nanoresume.model import GPT
 from nanoresume.trainer import Trainer
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EVALUATE_SCRIPT = REPO / "scripts" / "evaluate.py"
 CPU = torch.device("cpu")
 BLOCK = 16
@@ -76,9 +76,9 @@ def test_unequal_batches_are_weighted_by_tokens_not_averaged_per_batch() -> None
     assert evaluation.mean_loss(model, [big, small], CPU).loss == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_agrees_with_the_training_loops_own_eval_on_its_windows(make_config) -> None:
-    trainer = Trainer(make_config(max_steps=5))
-    try:
+    with Trainer(make_config(max_steps=5)) as trainer:
         trainer.train_step()
         batches = [windows(trainer.data.val, offsets, trainer.cfg.block_size) for offsets in trainer.val_batches]
         ours = evaluation.mean_loss(trainer.raw_model, batches, CPU).loss
@@ -86,10 +86,9 @@ def test_agrees_with_the_training_loops_own_eval_on_its_windows(make_config) -> 
         # up to float summation order (it sums float32 batch means, we sum float64 token losses).
         assert ours == pytest.approx(trainer.evaluate(), rel=1e-6)
         assert trainer.raw_model.training  # mean_loss put the mode back
-    finally:
-        trainer.run_dir.close()
 
 
+@pytest.mark.slow
 def test_cli_on_a_text_file_prints_the_same_loss(make_config, tiny_text: Path, tmp_path: Path) -> None:
     cfg = make_config(max_steps=5, eval_interval=5)
     Trainer(cfg).run()
@@ -108,6 +107,7 @@ def test_cli_on_a_text_file_prints_the_same_loss(make_config, tiny_text: Path, t
     assert f"{expected.tokens:,} tokens" in proc.stdout
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_with_exit_code_2(make_config, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = make_config(max_steps=1, eval_interval=1)
     Trainer(cfg).run()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoresume.config import ModelConfig
-from nanoresume.model import GPT
+from nanoresume.model import GPT, parameter_count
 from nanoresume.optim import build_optimizer
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
@@ -37,13 +37,20 @@ def test_a_sequence_longer_than_block_size_is_refused():
         GPT(TINY)(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_input_embedding_and_output_head_share_one_tensor():
+def test_input_embedding_and_output_head_share_one_tensor_counted_once():
     model = GPT(TINY)
     assert model.lm_head.weight is model.wte.weight
-    # counted once: parameters() yields the shared matrix only once
     names = [n for n, _ in model.named_parameters()]
     assert "wte.weight" in names and "lm_head.weight" not in names
-    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    # By hand: embeddings 256*32 + 16*32; per block LayerNorms 2*64, qkv 32*96+96, proj 32*32+32,
+    # MLP 32*128+128 and 128*32+32; final LayerNorm 64. The tied 256x32 matrix twice would be 42,368.
+    assert model.num_parameters() == 8192 + 512 + 2 * (128 + 3168 + 1056 + 4224 + 4128) + 64 == 34_176
+
+
+@pytest.mark.parametrize("cfg", [TINY, ModelConfig(n_layer=3, n_head=4, n_embd=48, block_size=40, bias=False)],
+                         ids=["bias", "no-bias"])
+def test_parameter_count_without_building_the_model_matches_the_built_model(cfg):
+    assert parameter_count(cfg) == GPT(cfg).num_parameters()
 
 
 def test_attention_is_causal_so_later_tokens_do_not_change_earlier_logits():

@@ -14,8 +14,8 @@ from nanoresume import sampling
 from nanoresume.config import ModelConfig
 from nanoresume.model import GPT
 from nanoresume.trainer import Trainer
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SCRIPT = REPO / "scripts" / "sample.py"
 CPU = torch.device("cpu")
 
@@ -57,6 +57,7 @@ def test_prompt_longer_than_block_size_is_cropped_not_an_error() -> None:
     assert tokens[:40] == list(b"x" * 40) and len(tokens) == 45
 
 
+@pytest.mark.slow
 def test_samples_from_best_pt_and_from_a_step_checkpoint(make_config, capsys: pytest.CaptureFixture) -> None:
     cfg = make_config(max_steps=4, eval_interval=2)
     Trainer(cfg).run()
@@ -71,6 +72,7 @@ def test_samples_from_best_pt_and_from_a_step_checkpoint(make_config, capsys: py
         assert first.startswith("def ")
 
 
+@pytest.mark.slow
 def test_cli_prints_replacement_chars_even_on_an_ascii_terminal(make_config) -> None:
     """best.pt at step 0 is an untrained model: its bytes are near-uniform, so most are invalid UTF-8."""
     cfg = make_config(max_steps=1, eval_interval=1)

@@ -1,0 +1,118 @@
+"""Helpers the tests share: paths, the tiny model's flags, running scripts, training in pieces.
+
+Fixtures live in ``tests/conftest.py``; plain functions live here and are imported
+(``from tests.helpers import run_train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from nanoresume.config import TrainConfig
+    from nanoresume.trainer import RunResult, Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+
+# Small enough that a step takes milliseconds on a 2-core CPU, big enough to learn something.
+TINY_FLAGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, dropout=0.1,
+                  eval_iters=2, warmup_steps=5, lr=3e-3)
+
+# The six type-confused checkpoints the outside battery found, each with a matching checksum,
+# and what the one-line problem about each must name (the key at fault).
+TYPE_CONFUSED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "format_version-is-a-string": (lambda s: s.update(format_version="1"), "'format_version'"),
+    "kind-is-a-list": (lambda s: s.update(kind=["train"]), "'kind'"),
+    "config-field-of-the-wrong-type": (lambda s: s["config"].update(n_layer="2"), "config.n_layer"),
+    "ranks-empty": (lambda s: s.update(ranks=[]), "'ranks'"),
+    "data-without-fingerprint": (lambda s: s["data"].pop("fingerprint"), "data.fingerprint"),
+    "optimizer-without-param-groups": (lambda s: s["optimizer"].update(param_groups=[]), "optimizer.param_groups"),
+}
+
+
+def cli_flags(cfg_values: dict[str, Any]) -> list[str]:
+    """Command-line flags for a dict of config values (booleans as --x / --no-x)."""
+    args = []
+    for name, value in cfg_values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def run_script(script: Path, *args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run one of scripts/*.py in a real subprocess and capture its output as text."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+
+
+def run_train(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run scripts/train.py in a real subprocess and capture its output."""
+    return run_script(TRAIN_SCRIPT, *args, timeout=timeout, **kwargs)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """The process failed with ``code`` and exactly one stderr line holding every needle; no traceback."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def flip_a_byte(path: Path) -> None:
+    """Corrupt a file in its middle, keeping its size (its checksum then no longer matches)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def stop_after(step: int) -> Callable[[Trainer, int, float], None]:
+    """An ``on_step`` hook that requests a stop right after ``step`` (as a signal would; exit code 99)."""
+
+    def hook(trainer: Trainer, current: int, loss: float) -> None:
+        if current == step:
+            trainer.stop.request("test", 99)
+
+    return hook
+
+
+def train(cfg: TrainConfig, stop_at: Optional[int] = None) -> tuple[Trainer, RunResult]:
+    """Train ``cfg`` (stopping right after ``stop_at`` if given); returns (trainer, result)."""
+    from nanoresume.trainer import Trainer
+
+    trainer = Trainer(cfg, on_step=stop_after(stop_at) if stop_at is not None else None)
+    result = trainer.run()
+    if stop_at is not None and stop_at < cfg.max_steps:
+        assert (result.step, result.stop_reason, result.exit_code) == (stop_at, "test", 99)
+    return trainer, result
+
+
+def train_in_pieces(cfg: TrainConfig, stops: list[int]) -> tuple[Trainer, list[tuple[int, float]]]:
+    """Stop after each step in ``stops`` and resume (--resume auto) until max_steps; all losses."""
+    losses: list[tuple[int, float]] = []
+    trainer, result = train(cfg, stop_at=stops[0])
+    losses += result.step_losses
+    for stop_at in stops[1:] + [None]:
+        trainer, result = train(dataclasses.replace(cfg, resume="auto"), stop_at=stop_at)
+        assert trainer.resumed_from is not None
+        losses += result.step_losses
+    return trainer, losses
+
+
+def final_state(trainer: Trainer) -> dict[str, Any]:
+    """Everything a run ends with, except the config (out_dir and resume differ by design)."""
+    state = trainer.state_dict()
+    del state["config"]
+    return state
