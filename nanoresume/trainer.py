@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,9 @@ from .config import ARCHITECTURE_FIELDS, RUNTIME_FIELDS, TrainConfig, config_fro
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .loading import load_valid
-from .metrics import Console, TensorBoardLog
+from .console import Console, configure_logging, format_elapsed, log, wants_bar
+from .invocation import DEFAULT_TRAIN_COMMAND, shell_command
+from .metrics import Metrics, MetricsCallback
 from .model import GPT
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
@@ -69,22 +71,24 @@ class RunResult:
     last_checkpoint: Optional[Path] = None
 
 
-def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, list[str]]:
-    """The config of a resumed run: the checkpoint's, overridden by flags given now.
+def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]],
+                         source: str = "the checkpoint", must_match: Sequence[str] = ARCHITECTURE_FIELDS,
+                         ) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the saved one (``source``), overridden by flags given now.
 
     ``explicit`` names the flags the user typed (None: every field counts as given,
-    as in library use). Raises :class:`CheckpointError` naming every field that
-    defines the model or data and differs; returns the merged config and a line
-    per other changed field.
+    as in library use). Raises :class:`CheckpointError` naming every field of
+    ``must_match`` (those that define the model or data) that differs; returns the
+    merged config and a line per other changed field.
     """
     base = config_from_dict(saved)
     given = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else set(explicit)
     merged = dataclasses.replace(base, **{name: getattr(current, name) for name in given | set(RUNTIME_FIELDS)})
-    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in the checkpoint but {getattr(merged, name)!r} now"
-                  for name in ARCHITECTURE_FIELDS if getattr(base, name) != getattr(merged, name)]
+    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in {source} but {getattr(merged, name)!r} now"
+                  for name in must_match if getattr(base, name) != getattr(merged, name)]
     if mismatches:
         raise CheckpointError("cannot resume: " + "; ".join(mismatches)
-                              + ". Pass the checkpoint's values, or choose another --out-dir for a new run")
+                              + f". Pass the values in {source}, or choose another --out-dir for a new run")
     changes = [f"{flag(f.name)}: {getattr(base, f.name)!r} -> {getattr(merged, f.name)!r}"
                + (" (no effect: the data order and random numbers continue from the checkpoint)"
                   if f.name == "seed" else "")
@@ -103,13 +107,20 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
-                 on_step: Optional[Callable[["Trainer", int, float], None]] = None) -> None:
+                 on_step: Optional[Callable[["Trainer", int, float], None]] = None,
+                 on_metrics: Optional[MetricsCallback] = None,
+                 command: Sequence[str] = DEFAULT_TRAIN_COMMAND) -> None:
         self.stop = stop or StopFlag()
         self.on_step = on_step
+        self.on_metrics = on_metrics  # (step, {"train/loss": ...} or {"val/loss": ...}): see metrics.py
+        self.command = list(command)  # what the user runs to train: repeated in "Continue with: ..."
         self.started = time.monotonic()
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
+        if not log.handlers:  # a program that gave the "nanoresume" logger a handler routes our lines itself
+            configure_logging()
         self.run_dir = RunDir(Path(cfg.out_dir))
-        self.console = Console(cfg.max_steps, 0, show_bar=False)  # replaced once the start step is known
+        self.console = Console(cfg.max_steps, 0, show_bar=False, log_interval=cfg.log_interval,
+                               started=self.started)  # replaced once the start step is known
         self.run_dir.open(self.console.warn)
         try:
             self._build(cfg, explicit)
@@ -131,11 +142,15 @@ class Trainer:
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last)
         resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
+        restarting = False  # True: a run killed before its first checkpoint, trained again from step 0
         if resumed is not None:
             cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit)
             manager.interval, manager.keep_last = cfg.effective_ckpt_interval, cfg.keep_last
             for change in changes:
                 self.console.log(f"changed on resume: {change}")
+        elif cfg.resume == "auto":
+            cfg, restarting = self._config_of_unsaved_run(cfg, explicit)
+            manager.interval, manager.keep_last = cfg.effective_ckpt_interval, cfg.keep_last
         problems = validate(cfg)  # the CLI defers this when resuming: flags only make sense merged
         if problems:
             raise ConfigError("; ".join(problems))
@@ -144,7 +159,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
-        self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir)
+        self.data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype, cfg.vocab_size)
         check_block_size(self.data, cfg.block_size)
 
         seed_everything(cfg.seed)
@@ -165,10 +180,26 @@ class Trainer:
             for moved in manager.set_aside_after(self.progress.step):
                 self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
                                   f"run resumed from, so it belongs to a timeline the run left")
+        elif restarting:
+            self.console.log(f"no checkpoint in {self.run_dir.checkpoints} yet: training the run that "
+                             f"{self.run_dir.config} describes again, from step 0")
         elif cfg.resume == "auto":
             self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
         self.resumed_from = resumed[0] if resumed else None
         self.run_dir.write_config(cfg.to_dict())
+
+    def _config_of_unsaved_run(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> tuple[TrainConfig, bool]:
+        """``--resume auto`` and no checkpoint: a run killed before its first one still left
+        OUT/config.json. Train that run again from step 0 (True), its settings overridden by
+        the flags given now and checked like a resume's; with no config.json, ``cfg`` (False)."""
+        saved = self.run_dir.read_config()
+        if saved is None:
+            return cfg, False
+        merged, changes = merge_resumed_config(saved, cfg, explicit, source=str(self.run_dir.config),
+                                               must_match=(*ARCHITECTURE_FIELDS, "data", "token_dtype"))
+        for change in changes:
+            self.console.log(f"changed since the last start: {change}")
+        return merged, True
 
     # ---- state -------------------------------------------------------------------------
 
@@ -284,13 +315,11 @@ class Trainer:
         """Train until ``max_steps`` or a stop request; always save before returning."""
         cfg, progress = self.cfg, self.progress
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
-        self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress)
+        self.console = Console(cfg.max_steps, progress.step, show_bar=wants_bar(cfg.progress),
+                               log_interval=cfg.log_interval, started=self.started)
         with contextlib.ExitStack() as cleanup:  # every close runs, even if an earlier one fails
             cleanup.callback(self.close)
             cleanup.callback(self.console.close)
-            tensorboard = TensorBoardLog(self.run_dir.tensorboard, progress.step if self.resumed_from else None,
-                                         self.console.warn)
-            cleanup.callback(tensorboard.close)
             if not self.stop.can_install():
                 self.console.warn("not in the main thread: signals will not stop training gracefully")
             with self.stop.installed():
@@ -299,25 +328,40 @@ class Trainer:
                     self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
                                      f"nothing to do (raise --max-steps to train longer)")
                     return result
-                self._loop(tensorboard, result)
+                metrics = Metrics(self.run_dir.tensorboard, self.run_dir.metrics, self.console.warn, self.on_metrics)
+                cleanup.callback(metrics.close)
+                self._start_metrics(metrics)
+                self._loop(metrics, result)
         return result
 
-    def _loop(self, tensorboard: TensorBoardLog, result: RunResult) -> None:
+    def _start_metrics(self, metrics: Metrics) -> None:
+        """Log from the first step this start trains: a resume from step R continues at R + 1, a new
+        run (or one killed before its first checkpoint) at 0, dropping what earlier starts logged there."""
+        first_logged = self.progress.step + 1 if self.resumed_from else 0
+        last_lost = metrics.start(first_logged, self.cfg.to_dict())
+        first_trained = self.progress.step + 1
+        if last_lost is not None and last_lost >= first_trained:
+            steps = f"step {first_trained:,}" if last_lost == first_trained else \
+                f"steps {first_trained:,}-{last_lost:,}"
+            self.console.log(f"{steps} trained before the last stop were never saved: lost, training again")
+
+    def _loop(self, metrics: Metrics, result: RunResult) -> None:
         cfg, progress = self.cfg, self.progress
         window = _Window()
         if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
-            self._evaluate_and_log(tensorboard, window)
+            self._evaluate_and_log(metrics, window)
         while progress.step < cfg.max_steps and not self.stop.is_set():
             step_start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # the step's own: train_step moves the schedule on
             loss, grad_norm = self.train_step()
             progress.step += 1
             progress.tokens_seen += cfg.tokens_per_step
-            self._log_step(tensorboard, window, loss, grad_norm, time.perf_counter() - step_start)
+            self._log_step(metrics, window, loss, lr, grad_norm, time.perf_counter() - step_start)
             result.step_losses.append((progress.step, loss))
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
             if self._evaluation_due():
-                self._evaluate_and_log(tensorboard, window)
+                self._evaluate_and_log(metrics, window)
             self._check_time_limit(window.slowest_step)
             last = progress.step == cfg.max_steps
             saved = self.manager.maybe_save(progress.step, self._checkpoint_state, force=last or self.stop.is_set())
@@ -332,16 +376,17 @@ class Trainer:
         if self.stop.is_set() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
             self.console.log(self._stopped_message(result.last_checkpoint))
-        tensorboard.flush()
+        elif not unfinished:
+            self.console.log(self._finished_message())
+        metrics.flush()
 
-    def _log_step(self, tensorboard: TensorBoardLog, window: "_Window", loss: float, grad_norm: float,
+    def _log_step(self, metrics: Metrics, window: "_Window", loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:
         tokens = self.cfg.tokens_per_step
         window.add(loss, tokens, seconds)
-        lr = self.optimizer.param_groups[0]["lr"]
-        tensorboard.scalars(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                                 "train/tokens_per_s": tokens / seconds})
-        self.console.advance(loss, lr, tokens / seconds)
+        metrics.log(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                         "train/tokens_per_s": tokens / seconds})
+        self.console.advance(self.progress.step, loss, lr, tokens, seconds)
 
     def _evaluation_due(self) -> bool:
         step = self.progress.step
@@ -355,7 +400,7 @@ class Trainer:
                                          f"not saving it. Lower --lr, then rerun with --resume auto")
         return self.state_dict()
 
-    def _evaluate_and_log(self, tensorboard: TensorBoardLog, window: "_Window") -> None:
+    def _evaluate_and_log(self, metrics: Metrics, window: "_Window") -> None:
         train_loss, tokens_per_second = window.summary()
         val_loss = self.evaluate()
         if val_loss is None:
@@ -363,7 +408,8 @@ class Trainer:
         step = self.progress.step
         self.progress.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
-        tensorboard.scalars(step, {"val/loss": val_loss, "val/perplexity": ppl})
+        metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
+        metrics.flush()
         train = f"{train_loss:.4f}" if train_loss is not None else "-"
         rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
         self.console.log(f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | "
@@ -397,5 +443,12 @@ class Trainer:
 
     def _stopped_message(self, saved: Optional[Path]) -> str:
         where = f"saved {saved}" if saved is not None else "nothing new to save"
-        return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: "
-                f"python scripts/train.py --out-dir {self.cfg.out_dir} --resume auto")
+        again = shell_command([*self.command, "--out-dir", self.cfg.out_dir, "--resume", "auto"])
+        return f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: {again}"
+
+    def _finished_message(self) -> str:
+        best = self.progress.best_val_loss
+        best_text = f"best val loss {best:.4f} in {self.run_dir.best}" if math.isfinite(best) else \
+            "no validation loss yet"
+        return (f"finished: {self.progress.step:,} steps, {self.progress.tokens_seen:,} tokens, {best_text}, "
+                f"wall time {format_elapsed(time.monotonic() - self.started)}")
