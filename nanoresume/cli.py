@@ -1,4 +1,4 @@
-"""``python scripts/train.py``: parse flags, train, and turn every outcome into an exit code.
+"""``nanoresume train`` (also ``python scripts/train.py``): parse flags, train, and turn every outcome into an exit code.
 
 Exit codes: 0 finished; 1 a save failed or the loss became NaN/inf; 2 a bad
 flag, path, data or checkpoint; 75 stopped by --time-limit; 128+N stopped by
@@ -10,18 +10,24 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from .config import explicit_fields, parse_config
 from .clitools import run_reporting_errors
+from .config import parse_command_line
+from .invocation import command_words
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def train() -> int:
-        cfg = parse_config(argv)
+        cfg, explicit = parse_command_line(argv, prog)
         from .trainer import Trainer  # after parsing: --help stays fast
 
-        return Trainer(cfg, explicit=explicit_fields(argv)).run().exit_code
+        # The stop message's "Continue with: ..." repeats the command that started this process.
+        return Trainer(cfg, explicit=explicit, command=command_words(argv)).run().exit_code
 
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
     return run_reporting_errors(train)
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m nanoresume.cli"))
