@@ -1,4 +1,4 @@
-"""``nanoresume train`` (also ``python scripts/train.py``): parse flags, train, and turn every outcome into an exit code.
+"""``nanoresume train`` (also ``python scripts/train.py``): parse flags, train, turn every outcome into an exit code.
 
 Exit codes: 0 finished; 1 a save failed or the loss became NaN/inf; 2 a bad
 flag, path, data or checkpoint; 75 stopped by --time-limit; 128+N stopped by
