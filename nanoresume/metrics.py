@@ -27,7 +27,6 @@ from typing import Any, BinaryIO, Callable, Optional
 MetricsCallback = Callable[[int, dict[str, float]], None]
 Warn = Callable[[str], None]
 
-FLUSH_SECONDS = 5.0  # how stale TensorBoard may get while a run is watched live
 _serial = itertools.count()  # tells apart event files opened in the same second by one process
 
 
@@ -69,7 +68,6 @@ class TensorBoardLog(_Sink):
         self.folder = Path(folder)
         self._file: Optional[BinaryIO] = None
         self._records: Any = None
-        self._flushed = time.monotonic()
 
     def start(self, first_step: int, config: dict[str, Any]) -> None:
         """Open a new event file that drops earlier events from ``first_step`` on, and log ``config``."""
@@ -103,14 +101,10 @@ class TensorBoardLog(_Sink):
                 return
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
             self._write(Event(wall_time=time.time(), step=step, summary=summary))
-            if time.monotonic() - self._flushed > FLUSH_SECONDS:
-                self._file.flush()
-                self._flushed = time.monotonic()
+            # Written out at once: a kill right after a checkpoint must not leave saved steps without curves.
+            self._file.flush()
 
         self.guarded(add)
-
-    def flush(self) -> None:
-        self.guarded(lambda: self._file.flush() if self._file is not None else None)
 
     def close(self) -> None:
         def close() -> None:
@@ -244,9 +238,6 @@ class Metrics:
             except Exception as e:  # someone else's code: report it, keep training
                 self.callback = None
                 self.warn(f"the metrics callback raised {type(e).__name__}: {e}; it is not called again")
-
-    def flush(self) -> None:
-        self.tensorboard.flush()
 
     def close(self) -> None:
         self.tensorboard.close()

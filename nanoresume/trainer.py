@@ -378,7 +378,6 @@ class Trainer:
             self.console.log(self._stopped_message(result.last_checkpoint))
         elif not unfinished:
             self.console.log(self._finished_message())
-        metrics.flush()
 
     def _log_step(self, metrics: Metrics, window: "_Window", loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:
@@ -409,7 +408,6 @@ class Trainer:
         self.progress.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
         metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
-        metrics.flush()
         train = f"{train_loss:.4f}" if train_loss is not None else "-"
         rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
         self.console.log(f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | "

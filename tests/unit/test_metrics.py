@@ -81,7 +81,6 @@ def test_a_full_disk_under_tensorboard_warns_once_and_stops_logging(tmp_path):
     log._file = FullDisk()  # the disk fills after the start
     log.scalars(1, {"train/loss": 1.0})
     log.scalars(2, {"train/loss": 0.5})
-    log.flush()
     log.close()
     assert warnings == ["TensorBoard logging stopped: No space left on device; training goes on"]
 
