@@ -66,7 +66,8 @@ def test_a_single_run_logs_train_loss_at_every_step_and_val_loss_at_each_eval(ma
     cfg = make_config(max_steps=10, eval_interval=5)
     result = train(cfg)
     scalars = read_scalars(Path(cfg.out_dir) / "tb")
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity"} <= set(scalars)
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity"}
+    assert expected <= set(scalars)
     assert steps(scalars, "train/loss") == list(range(1, 11))
     assert values(scalars, "train/loss") == as_float32(result.step_losses)
     assert steps(scalars, "val/loss") == [0, 5, 10]
