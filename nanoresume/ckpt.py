@@ -1,4 +1,4 @@
-"""``python -m nanoresume.ckpt list|verify|show|diff|export``: inspect what training wrote.
+"""``nanoresume ckpt list|verify|show|diff|export`` (or ``python -m nanoresume.ckpt``): inspect what training wrote.
 
 Every file is read with :func:`nanoresume.loading.read_state` (checksum first, then
 ``weights_only=True``, then the schema), so no command ever runs code from a file,

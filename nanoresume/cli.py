@@ -1,4 +1,4 @@
-"""``python scripts/train.py``: parse flags, train, and turn every outcome into an exit code.
+"""``nanoresume train`` (also ``python scripts/train.py``): parse flags, train, turn every outcome into an exit code.
 
 Exit codes: 0 finished; 1 a save failed or the loss became NaN/inf; 2 a bad
 flag, path, data or checkpoint; 75 stopped by --time-limit; 128+N stopped by
@@ -14,19 +14,22 @@ from typing import NoReturn, Optional
 
 from . import PROCESS_STARTED
 from .clitools import run_reporting_errors
-from .config import explicit_fields, parse_config
+from .config import parse_command_line
+from .invocation import command_words
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def train() -> int:
-        cfg = parse_config(argv)
+        cfg, explicit = parse_command_line(argv, prog)
         from . import distributed  # after parsing: --help stays fast
         from .trainer import Trainer
 
         try:
-            return Trainer(cfg, explicit=explicit_fields(argv), started=PROCESS_STARTED).run().exit_code
+            # The stop message's "Continue with: ..." repeats the command that started this process.
+            return Trainer(cfg, explicit=explicit, command=command_words(argv),
+                           started=PROCESS_STARTED).run().exit_code
         except RuntimeError as e:
             lost = distributed.lost_peer_error(e)
             if lost is None:
@@ -53,3 +56,7 @@ def exit_now(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass  # a closed or broken stream: nothing more can reach it
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main(prog="python -m nanoresume.cli"))

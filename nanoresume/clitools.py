@@ -7,17 +7,25 @@ exit code 2; no traceback is shown for anything a user can cause.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable
 
+from . import __version__
 from .config import OneLineErrorParser
+from .console import configure_logging, log, silence_stdout
 from .errors import NanoresumeError
+
+# A reader that stops early (`| head`) is not an error: exit quietly, as a tool killed by SIGPIPE does.
+BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser whose ``--help`` shows every default and whose flag errors are one line (exit 2)."""
-    return OneLineErrorParser(prog=prog, description=description,
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nanoresume {__version__}")
+    return parser
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +39,23 @@ def run_reporting_errors(body: Callable[[], int], quiet: bool = False) -> int:
     ``quiet``: exit with the code but print nothing (the ranks other than 0 under torchrun, which
     stop with the same error rank 0 reports).
     """
+    configure_logging()
     try:
-        return body()
+        code = body()
+        sys.stdout.flush()  # a reader that left early shows up here, not as noise at interpreter exit
+        return code
     except NanoresumeError as e:
         if not quiet:
-            print(f"error: {e}", file=sys.stderr)
+            log.error(str(e))
         return e.exit_code
+    except BrokenPipeError:  # stdout's reader is gone, e.g. `nanoresume ckpt show X | head -1`
+        silence_stdout()
+        return BROKEN_PIPE_EXIT_CODE
     except OSError as e:  # unreadable file, permission denied, ...: the user's to fix
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; check the path and its permissions", file=sys.stderr)
+        log.error(f"{where}{e.strerror or e}; check the path and its permissions")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.error("interrupted")
         return 130
 

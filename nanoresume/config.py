@@ -13,13 +13,16 @@ import math
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+from . import __version__
+from .configfile import load_settings
 from .errors import ConfigError
 
 VOCAB_SIZE = 256  # byte-level tokens: every UTF-8 text works, no tokenizer to download
 MAX_LR = 1.0
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
+TOKEN_DTYPES = ("uint8", "uint16")  # how a .bin file stores its tokens (nanoGPT's prepare.py: uint16)
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -41,6 +44,8 @@ ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"
 # numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
 # the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
 RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress", "async_save")
+PROGRESS_HELP = ("progress bar on stderr (default: only when stderr is a terminal; without one, a plain "
+                 "line every --log-interval steps)")
 
 
 @dataclass
@@ -61,8 +66,13 @@ class TrainConfig:
     """One training run, as resolved from the command line (plain values only)."""
 
     # data and output
-    data: Optional[str] = _opt(None, "training text: a .txt file, a folder of .txt files, or a .bin/.npy "
-                                     "byte-token file (default: this Python's standard-library sources)")
+    data: Optional[str] = _opt(None, "training data: a .txt file or a folder of .txt files (read as bytes), a "
+                                     ".bin/.npy token file, or a folder holding train.bin and val.bin (nanoGPT's "
+                                     "layout; its split is used as given) (default: this Python's "
+                                     "standard-library sources)")
+    token_dtype: Optional[str] = _opt(None, "how a .bin file stores its tokens: uint8 (one byte each) or uint16 "
+                                            "(nanoGPT's prepare.py); required for .bin data",
+                                      choices=TOKEN_DTYPES)
     out_dir: str = _opt("out", "folder for everything the run writes: checkpoints/, best.pt, tb/, config.json")
     cache_dir: Optional[str] = _opt(None, "where tokenized data is cached "
                                           "(default: $XDG_CACHE_HOME/nanoresume or ~/.cache/nanoresume)")
@@ -75,7 +85,9 @@ class TrainConfig:
     block_size: Optional[int] = _opt(None, "context length in tokens (default: from --preset)")
     dropout: Optional[float] = _opt(None, "dropout probability in [0, 1) (default: from --preset)")
     bias: bool = _opt(True, "use bias terms in Linear and LayerNorm layers")
-    vocab_size: int = field(default=VOCAB_SIZE, metadata={"cli": False})
+    vocab_size: Optional[int] = _opt(None, "tokens in the model's vocabulary; every token id in the data must be "
+                                           "below it (default: 256, bytes; required with --token-dtype uint16, "
+                                           "e.g. 50304 for nanoGPT's GPT-2 data)")
     # optimisation
     batch_size: Optional[int] = _opt(None, "sequences per micro-batch (default: from --preset)")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
@@ -112,7 +124,9 @@ class TrainConfig:
                                      "that for some GPU speed)")
     time_limit: Optional[float] = _opt(None, "stop gracefully (and save) before this wall-clock budget runs "
                                              "out: seconds or HH:MM:SS", parse="duration")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: Optional[bool] = _opt(None, PROGRESS_HELP)
+    log_interval: int = _opt(100, "steps between plain progress lines (step, loss, lr, tokens/s, elapsed) "
+                                  "when no progress bar is shown")
 
     def model_config(self) -> ModelConfig:
         assert self.n_layer is not None, "call resolve_config() first"
@@ -164,6 +178,8 @@ def resolve_config(cfg: TrainConfig, check: bool = True) -> TrainConfig:
     if preset is None:
         raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     filled = dataclasses.replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) is None})
+    if filled.vocab_size is None and filled.token_dtype != "uint16":
+        filled = dataclasses.replace(filled, vocab_size=VOCAB_SIZE)
     problems = validate(filled) if check else []
     if problems:
         raise ConfigError("; ".join(problems))
@@ -210,6 +226,12 @@ def validate(cfg: TrainConfig) -> list[str]:
         problem = data_path_problem(cfg.data)
         check(problem is None, str(problem))
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
+    check(cfg.log_interval >= 1, f"--log-interval {cfg.log_interval} must be at least 1")
+    if cfg.vocab_size is None:
+        problems.append("--token-dtype uint16 needs --vocab-size: the vocabulary the data was prepared with "
+                        "(50304 for nanoGPT's GPT-2 data; nanoresume does not unpickle meta.pkl)")
+    else:
+        check(cfg.vocab_size >= 1, f"--vocab-size {cfg.vocab_size} must be at least 1")
     return problems
 
 
@@ -228,15 +250,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=prog,
-        description="Train a small byte-level GPT; stop it any way you like and continue "
-                    "bit-for-bit with --resume auto.",
+        description="Train a small GPT (on bytes, or on nanoGPT's token files); stop it any way you like "
+                    "and continue bit-for-bit with --resume auto.",
     )
+    parser.add_argument("--version", action="version", version=f"nanoresume {__version__}")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="read settings from a JSON file (such as a run's OUT/config.json) or a TOML file "
+                             "(Python 3.11+), named like the flags (max_steps = 5000); flags given here "
+                             "override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if not f.metadata.get("cli", True):
-            continue
-        kind = hints[f.name]
-        base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+        base = _base_type(hints[f.name])
         shown_default = "" if f.default is None else " (default: %(default)s)"
         kwargs: dict[str, Any] = {"help": f.metadata["help"] + shown_default, "default": f.default, "dest": f.name}
         if base is bool:
@@ -251,10 +275,36 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     return parser
 
 
+def _base_type(kind: Any) -> Any:
+    """``Optional[int]`` -> ``int``."""
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+
+
+def parse_command_line(argv: Optional[list[str]] = None, prog: str = "train.py") -> tuple[TrainConfig, set[str]]:
+    """The config for ``argv`` (a ``--config`` file underneath, flags on top) and the names of the
+    fields the user set, in the file or as flags (see :func:`explicit_fields`).
+
+    Exits 2 on unknown flags; raises ConfigError on bad values.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(prog)
+    from_file: dict[str, Any] = {}
+    config_file = parser.parse_args(argv).config
+    if config_file is not None:
+        from_file = fields_from_file(config_file)
+        parser.set_defaults(**from_file)
+    values = vars(parser.parse_args(argv))
+    values.pop("config")
+    cfg = resolve_config(TrainConfig(**values), check=values["resume"] == "none")
+    given = explicit_fields(argv, prog) | set(from_file)
+    if "preset" in from_file:
+        given |= set(PRESETS[from_file["preset"]])
+    return cfg, given
+
+
 def parse_config(argv: Optional[list[str]] = None, prog: str = "train.py") -> TrainConfig:
     """Parse and resolve CLI arguments; exits 2 on unknown flags, raises ConfigError on bad values."""
-    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
-    return resolve_config(TrainConfig(**vars(args)), check=args.resume == "none")
+    return parse_command_line(argv, prog)[0]
 
 
 def explicit_fields(argv: list[str], prog: str = "train.py") -> set[str]:
@@ -262,10 +312,63 @@ def explicit_fields(argv: list[str], prog: str = "train.py") -> set[str]:
     parser = build_parser(prog)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
+    given = set(vars(parser.parse_args(argv))) - {"config"}
     if "preset" in given:
         given |= set(PRESETS[vars(parser.parse_args(argv))["preset"]])
     return given
+
+
+def fields_from_file(path: str) -> dict[str, Any]:
+    """Config fields from a ``--config`` file, each checked against its flag's type and choices.
+
+    Keys are field names (``max_steps``; ``max-steps`` works too). Every problem is named
+    in one ConfigError.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values, problems = {}, []
+    for key, value in load_settings(path).items():
+        name = str(key).replace("-", "_")
+        if name in DERIVED_FIELDS:
+            continue  # written into config.json for the reader; they follow from the settings
+        if name not in fields:
+            problems.append(f"unknown setting {key!r}")
+            continue
+        try:
+            values[name] = _checked_value(fields[name], hints[name], value)
+        except ValueError as e:
+            problems.append(f"{name} {e}")
+    if problems:
+        raise ConfigError(f"--config {path}: {'; '.join(problems)} (settings are named like the flags, "
+                          f"as in a run's OUT/config.json)")
+    return values
+
+
+def _checked_value(f: dataclasses.Field, kind: Any, value: Any) -> Any:
+    """``value`` as the field's type; ValueError saying what was expected."""
+    if value is None:
+        if f.default is None:
+            return None
+        raise ValueError("cannot be empty (null)")
+    base = _base_type(kind)
+    if f.metadata.get("parse") == "duration":
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(str(e)) from None
+        base = float
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not base:
+        raise ValueError(f"must be {_TYPE_NAMES[base]}, not {value!r}")
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -274,13 +377,24 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
+def derived_fields(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """What ``config.json`` adds to the settings, for the reader: the processes and the global batch."""
+    return {"world_size": world_size, "global_batch_size": cfg.global_batch(world_size),
+            "tokens_per_step": cfg.tokens_per_step(world_size)}
+
+
+DERIVED_FIELDS = ("world_size", "global_batch_size", "tokens_per_step")
+
+
 def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]],
-                         saved_world_size: int = 1, world_size: int = 1) -> tuple[TrainConfig, list[str]]:
-    """The config of a resumed run: the checkpoint's, overridden by flags given now.
+                         saved_world_size: int = 1, world_size: int = 1, source: str = "the checkpoint",
+                         must_match: Sequence[str] = ARCHITECTURE_FIELDS) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the saved one (``source``), overridden by flags given now.
 
     ``explicit`` names the flags the user typed (None: every field counts as given, as in
-    library use). Raises :class:`CheckpointError` naming every field that defines the model
-    or data and differs; returns the merged config and a line per other changed field.
+    library use). Raises :class:`CheckpointError` naming every field of ``must_match``
+    (those that define the model or data) that differs; returns the merged config and a
+    line per other changed field.
 
     On a different number of processes the global batch (``batch_size * grad_accum *
     world_size`` sequences per step) is kept by choosing ``--grad-accum``, unless the user
@@ -291,11 +405,11 @@ def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: 
     base = config_from_dict(saved)
     given = {f.name for f in dataclasses.fields(TrainConfig)} if explicit is None else set(explicit)
     merged = dataclasses.replace(base, **{name: getattr(current, name) for name in given | set(RUNTIME_FIELDS)})
-    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in the checkpoint but {getattr(merged, name)!r} now"
-                  for name in ARCHITECTURE_FIELDS if getattr(base, name) != getattr(merged, name)]
+    mismatches = [f"{flag(name)} is {getattr(base, name)!r} in {source} but {getattr(merged, name)!r} now"
+                  for name in must_match if getattr(base, name) != getattr(merged, name)]
     if mismatches:
         raise CheckpointError("cannot resume: " + "; ".join(mismatches)
-                              + ". Pass the checkpoint's values, or choose another --out-dir for a new run")
+                              + f". Pass the values in {source}, or choose another --out-dir for a new run")
     merged = _keep_global_batch(base, merged, given, saved_world_size, world_size)
     changes = [f"{flag(f.name)}: {getattr(base, f.name)!r} -> {getattr(merged, f.name)!r}"
                + (" (no effect: the data order and random numbers continue from the checkpoint)"

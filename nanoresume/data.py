@@ -1,10 +1,12 @@
-"""Byte-level token data (cached, memory-mapped) and a sampler whose position is one integer.
+"""Token data (cached, memory-mapped) and a sampler whose position is one integer.
 
-Tokens are raw UTF-8 bytes (vocabulary 256). Text inputs are written once into a
-cache file named by the tokens' SHA-256 and memory-mapped afterwards. The windows of
-optimizer step ``i`` are a pure function of ``(seed, i)``, whatever the number of
-processes, so saving ``i`` is all it takes to resume the data stream exactly, in O(1),
-without replaying anything.
+Text is read as raw UTF-8 bytes (vocabulary 256), written once into a cache file named
+by the tokens' SHA-256 and memory-mapped afterwards. Pre-tokenized data (``.npy``, or
+``.bin`` with an explicit ``--token-dtype``, such as nanoGPT's uint16 GPT-2 ids) is
+memory-mapped as it is; nanoGPT's ``meta.pkl`` is never read, since unpickling can run
+code. The windows of optimizer step ``i`` are a pure function of ``(seed, i)``, whatever
+the number of processes, so saving ``i`` is all it takes to resume the data stream
+exactly, in O(1), without replaying anything.
 """
 
 from __future__ import annotations
@@ -28,17 +30,18 @@ from .errors import DataError
 CACHE_FORMAT = 2  # 2: cache files named by the tokens' SHA-256; 1 named them by path, size and mtime
 # Temp files of cache writes (atomic.temp_path: ".<target>.tmp.<pid>"), format 2 and format 1 names.
 _CACHE_TEMP_FILE = re.compile(r"^\.(tokens-v\d+-[0-9a-f]{32}\.bin|[0-9a-f]{24}\.(?:bin|json))\.tmp\.(\d+)$")
-_DATA_ADVICE = "point --data at a .txt file, a folder of .txt files, or a .bin/.npy token file"
+_DATA_ADVICE = ("point --data at a .txt file, a folder of .txt files, a .bin/.npy token file, or a folder "
+                "holding train.bin and val.bin")
 _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 
 
 @dataclass(frozen=True)
 class TokenData:
-    """Train and validation tokens (uint8 views of one memory map) and where they came from."""
+    """Train and validation tokens (uint8 or uint16 arrays, usually memory-mapped) and where they came from."""
 
     train: np.ndarray
     val: np.ndarray
-    fingerprint: str  # sha256 of all token bytes: tells whether a resume sees the same data
+    fingerprint: str  # sha256 of the tokens (see token_fingerprint): tells whether a resume sees the same data
     source: str
 
     def describe(self) -> str:
@@ -88,25 +91,36 @@ def text_files(path: Path) -> list[Path]:
 
 
 def load_tokens(data: Optional[str], val_fraction: float, cache_dir: Optional[str] = None,
+                token_dtype: Optional[str] = None, vocab_size: int = 256,
                 warn: Callable[[str], None] = _warn_on_stderr) -> TokenData:
     """Tokens for ``--data`` (or the default corpus), split deterministically: the last
-    ``val_fraction`` of the tokens is validation. ``warn`` hears about cache trouble (the
-    tokens are still right)."""
+    ``val_fraction`` of the tokens is validation, unless a folder's train.bin/val.bin give the split.
+
+    ``token_dtype`` says how a ``.bin`` file stores its tokens (required for one); every
+    token id must be below ``vocab_size``. ``warn`` hears about cache trouble (the tokens
+    are still right).
+    """
     if data is None:
+        _require_bytes(token_dtype, "the default corpus")
         tokens, fingerprint = _cached_tokens(stdlib_sources(), cache_dir, warn)
+        _check_vocabulary(tokens, vocab_size, "(the default corpus)")
         source = f"Python {sysconfig.get_python_version()} standard library"
     else:
         path = Path(data).expanduser()
         problem = data_path_problem(data)
         if problem is not None:
             raise DataError(problem)
+        if path.is_dir() and ((path / "train.bin").exists() or (path / "val.bin").exists()):
+            return _split_token_files(path, token_dtype, vocab_size)
         if path.suffix in (".bin", ".npy") and path.is_file():
-            tokens, fingerprint = _token_file(path)
+            tokens, fingerprint = read_token_file(path, token_dtype, vocab_size)
         else:
+            _require_bytes(token_dtype, f"--data {data} (text, read as bytes)")
             files = text_files(path)
             if not files:
                 raise DataError(f"--data {data}: the folder holds no .txt files")
             tokens, fingerprint = _cached_tokens(files, cache_dir, warn)
+            _check_vocabulary(tokens, vocab_size, data)
         source = str(path)
     if len(tokens) == 0:
         raise DataError(f"--data {data or '(default corpus)'} holds no text; give it a non-empty file")
@@ -114,32 +128,91 @@ def load_tokens(data: Optional[str], val_fraction: float, cache_dir: Optional[st
     return TokenData(train=tokens[:-n_val], val=tokens[-n_val:], fingerprint=fingerprint, source=source)
 
 
-def _token_file(path: Path) -> tuple[np.ndarray, str]:
-    """A pre-tokenized file: ``.bin`` is raw uint8 tokens, ``.npy`` any integer array below 256."""
+def _require_bytes(token_dtype: Optional[str], what: str) -> None:
+    if token_dtype not in (None, "uint8"):
+        raise DataError(f"--token-dtype {token_dtype} is for .bin token files, but {what} is text; "
+                        f"leave --token-dtype out")
+
+
+def _split_token_files(folder: Path, token_dtype: Optional[str], vocab_size: int) -> TokenData:
+    """nanoGPT's layout: ``train.bin`` and ``val.bin`` side by side, the split taken as given."""
+    missing = [name for name in ("train.bin", "val.bin") if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"--data {folder}: holds {'val.bin' if missing == ['train.bin'] else 'train.bin'} but "
+                        f"no {missing[0]}; a token folder needs both train.bin and val.bin")
+    train, train_digest = read_token_file(folder / "train.bin", token_dtype, vocab_size)
+    val, val_digest = read_token_file(folder / "val.bin", token_dtype, vocab_size)
+    for name, split in (("train.bin", train), ("val.bin", val)):
+        if len(split) == 0:
+            raise DataError(f"--data {folder}: {name} is empty")
+    fingerprint = hashlib.sha256(f"train.bin {train_digest} val.bin {val_digest}".encode()).hexdigest()
+    return TokenData(train=train, val=val, fingerprint=fingerprint, source=f"{folder} (train.bin + val.bin)")
+
+
+def read_token_file(path: Path, token_dtype: Optional[str], vocab_size: int) -> tuple[np.ndarray, str]:
+    """A pre-tokenized file and its fingerprint: ``.bin`` holds raw ``token_dtype`` values
+    (little-endian, as nanoGPT writes them), ``.npy`` any integer array. Every id must be
+    below ``vocab_size``. Raises a one-line DataError for anything that does not fit."""
+    if path.suffix == ".bin":
+        tokens = _bin_tokens(path, token_dtype)
+        _check_vocabulary(tokens, vocab_size, str(path))
+    elif token_dtype is not None:
+        raise DataError(f"--data {path}: a .npy file records its own dtype; leave --token-dtype out")
+    else:
+        tokens = _npy_tokens(path, vocab_size)
+    return tokens, token_fingerprint(tokens)
+
+
+def _bin_tokens(path: Path, token_dtype: Optional[str]) -> np.ndarray:
+    if token_dtype is None:
+        raise DataError(f"--data {path}: a .bin file does not say how its tokens are stored; pass "
+                        f"--token-dtype uint8 (one byte per token) or --token-dtype uint16 with --vocab-size "
+                        f"(nanoGPT's prepare.py, e.g. --vocab-size 50304 for GPT-2 ids)")
+    dtype = np.dtype(token_dtype).newbyteorder("<")
     try:
-        if path.suffix == ".bin":
-            tokens = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-        else:
-            tokens = _npy_tokens(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--data {path}: cannot read it as a token file ({e})") from None
-    if tokens.dtype != np.uint8:
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise DataError(f"--data {path}: holds {tokens.dtype} values; token files must hold integers")
-        if len(tokens) and (tokens.min() < 0 or tokens.max() > 255):
-            raise DataError(f"--data {path}: token values must be bytes (0..255) for the 256-token vocabulary")
-        tokens = np.ascontiguousarray(tokens, dtype=np.uint8)
-    return tokens, _sha256_array(tokens)
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise DataError(f"--data {path}: {size:,} bytes is not a whole number of {token_dtype} tokens "
+                            f"({dtype.itemsize} bytes each); is --token-dtype right?")
+        return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror or e})") from None
 
 
-def _npy_tokens(path: Path) -> np.ndarray:
+def _npy_tokens(path: Path, vocab_size: int) -> np.ndarray:
     """A .npy array, memory-mapped; a file without the .npy header is named as such (numpy would
     take it for a pickle and suggest loading it unsafely, which nanoresume never does)."""
-    with open(path, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            raise DataError(f"--data {path}: not a NumPy .npy file (it lacks the .npy header); write token "
-                            f"arrays with numpy.save, or pass raw uint8 bytes as .bin or text as .txt")
-    return np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1)
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise DataError(f"--data {path}: not a NumPy .npy file (it lacks the .npy header); write token "
+                                f"arrays with numpy.save, or pass raw uint8 bytes as .bin or text as .txt")
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--data {path}: cannot read it as a token file ({e})") from None
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"--data {path}: holds {tokens.dtype} values; token files must hold integers")
+    if len(tokens) and tokens.min() < 0:
+        raise DataError(f"--data {path}: holds negative token ids ({tokens.min()}); ids start at 0")
+    _check_vocabulary(tokens, vocab_size, str(path))  # before narrowing, which would wrap large ids
+    compact = np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int64
+    return tokens if tokens.dtype == compact else np.ascontiguousarray(tokens, dtype=compact)
+
+
+def _check_vocabulary(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    if len(tokens) and (tokens.dtype != np.uint8 or vocab_size < 256):
+        largest = int(tokens.max())
+        if largest >= vocab_size:
+            raise DataError(f"--data {source}: holds token id {largest:,}, but the vocabulary has {vocab_size:,} "
+                            f"tokens; pass the --vocab-size (and --token-dtype) the data was prepared with")
+
+
+def token_fingerprint(tokens: np.ndarray) -> str:
+    """SHA-256 of the tokens' bytes; for anything but bytes the dtype is hashed first, so the
+    same file read as other token ids never passes for the same data."""
+    if tokens.dtype == np.uint8:
+        return _sha256_array(tokens)
+    return _sha256_array(tokens, prefix=f"{tokens.dtype.str}\0".encode())
 
 
 def _cached_tokens(files: Sequence[Path], cache_dir: Optional[str],
@@ -228,8 +301,8 @@ def _memmap(path: Path, n_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r") if n_tokens else np.zeros(0, np.uint8)
 
 
-def _sha256_array(tokens: np.ndarray) -> str:
-    digest = hashlib.sha256()
+def _sha256_array(tokens: np.ndarray, prefix: bytes = b"") -> str:
+    digest = hashlib.sha256(prefix)
     for start in range(0, len(tokens), 1 << 24):
         digest.update(memoryview(np.ascontiguousarray(tokens[start:start + (1 << 24)])))
     return digest.hexdigest()

@@ -1,6 +1,7 @@
-"""Loss and perplexity of a checkpoint on a whole text file, in order (no random batches).
+"""Loss and perplexity of a checkpoint on a whole file, in order (no random batches).
 
-Every byte after the first is predicted exactly once: consecutive full windows
+The file is text (bytes, for a byte model) or a token file read as training reads
+one. Every token after the first is predicted exactly once: consecutive full windows
 (:func:`nanoresume.data.iterate_in_order`), then one shorter window for the
 tail those leave over. Batches and windows differ in size, so the mean is
 weighted by tokens: ``sum(loss per token) / tokens``, accumulated in float64.
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .clitools import add_device_flag, make_parser, run_reporting_errors
+from .config import TOKEN_DTYPES, VOCAB_SIZE
+from .console import wants_bar
+from .data import iterate_in_order, read_token_file
 from .runtime import resolve_device
-from .data import iterate_in_order
 from .errors import DataError, UserError
 from .loading import load_model
 from .model import GPT
@@ -38,7 +41,7 @@ class EvalResult:
         return math.exp(min(self.loss, 700.0))  # exp overflows float64 above ~709
 
     @property
-    def bits_per_byte(self) -> float:
+    def bits_per_token(self) -> float:
         return self.loss / math.log(2)
 
 
@@ -79,7 +82,7 @@ def mean_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], 
 
 def evaluate_tokens(model: GPT, tokens: np.ndarray, batch_size: int, device: torch.device,
                     progress: bool = False) -> EvalResult:
-    """Loss of ``model`` on every token of ``tokens`` (uint8 bytes), in order."""
+    """Loss of ``model`` on every token of ``tokens`` (uint8 or uint16 ids), in order."""
     block_size = model.config.block_size
     batches = in_order_batches(tokens, block_size, batch_size)
     bar = tqdm(batches, total=count_batches(len(tokens), block_size, batch_size), disable=not progress,
@@ -100,33 +103,57 @@ def read_text_bytes(path: Path) -> np.ndarray:
     return tokens
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser("evaluate.py", "Validation loss and perplexity of a checkpoint on a whole file, "
-                                        "every byte predicted once, in order.")
+def read_eval_tokens(path: Path, token_dtype: Optional[str], vocab_size: int) -> np.ndarray:
+    """The tokens to score: a ``.bin``/``.npy`` token file as training reads one, or a text
+    file's bytes (only for a byte model: other vocabularies need their own tokenizer's ids)."""
+    if path.suffix in (".bin", ".npy") and path.is_file():
+        tokens, _ = read_token_file(path, token_dtype, vocab_size)
+        if len(tokens) < 2:
+            raise DataError(f"--data {path}: holds {len(tokens)} token(s); it needs at least 2 to predict one")
+        return tokens
+    if vocab_size != VOCAB_SIZE:
+        raise DataError(f"--data {path}: text is read as bytes, but this model's vocabulary has {vocab_size:,} "
+                        f"tokens; evaluate a token file made with its tokenizer (.bin with --token-dtype, or .npy)")
+    return read_text_bytes(path)
+
+
+def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
+    parser = make_parser(prog, "Validation loss and perplexity of a checkpoint on a whole file, "
+                               "every token predicted once, in order.")
     parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
                         help="checkpoint to evaluate (OUT/best.pt, an export, or a step checkpoint); required")
     parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
-                        help="text file to evaluate on, read as raw bytes; required")
+                        help="file to evaluate on: text, read as raw bytes, or a .bin/.npy token file; required")
+    parser.add_argument("--token-dtype", choices=TOKEN_DTYPES, default=None,
+                        help="how a .bin file stores its tokens (as for training); required for .bin")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B",
-                        help="windows of block_size bytes per forward pass (memory, not the result)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar on stderr")
+                        help="windows of block_size tokens per forward pass (memory, not the result)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: only when stderr is a terminal)")
     add_device_flag(parser)
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: Optional[list[str]] = None, prog: str = "evaluate.py") -> int:
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
         if args.batch_size < 1:
             raise UserError(f"--batch-size {args.batch_size} must be at least 1")
-        tokens = read_text_bytes(Path(args.data))
+        if not Path(args.data).is_file():
+            raise DataError(f"--data {args.data}: no such file; point --data at a text or token file")
         device = resolve_device(args.device)
         model, state = load_model(Path(args.ckpt), device)
-        result = evaluate_tokens(model, tokens, args.batch_size, device, progress=args.progress)
+        vocab_size = model.config.vocab_size
+        tokens = read_eval_tokens(Path(args.data), args.token_dtype, vocab_size)
+        result = evaluate_tokens(model, tokens, args.batch_size, device, progress=wants_bar(args.progress))
+        unit = "bits/byte" if vocab_size == VOCAB_SIZE else "bits/token"
         print(f"{args.ckpt} (step {state['step']:,}) on {args.data}: {result.tokens:,} tokens | "
-              f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | {result.bits_per_byte:.3f} bits/byte")
+              f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | {result.bits_per_token:.3f} {unit}")
         return 0
 
     return run_reporting_errors(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m nanoresume.evaluation"))

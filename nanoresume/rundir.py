@@ -6,6 +6,7 @@ Layout::
     OUT/best.pt (+ .sha256)   inference weights of the best validation loss so far
     OUT/checkpoints/          step_00000500.pt (+ .sha256), newest --keep-last of them
     OUT/tb/                   TensorBoard event files
+    OUT/metrics.jsonl         one JSON object per training step and per evaluation
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from . import checkpoint
 from .atomic import write_file_atomically
-from .errors import CheckpointWriteError, UserError
+from .errors import CheckpointWriteError, ConfigError, UserError
 
 
 class RunDir:
@@ -28,6 +29,8 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.tensorboard = self.root / "tb"
         self.best = self.root / "best.pt"
+        self.config = self.root / "config.json"
+        self.metrics = self.root / "metrics.jsonl"
         self._lock_fd: Optional[int] = None
 
     def open(self, warn: Callable[[str], None]) -> None:
@@ -68,8 +71,26 @@ class RunDir:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
 
+    def read_config(self) -> Optional[dict[str, Any]]:
+        """The config.json of the latest start, or None if there is none."""
+        try:
+            text = self.config.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {self.config} ({getattr(e, 'strerror', None) or e}); fix or "
+                              f"remove it, or choose another --out-dir") from None
+        try:
+            config = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{self.config} is not valid JSON ({e}); fix or remove it, "
+                              f"or choose another --out-dir") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{self.config} holds no config object; fix or remove it, or choose another --out-dir")
+        return config
+
     def write_config(self, config: dict[str, Any]) -> None:
-        path = self.root / "config.json"
+        path = self.config
         try:
             write_file_atomically(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         except OSError as e:

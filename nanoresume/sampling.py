@@ -1,9 +1,11 @@
-"""Generate text from a trained model: ``python scripts/sample.py --ckpt OUT/best.pt --prompt "def "``.
+"""Generate text from a trained model: ``nanoresume sample --ckpt OUT/best.pt --prompt "def "``.
 
-Tokens are bytes, so the model may emit a byte sequence that is not valid UTF-8
-(it is cut off mid-character, or simply wrong); decoding replaces such bytes
-with U+FFFD instead of failing. A seed fixes the output: sampling draws only
-from its own ``torch.Generator``, never from the global RNG.
+A byte model (vocabulary 256) prints text; its output may hold a byte sequence that
+is not valid UTF-8 (cut off mid-character, or simply wrong), which decoding
+replaces with U+FFFD instead of failing. A model trained on other token ids (such
+as nanoGPT's GPT-2 data) prints text where ``tiktoken`` is installed, else the
+ids themselves (see :mod:`nanoresume.textcodec`). A seed fixes the output:
+sampling draws only from its own ``torch.Generator``, never from the global RNG.
 """
 
 from __future__ import annotations
@@ -16,23 +18,12 @@ from typing import Optional
 import torch
 
 from .clitools import add_device_flag, make_parser, run_reporting_errors
-from .runtime import resolve_device
+from .console import log
 from .errors import UserError
 from .loading import load_model
 from .model import GPT
-
-EMPTY_PROMPT_TOKEN = ord("\n")  # an empty prompt starts the model at the beginning of a line
-
-
-def encode(prompt: str) -> list[int]:
-    """The prompt's UTF-8 bytes as tokens; a newline for the empty prompt (the model needs one token)."""
-    # surrogateescape gives back the raw bytes of a command-line argument that was not valid UTF-8
-    return list(prompt.encode("utf-8", errors="surrogateescape")) or [EMPTY_PROMPT_TOKEN]
-
-
-def decode(tokens: list[int]) -> str:
-    """Bytes to text; invalid or incomplete UTF-8 becomes U+FFFD, never an exception."""
-    return bytes(tokens).decode("utf-8", errors="replace")
+from .runtime import resolve_device
+from .textcodec import TextCodec, codec_for
 
 
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float,
@@ -45,18 +36,22 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
     return out[0].tolist()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser("sample.py", "Generate text from a checkpoint: OUT/best.pt, an export, "
-                                      "or any OUT/checkpoints/step_*.pt.")
+def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
+    parser = make_parser(prog, "Generate text from a checkpoint: OUT/best.pt, an export, "
+                               "or any OUT/checkpoints/step_*.pt.")
     parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
                         help="checkpoint to sample from (kind 'weights' or 'train'); required")
-    parser.add_argument("--prompt", default="", help="text to continue; the default %(default)r starts from a newline")
+    parser.add_argument("--prompt", default="", help="text to continue; the default %(default)r starts from a newline "
+                                                     "(or GPT-2's <|endoftext|>)")
+    parser.add_argument("--prompt-ids", default=None, metavar="IDS",
+                        help="the prompt as token ids, e.g. 15496,11, for a model whose vocabulary is not bytes "
+                             "and no tokenizer is installed")
     parser.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
-                        help="bytes to generate after the prompt")
+                        help="tokens (bytes, for a byte model) to generate after the prompt")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                        help="softmax temperature; 0 always picks the most likely byte")
+                        help="softmax temperature; 0 always picks the most likely token")
     parser.add_argument("--top-k", type=int, default=None, metavar="K",
-                        help="sample only from the K most likely bytes (default %(default)s: all 256)")
+                        help="sample only from the K most likely tokens (default %(default)s: all of them)")
     parser.add_argument("--seed", type=int, default=1337, metavar="S", help="seed; the same seed gives the same text")
     add_device_flag(parser)
     return parser
@@ -70,9 +65,25 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.temperature >= 0:  # also catches nan
         problems.append(f"--temperature {args.temperature} must be 0 (greedy) or more")
     if args.top_k is not None and args.top_k < 1:
-        problems.append(f"--top-k {args.top_k} must be at least 1 (or left out for all bytes)")
+        problems.append(f"--top-k {args.top_k} must be at least 1 (or left out for all tokens)")
+    if args.prompt and args.prompt_ids is not None:
+        problems.append("give --prompt or --prompt-ids, not both")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def prompt_tokens(args: argparse.Namespace, codec: TextCodec) -> Optional[list[int]]:
+    """The prompt as tokens; None for an empty prompt (the model then starts from ``codec.start_token``)."""
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(part) for part in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise UserError(f"--prompt-ids {args.prompt_ids!r}: give whole numbers separated by commas") from None
+        bad = [i for i in ids if not 0 <= i < codec.vocab_size]
+        if bad:
+            raise UserError(f"--prompt-ids: {bad[0]} is not a token id of this model (0..{codec.vocab_size - 1})")
+        return ids or None
+    return codec.encode(args.prompt) if args.prompt else None
 
 
 def write_text(text: str) -> None:
@@ -83,17 +94,23 @@ def write_text(text: str) -> None:
     sys.stdout.flush()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: Optional[list[str]] = None, prog: str = "sample.py") -> int:
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
         check_args(args)
         device = resolve_device(args.device)
         model, _ = load_model(Path(args.ckpt), device)
-        tokens = generate_tokens(model, encode(args.prompt), args.max_new_tokens, args.temperature,
+        codec = codec_for(model.config.vocab_size, log.warning)
+        prompt = prompt_tokens(args, codec)
+        tokens = generate_tokens(model, prompt or [codec.start_token], args.max_new_tokens, args.temperature,
                                  args.top_k, args.seed, device)
-        # An empty prompt was only a starting newline for the model; do not print it.
-        write_text(decode(tokens if args.prompt else tokens[1:]))
+        # An empty prompt was only a starting token for the model; do not print it.
+        write_text(codec.decode(tokens if prompt else tokens[1:]))
         return 0
 
     return run_reporting_errors(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m nanoresume.sampling"))

@@ -20,19 +20,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed
-from .config import TrainConfig, merge_resumed_config, validate
+from .config import ARCHITECTURE_FIELDS, TrainConfig, derived_fields, merge_resumed_config, validate
+from .console import Console, configure_logging, format_elapsed, log, wants_bar
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
 from .distributed import DistributedEnv, ProcessGroup, StepVotes
 from .errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteLossError
 from .loading import load_valid
 from .memory import check_fits
-from .metrics import Console, TensorBoardLog
+from .invocation import DEFAULT_TRAIN_COMMAND, shell_command
+from .metrics import Metrics, MetricsCallback
 from .model import GPT
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .rundir import RunDir
@@ -94,9 +96,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
                  on_step: Optional[Callable[["Trainer", int, float], None]] = None,
+                 on_metrics: Optional[MetricsCallback] = None, command: Sequence[str] = DEFAULT_TRAIN_COMMAND,
                  started: Optional[float] = None, env: Optional[DistributedEnv] = None) -> None:
         self.stop = stop or StopFlag()
         self.on_step = on_step
+        self.on_metrics = on_metrics  # (step, {"train/loss": ...} or {"val/loss": ...}): see metrics.py
+        self.command = list(command)  # what the user runs to train: repeated in "Continue with: ..."
         self.started = time.monotonic() if started is None else started
         self._warned_slow_step = False
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
@@ -104,7 +109,10 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.env.local_rank)  # fails before OUT is created
         self.process_group = ProcessGroup(self.env, self.device)
         self.run_dir = RunDir(Path(cfg.out_dir))
-        self.console = Console(cfg.max_steps, 0, show_bar=False, quiet=not self.env.is_main)
+        if not log.handlers:  # a program that gave the "nanoresume" logger a handler routes our lines itself
+            configure_logging()
+        self.console = Console(cfg.max_steps, 0, show_bar=False, log_interval=cfg.log_interval, started=self.started,
+                               quiet=not self.env.is_main)  # replaced once the start step is known
         try:
             self._open_run_dir(cfg)
             self._build(cfg, explicit)
@@ -142,28 +150,43 @@ class Trainer:
                 error = e
         distributed.raise_if_any_failed(error)
 
-    def _resolve_resume(self, cfg: TrainConfig) -> Optional[tuple[Path, dict[str, Any]]]:
-        """Rank 0 picks and loads the checkpoint to resume from and hands it to every rank, so ranks
-        that see a shared folder differently (stale caches) cannot disagree, and the others never
-        need to read OUT at all."""
-        resumed, error = None, None
+    def _resolve_resume(self, cfg: TrainConfig) -> tuple[Optional[tuple[Path, dict[str, Any]]],
+                                                         Optional[dict[str, Any]]]:
+        """(checkpoint to resume from, the config.json of a run killed before its first checkpoint).
+
+        Rank 0 picks and loads the checkpoint and hands it to every rank, so ranks that see a
+        shared folder differently (stale caches) cannot disagree, and the others never need to
+        read OUT at all. With ``--resume auto`` and no checkpoint, rank 0 reads ``OUT/config.json``.
+        """
+        found, error = (None, None), None
         if self.env.is_main:
             try:
                 manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, 1, 1)
                 resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
+                unsaved = self.run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
+                found = (resumed, unsaved)
             except Exception as e:
                 error = e
         distributed.raise_if_any_failed(error)
-        return distributed.broadcast_object(resumed)
+        return distributed.broadcast_object(found)
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         env = self.env
-        resumed = self._resolve_resume(cfg)
+        resumed, unsaved_config = self._resolve_resume(cfg)
         if resumed is not None:
             saved_world = int(resumed[1].get("world_size", 1))
             cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit, saved_world, env.world_size)
             for change in changes:
                 self.console.log(f"changed on resume: {change}")
+        elif unsaved_config is not None:
+            # A run killed before its first checkpoint: train the run its config.json describes again,
+            # from step 0, with the flags given now applied and checked as on a resume.
+            cfg, changes = merge_resumed_config(unsaved_config, cfg, explicit,
+                                                int(unsaved_config.get("world_size", 1)), env.world_size,
+                                                source=str(self.run_dir.config),
+                                                must_match=(*ARCHITECTURE_FIELDS, "data", "token_dtype"))
+            for change in changes:
+                self.console.log(f"changed since the last start: {change}")
         problems = validate(cfg)  # the CLI defers this when resuming: flags only make sense merged
         if problems:
             raise ConfigError("; ".join(problems))
@@ -200,13 +223,14 @@ class Trainer:
 
         if resumed is not None:
             self._resume_from(*resumed)
+        elif unsaved_config is not None:
+            self.console.log(f"no checkpoint in {self.run_dir.checkpoints} yet: training the run that "
+                             f"{self.run_dir.config} describes again, from step 0")
         elif cfg.resume == "auto":
             self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
         self.resumed_from = resumed[0] if resumed else None
         if env.is_main:
-            self.run_dir.write_config({**cfg.to_dict(), "world_size": env.world_size,
-                                       "global_batch_size": cfg.global_batch(env.world_size),
-                                       "tokens_per_step": cfg.tokens_per_step(env.world_size)})
+            self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
 
     def _load_data(self, cfg: TrainConfig) -> Any:
         """Rank 0 tokenizes (and fills the cache) first; the others then read the cache."""
@@ -214,7 +238,8 @@ class Trainer:
         for turn in ("main", "others"):
             if (turn == "main") == self.env.is_main:
                 try:
-                    data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir, warn=self.console.warn)
+                    data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype, cfg.vocab_size,
+                                       warn=self.console.warn)
                     check_block_size(data, cfg.block_size)
                 except Exception as e:
                     error = e
@@ -388,45 +413,58 @@ class Trainer:
         """Train until ``max_steps`` or a stop request; always save before returning."""
         cfg, progress = self.cfg, self.progress
         result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
-        self.console = Console(cfg.max_steps, progress.step, show_bar=cfg.progress and self.env.is_main,
-                               quiet=not self.env.is_main)
+        self.console = Console(cfg.max_steps, progress.step, show_bar=wants_bar(cfg.progress),
+                               log_interval=cfg.log_interval, started=self.started, quiet=not self.env.is_main)
         if not self.stop.can_install():
             self.console.warn("not in the main thread: signals will not stop training gracefully")
         # Handlers stay installed through teardown, where a signal forces an immediate exit.
         with self.stop.installed(), contextlib.ExitStack() as cleanup:  # every close runs, even if one fails
             cleanup.callback(self.close)
             cleanup.callback(self.console.close)
-            tensorboard = TensorBoardLog(self.run_dir.tensorboard if self.env.is_main else None,
-                                         progress.step if self.resumed_from else None, self.console.warn)
-            cleanup.callback(tensorboard.close)
+            metrics = Metrics(self.run_dir.tensorboard, self.run_dir.metrics, self.console.warn, self.on_metrics,
+                              enabled=self.env.is_main)  # creates no file before start()
+            cleanup.callback(metrics.close)
             cleanup.callback(setattr, self.stop, "exit_on_signal", True)  # runs first: nothing left to save
             self.console.log(self._start_message())
             if progress.step >= cfg.max_steps and not self._evaluation_due():
                 self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
                                  f"nothing to do (raise --max-steps to train longer)")
                 return result
-            self._loop(tensorboard, result)
+            self._start_metrics(metrics)
+            self._loop(metrics, result)
         return result
 
-    def _loop(self, tensorboard: TensorBoardLog, result: RunResult) -> None:
+    def _start_metrics(self, metrics: Metrics) -> None:
+        """Log from the first step this start trains: a resume from step R continues at R + 1, a new
+        run (or one killed before its first checkpoint) at 0, dropping what earlier starts logged there."""
+        first_logged = self.progress.step + 1 if self.resumed_from else 0
+        last_lost = metrics.start(first_logged, self.cfg.to_dict())
+        first_trained = self.progress.step + 1
+        if last_lost is not None and last_lost >= first_trained:
+            steps = f"step {first_trained:,}" if last_lost == first_trained else \
+                f"steps {first_trained:,}-{last_lost:,}"
+            self.console.log(f"{steps} trained before the last stop were never saved: lost, training again")
+
+    def _loop(self, metrics: Metrics, result: RunResult) -> None:
         cfg, progress = self.cfg, self.progress
         window = _Window()
         if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
-            self._evaluate_and_log(tensorboard, window)
+            self._evaluate_and_log(metrics, window)
             self._save_if_due(force=False)
         while progress.step < cfg.max_steps and not self._stop_agreed():
             step_start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # the step's own: train_step moves the schedule on
             loss, grad_norm = self.train_step()
             seconds = time.perf_counter() - step_start
             progress.step += 1
             progress.tokens_seen += cfg.tokens_per_step(self.env.world_size)
-            self._log_step(tensorboard, window, loss, grad_norm, seconds)
+            self._log_step(metrics, window, loss, lr, grad_norm, seconds)
             self._warn_if_slow(seconds)
             result.step_losses.append((progress.step, loss))
             if self.on_step is not None:
                 self.on_step(self, progress.step, loss)
             if self._evaluation_due():
-                self._evaluate_and_log(tensorboard, window)
+                self._evaluate_and_log(metrics, window)
             self._save_if_due(force=progress.step == cfg.max_steps or self._stop_agreed(),
                               time_due=self._votes.save_time_due)
         result.step = progress.step
@@ -441,7 +479,8 @@ class Trainer:
         if self._stop_agreed() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
             self.console.log(self._stopped_message(result.last_checkpoint))
-        tensorboard.flush()
+        elif not unfinished:
+            self.console.log(self._finished_message())
 
     def _stop_agreed(self) -> bool:
         """Single process: the stop flag. Under torchrun: what the ranks agreed on at the last step
@@ -450,15 +489,14 @@ class Trainer:
             return self.stop.is_set()
         return self._votes is not None and bool(self._votes.stop_code or self._votes.time_up)
 
-    def _log_step(self, tensorboard: TensorBoardLog, window: "_Window", loss: float, grad_norm: float,
+    def _log_step(self, metrics: Metrics, window: "_Window", loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:
         tokens = self.cfg.tokens_per_step(self.env.world_size)
         window.add(loss, tokens, seconds)
         self._slowest_step = max(self._slowest_step, seconds)
-        lr = self.optimizer.param_groups[0]["lr"]
-        tensorboard.scalars(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                                 "train/tokens_per_s": tokens / seconds})
-        self.console.advance(loss, lr, tokens / seconds)
+        metrics.log(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                         "train/tokens_per_s": tokens / seconds})
+        self.console.advance(self.progress.step, loss, lr, tokens, seconds)
 
     def _warn_if_slow(self, seconds: float) -> None:
         if seconds > SLOW_STEP_SECONDS and not self._warned_slow_step:
@@ -500,7 +538,7 @@ class Trainer:
                                          f"not saving it. Lower --lr, then rerun with --resume auto")
         return self.state_dict()
 
-    def _evaluate_and_log(self, tensorboard: TensorBoardLog, window: "_Window") -> None:
+    def _evaluate_and_log(self, metrics: Metrics, window: "_Window") -> None:
         train_loss, tokens_per_second = window.summary()
         started = time.perf_counter()
         val_loss = self.evaluate()
@@ -510,7 +548,7 @@ class Trainer:
         step = self.progress.step
         self.progress.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
-        tensorboard.scalars(step, {"val/loss": val_loss, "val/perplexity": ppl})
+        metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
         train = f"{train_loss:.4f}" if train_loss is not None else "-"
         rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
         self.console.log(f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | "
@@ -552,8 +590,15 @@ class Trainer:
 
     def _stopped_message(self, saved: Optional[Path]) -> str:
         where = f"saved {saved}" if saved is not None else "nothing new to save"
-        return (f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: "
-                f"python scripts/train.py --out-dir {self.cfg.out_dir} --resume auto")
+        again = shell_command([*self.command, "--out-dir", self.cfg.out_dir, "--resume", "auto"])
+        return f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: {again}"
+
+    def _finished_message(self) -> str:
+        best = self.progress.best_val_loss
+        best_text = f"best val loss {best:.4f} in {self.run_dir.best}" if math.isfinite(best) else \
+            "no validation loss yet"
+        return (f"finished: {self.progress.step:,} steps, {self.progress.tokens_seen:,} tokens, {best_text}, "
+                f"wall time {format_elapsed(time.monotonic() - self.started)}")
 
 
 def _check_resume_path_exists(cfg: TrainConfig) -> None:

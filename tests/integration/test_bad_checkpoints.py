@@ -75,16 +75,16 @@ def test_every_tool_says_what_is_wrong_in_one_line(run_copy: TrainConfig, tmp_pa
 
 
 def test_resume_auto_falls_back_past_all_six_to_the_newest_good_checkpoint(run_copy: TrainConfig,
-                                                                           capsys: pytest.CaptureFixture) -> None:
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     folder = Path(run_copy.out_dir) / "checkpoints"
     good = step_path(folder, GOOD_STEP)
     for offset, name in enumerate(TYPE_CONFUSED, start=1):
         crafted(good, name, step_path(folder, GOOD_STEP + offset))
-    capsys.readouterr()
     trainer = Trainer(dataclasses.replace(run_copy, resume="auto", max_steps=GOOD_STEP + 10))
     assert trainer.resumed_from == good
     assert trainer.run().step == GOOD_STEP + 10
-    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipping")]
+    skipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and
+               r.getMessage().startswith("skipping")]
     assert len(skipped) == len(TYPE_CONFUSED)
     for line, (_, named) in zip(reversed(skipped), TYPE_CONFUSED.values()):
         assert named in line, line

@@ -111,8 +111,8 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_retention_never_deletes_th
     resumed = Trainer(dataclasses.replace(cfg, resume="auto"))
     assert resumed.progress.step == 10
     assert resumed.run().step == 30
-    out = capsys.readouterr().out
-    assert "skipping" in out and "step_00000020.pt" in out and "abandoned" in out
+    warnings = capsys.readouterr().err
+    assert "skipping" in warnings and "step_00000020.pt" in warnings and "abandoned" in warnings
     assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_00000020.pt", "step_00000030.pt"]
     assert load_checkpoint(step_path(folder, 20))["step"] == 20  # the new timeline's step 20, valid
     assert (folder / "abandoned" / "1" / "step_00000020.pt").is_file()  # the corrupt one, kept for a look
@@ -134,7 +134,8 @@ def test_keep_last_1_keeps_the_checkpoint_just_written(make_config):
 def test_switching_to_float16_on_resume_starts_a_new_scaler_with_a_warning(finished, capsys):
     trainer = Trainer(dataclasses.replace(finished, resume="auto", dtype="float16", max_steps=12))
     assert trainer.scaler.is_enabled()
-    assert "starting a new gradient scaler" in capsys.readouterr().out
+    assert "warning: the checkpoint was not trained in float16: starting a new gradient scaler" in \
+        capsys.readouterr().err
     assert trainer.run().step == 12
 
 

@@ -43,7 +43,7 @@ def test_a_signal_during_teardown_exits_at_once_naming_the_last_committed_checkp
 def test_a_step_longer_than_the_grace_period_warns_once_naming_grad_accum(make_config, monkeypatch, capsys):
     monkeypatch.setattr(trainer_module, "SLOW_STEP_SECONDS", 0.0)  # every step counts as slow
     Trainer(make_config(max_steps=3, eval_interval=100)).run()
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "grace period" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "grace period" in line]
     assert len(warnings) == 1 and "--grad-accum" in warnings[0] and warnings[0].startswith("warning: step 1 ")
 
 

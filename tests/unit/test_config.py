@@ -1,15 +1,18 @@
-"""Presets, flag overrides, the one validation, and duration parsing."""
+"""Presets, flag overrides, config files, the one validation, and duration parsing."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from nanoresume.config import (PRESETS, TrainConfig, build_parser, config_from_dict, explicit_fields, flag,
-                               parse_config, parse_duration, resolve_config)
+                               parse_command_line, parse_config, parse_duration, resolve_config)
 from nanoresume.errors import ConfigError
 
 
@@ -121,14 +124,86 @@ def test_time_limit_on_the_command_line_is_parsed_as_a_duration():
     assert parse_config([]).time_limit is None
 
 
-def test_every_config_field_except_vocab_size_is_a_flag():
+def test_every_config_field_is_a_flag():
     parser = build_parser()
     options = {s for a in parser._actions for s in a.option_strings}
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "vocab_size":
-            assert flag(f.name) not in options
-        else:
-            assert flag(f.name) in options, f"{flag(f.name)} missing from the CLI"
+        assert flag(f.name) in options, f"{flag(f.name)} missing from the CLI"
+
+
+def test_every_flag_of_train_is_in_the_readme_flag_table():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("### All flags of `nanoresume train`"):]
+    table = table[:table.index("\n\n", table.index("| flag |"))]
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"`{option}`" in table, f"{option} is missing from the README's flag table"
+
+
+def test_vocab_size_defaults_to_bytes_and_uint16_data_must_name_its_vocabulary():
+    assert parse_config([]).vocab_size == 256
+    assert parse_config(["--token-dtype", "uint16", "--vocab-size", "50304"]).vocab_size == 50304
+    with pytest.raises(ConfigError, match="--token-dtype uint16 needs --vocab-size"):
+        parse_config(["--token-dtype", "uint16"])
+
+
+def test_progress_is_unset_unless_a_flag_forces_it_either_way():
+    assert parse_config([]).progress is None
+    assert parse_config(["--progress"]).progress is True
+    assert parse_config(["--no-progress"]).progress is False
+
+
+# ---- --config FILE -----------------------------------------------------------------------------
+
+def test_a_runs_config_json_read_back_with_config_gives_the_same_config(tmp_path):
+    cfg = parse_config(["--n-layer", "3", "--time-limit", "1:00:00", "--no-bias", "--max-steps", "77"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert parse_config(["--config", str(tmp_path / "config.json")]) == cfg
+
+
+def test_flags_on_the_command_line_override_the_config_file_and_both_count_as_given(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"max_steps": 50, "lr": 1e-3, "eval-interval": 10}))
+    cfg, given = parse_command_line(["--config", str(tmp_path / "run.json"), "--lr", "5e-4"])
+    assert (cfg.max_steps, cfg.lr, cfg.eval_interval) == (50, 5e-4, 10)
+    assert given == {"max_steps", "lr", "eval_interval"}
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is new in Python 3.11")
+def test_a_toml_config_file_is_read_with_durations_and_presets(tmp_path):
+    (tmp_path / "run.toml").write_text('preset = "gpu10m"\nmax_steps = 20\ntime_limit = "00:01:30"\n'
+                                       'bias = false\n')
+    cfg, given = parse_command_line(["--config", str(tmp_path / "run.toml")])
+    assert (cfg.n_layer, cfg.max_steps, cfg.time_limit, cfg.bias) == (6, 20, 90.0, False)
+    assert {"preset", "n_layer", "max_steps", "time_limit", "bias"} <= given
+
+
+def test_toml_without_tomllib_says_which_python_is_needed(tmp_path, monkeypatch):
+    (tmp_path / "run.toml").write_text("max_steps = 20\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.9 and 3.10
+    with pytest.raises(ConfigError, match="reading TOML needs Python 3.11 or newer .*use a JSON file"):
+        parse_config(["--config", str(tmp_path / "run.toml")])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"max_steps": "ten"}', "max_steps must be a whole number, not 'ten'"),
+    ('{"max_stepz": 10}', "unknown setting 'max_stepz'"),
+    ('{"device": "tpu"}', "device 'tpu' must be one of auto, cpu, cuda"),
+    ('{"bias": null}', "bias cannot be empty"),
+    ('{"max_steps": 10,', "not valid JSON"),
+    ('[1, 2]', "must hold one object of settings"),
+])
+def test_a_bad_config_file_is_one_error_naming_the_file_and_the_setting(tmp_path, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(ConfigError, match=f"--config {tmp_path / 'bad.json'}: .*{message}"):
+        parse_config(["--config", str(tmp_path / "bad.json")])
+
+
+def test_a_config_file_of_another_kind_or_missing_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="expected a .json or .toml file"):
+        parse_config(["--config", str(tmp_path / "run.yaml")])
+    with pytest.raises(ConfigError, match="cannot read it"):
+        parse_config(["--config", str(tmp_path / "missing.json")])
 
 
 def test_booleans_take_a_no_prefix_form_and_choices_are_enforced():

@@ -43,10 +43,10 @@ def test_a_folder_of_txt_files_is_read_in_sorted_order_and_other_files_are_ignor
     assert all_tokens(tokens) == b"AAAA" * 10 + b"BBBB" * 10 + b"CCCC" * 10
 
 
-def test_a_bin_file_is_read_as_raw_uint8_tokens(tmp_path):
+def test_a_bin_file_with_token_dtype_uint8_is_read_as_raw_byte_tokens(tmp_path):
     raw = bytes(range(256)) * 2
     (tmp_path / "t.bin").write_bytes(raw)
-    assert all_tokens(load_tokens(str(tmp_path / "t.bin"), 0.1)) == raw
+    assert all_tokens(load_tokens(str(tmp_path / "t.bin"), 0.1, token_dtype="uint8")) == raw
 
 
 def test_an_npy_file_of_small_integers_is_read_as_byte_tokens(tmp_path):
@@ -68,10 +68,10 @@ def test_an_npy_file_with_values_that_are_not_bytes_is_refused_naming_data(tmp_p
 def test_the_split_is_deterministic_and_validation_is_the_last_fraction(tmp_path):
     raw = bytes(random.Random(0).randrange(256) for _ in range(1000))
     (tmp_path / "t.bin").write_bytes(raw)
-    tokens = load_tokens(str(tmp_path / "t.bin"), 0.25)
+    tokens = load_tokens(str(tmp_path / "t.bin"), 0.25, token_dtype="uint8")
     assert bytes(tokens.train) == raw[:750]
     assert bytes(tokens.val) == raw[750:]
-    again = load_tokens(str(tmp_path / "t.bin"), 0.25)
+    again = load_tokens(str(tmp_path / "t.bin"), 0.25, token_dtype="uint8")
     assert again.fingerprint == tokens.fingerprint
     assert bytes(again.val) == bytes(tokens.val)
 
@@ -221,8 +221,8 @@ def test_an_empty_text_file_raises_data_error_naming_data(tmp_path):
 
 def test_an_empty_bin_file_and_a_folder_without_txt_files_raise_data_error(tmp_path):
     (tmp_path / "empty.bin").write_bytes(b"")
-    with pytest.raises(DataError, match="--data"):
-        load_tokens(str(tmp_path / "empty.bin"), 0.1)
+    with pytest.raises(DataError, match="--data .*no text"):
+        load_tokens(str(tmp_path / "empty.bin"), 0.1, token_dtype="uint8")
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match="--data .*no .txt files"):
         load_tokens(str(tmp_path / "folder"), 0.1)
@@ -237,12 +237,87 @@ def test_a_missing_path_raises_data_error_naming_data_and_the_path(tmp_path):
 
 def test_a_block_size_larger_than_either_split_raises_naming_block_size(tmp_path):
     (tmp_path / "t.bin").write_bytes(bytes(200))
-    tokens = load_tokens(str(tmp_path / "t.bin"), 0.1)  # 180 train, 20 val
+    tokens = load_tokens(str(tmp_path / "t.bin"), 0.1, token_dtype="uint8")  # 180 train, 20 val
     check_block_size(tokens, 19)
     with pytest.raises(DataError, match="--block-size 20 .*validation"):
         check_block_size(tokens, 20)
     with pytest.raises(DataError, match="--block-size 500 .*training"):
         check_block_size(tokens, 500)
+
+
+# ---- nanoGPT's token files ---------------------------------------------------------------------
+
+GPT2_IDS = np.array([15496, 11, 995, 0, 50256, 464, 2068, 7586] * 40, dtype=np.uint16)
+
+
+def test_a_bin_file_without_token_dtype_is_refused_instead_of_read_as_bytes(tmp_path):
+    GPT2_IDS.tofile(tmp_path / "train.bin")
+    with pytest.raises(DataError, match="--data .*train.bin.*--token-dtype uint8 .*--token-dtype uint16"):
+        load_tokens(str(tmp_path / "train.bin"), 0.1)
+
+
+def test_a_uint16_bin_file_reads_nanogpt_token_ids_exactly(tmp_path):
+    GPT2_IDS.tofile(tmp_path / "ids.bin")  # what nanoGPT's prepare.py writes: little-endian uint16
+    tokens = load_tokens(str(tmp_path / "ids.bin"), 0.25, token_dtype="uint16", vocab_size=50304)
+    assert len(tokens.train) + len(tokens.val) == len(GPT2_IDS)  # not twice as many byte tokens
+    assert np.concatenate([tokens.train, tokens.val]).tolist() == GPT2_IDS.tolist()
+    x, y = windows(tokens.train, np.array([0]), 4)
+    assert x.tolist() == [[15496, 11, 995, 0]] and y.tolist() == [[11, 995, 0, 50256]]
+
+
+def test_the_same_bytes_read_as_another_dtype_are_not_the_same_data(tmp_path):
+    (tmp_path / "t.bin").write_bytes(bytes(range(200)))
+    as_bytes = load_tokens(str(tmp_path / "t.bin"), 0.1, token_dtype="uint8")
+    as_ids = load_tokens(str(tmp_path / "t.bin"), 0.1, token_dtype="uint16", vocab_size=65536)
+    assert as_bytes.fingerprint != as_ids.fingerprint
+
+
+def test_a_folder_with_train_and_val_bin_keeps_their_split(tmp_path):
+    GPT2_IDS[:300].tofile(tmp_path / "train.bin")
+    GPT2_IDS[300:].tofile(tmp_path / "val.bin")
+    (tmp_path / "notes.txt").write_text("not data")
+    tokens = load_tokens(str(tmp_path), 0.5, token_dtype="uint16", vocab_size=50257)
+    assert tokens.train.tolist() == GPT2_IDS[:300].tolist()  # --val-fraction does not re-split it
+    assert tokens.val.tolist() == GPT2_IDS[300:].tolist()
+    assert "train.bin + val.bin" in tokens.source
+
+
+def test_a_folder_with_only_train_bin_is_refused_naming_the_missing_file(tmp_path):
+    GPT2_IDS.tofile(tmp_path / "train.bin")
+    with pytest.raises(DataError, match="no val.bin"):
+        load_tokens(str(tmp_path), 0.1, token_dtype="uint16", vocab_size=50304)
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (bytes(101), dict(token_dtype="uint16", vocab_size=50304), "101 bytes is not a whole number of uint16 tokens"),
+    (GPT2_IDS.tobytes(), dict(token_dtype="uint16", vocab_size=50000), "token id 50,256.*vocabulary has 50,000"),
+    (bytes(range(256)), dict(token_dtype="uint8", vocab_size=100), "token id 255.*vocabulary has 100"),
+])
+def test_a_bin_file_whose_size_or_values_do_not_fit_is_refused_with_one_line(tmp_path, content, flags, message):
+    (tmp_path / "t.bin").write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_tokens(str(tmp_path / "t.bin"), 0.1, **flags)
+    assert "\n" not in str(info.value)
+
+
+def test_uint16_for_text_data_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    with pytest.raises(DataError, match="--token-dtype uint16 is for .bin token files"):
+        load_tokens(str(tmp_path / "a.txt"), 0.1, str(tmp_path / "cache"), token_dtype="uint16", vocab_size=50304)
+
+
+def test_a_meta_pkl_beside_the_data_is_never_unpickled(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": Payload()}))
+    GPT2_IDS[:300].tofile(tmp_path / "train.bin")
+    GPT2_IDS[300:].tofile(tmp_path / "val.bin")
+    load_tokens(str(tmp_path), 0.1, token_dtype="uint16", vocab_size=50304)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_windows_pair_each_input_with_the_next_token_as_target():

@@ -1,18 +1,23 @@
-"""Sampling: seeded and repeatable, byte decoding that never fails, runs from both checkpoint kinds."""
+"""Sampling: seeded and repeatable, byte decoding that never fails, runs from both checkpoint kinds,
+token ids (or tiktoken's text) for models that were not trained on bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanoresume import sampling
+from nanoresume import checkpoint, sampling
 from nanoresume.config import ModelConfig
 from nanoresume.model import GPT
+from nanoresume.textcodec import codec_for, decode_bytes, encode_bytes
 from nanoresume.trainer import Trainer
 from tests.helpers import REPO
 
@@ -27,14 +32,15 @@ def tiny_model() -> GPT:
 
 def test_decode_replaces_invalid_and_truncated_utf8_instead_of_failing() -> None:
     # 0xff is never valid; 0xe2 0x82 is the start of "€" cut off.
-    text = sampling.decode([ord("a"), 0xFF, ord("b"), 0xE2, 0x82])
+    text = decode_bytes([ord("a"), 0xFF, ord("b"), 0xE2, 0x82])
     assert text == "a\ufffdb\ufffd"
-    assert sampling.decode(list(range(256)))  # every byte value decodes to something
+    assert decode_bytes(list(range(256)))  # every byte value decodes to something
 
 
-def test_empty_prompt_starts_from_a_newline() -> None:
-    assert sampling.encode("") == [ord("\n")]
-    assert sampling.encode("é") == [0xC3, 0xA9]
+def test_a_byte_model_starts_an_empty_prompt_from_a_newline() -> None:
+    codec = codec_for(256)
+    assert codec.start_token == ord("\n")
+    assert codec.encode("é") == [0xC3, 0xA9]
 
 
 def test_same_seed_gives_same_tokens_and_another_seed_differs() -> None:
@@ -103,4 +109,55 @@ def test_a_tiny_temperature_behaves_like_greedy_instead_of_producing_nan() -> No
 
 
 def test_a_prompt_with_undecodable_command_line_bytes_keeps_those_bytes() -> None:
-    assert sampling.encode("caf\udce9") == [99, 97, 102, 0xE9]
+    assert encode_bytes("caf\udce9") == [99, 97, 102, 0xE9]
+
+
+# ---- models trained on other token ids (nanoGPT's GPT-2 data) ------------------------------------
+
+def weights_file(tmp_path: Path, vocab_size: int) -> Path:
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=vocab_size)
+    path = tmp_path / f"vocab{vocab_size}.pt"
+    checkpoint.save_atomically({"format_version": checkpoint.FORMAT_VERSION, "kind": "weights",
+                                "model": GPT(config).state_dict(), "model_config": dataclasses.asdict(config),
+                                "step": 0, "tokens_seen": 0, "val_loss": None}, path)
+    return path
+
+
+def fake_tiktoken() -> types.ModuleType:
+    """Stands in for tiktoken (not a dependency): GPT-2's 50257 ids, each decoded as "<id>"."""
+    encoding = types.SimpleNamespace(name="gpt2", n_vocab=50257,
+                                     decode=lambda ids: "".join(f"<{i}>" for i in ids),
+                                     encode=lambda text, allowed_special: [ord(c) for c in text])
+    return types.SimpleNamespace(get_encoding=lambda name: encoding)
+
+
+def test_a_model_of_other_token_ids_prints_the_ids(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # as where tiktoken is not installed
+    ckpt = weights_file(tmp_path, 300)
+    args = ["--ckpt", str(ckpt), "--prompt-ids", "299,7", "--max-new-tokens", "5", "--device", "cpu"]
+    assert sampling.main(args) == 0
+    ids = [int(t) for t in capsys.readouterr().out.split()]
+    assert ids[:2] == [299, 7] and len(ids) == 7 and all(0 <= i < 300 for i in ids)
+
+
+def test_a_text_prompt_for_a_model_of_token_ids_without_a_tokenizer_is_one_line(tmp_path: Path, capsys,
+                                                                                 monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    ckpt = weights_file(tmp_path, 50304)
+    assert sampling.main(["--ckpt", str(ckpt), "--prompt", "Hello", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompt-ids" in err and "50,304 token ids" in err
+
+
+def test_gpt2_ids_are_decoded_with_tiktoken_where_it_is_installed(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tiktoken", fake_tiktoken())
+    ckpt = weights_file(tmp_path, 50304)  # nanoGPT's padded GPT-2 vocabulary
+    assert sampling.main(["--ckpt", str(ckpt), "--max-new-tokens", "6", "--device", "cpu", "--seed", "3"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"(<\d+>|<\|\d+\|>){6}", out), out  # six sampled tokens; the start token is not printed
+
+
+def test_nanogpt_padding_ids_that_gpt2_lacks_are_shown_as_ids(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "tiktoken", fake_tiktoken())
+    assert codec_for(50304).decode([1, 50300, 2, 3]) == "<1><|50300|><2><3>"

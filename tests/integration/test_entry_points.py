@@ -1,0 +1,126 @@
+"""Every way to start nanoresume works, and none exits 0 having done nothing.
+
+The installed ``nanoresume`` command exists where the package was pip-installed
+(CI installs it into its venv); these tests look for it beside ``sys.executable``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nanoresume
+from nanoresume.invocation import command_words
+
+from tests.helpers import REPO
+
+INSTALLED = Path(sys.executable).parent / "nanoresume"
+
+
+def run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INSTALLED.is_file(), reason="nanoresume is not pip-installed beside this Python")
+def test_the_installed_command_trains_lists_and_samples(tiny_cli_args, tmp_path):
+    assert run([str(INSTALLED), "--version"]).stdout == f"nanoresume {nanoresume.__version__}\n"
+    trained = run([str(INSTALLED), "train", *tiny_cli_args(max_steps=4, eval_interval=2)])
+    assert trained.returncode == 0, trained.stderr
+    assert "finished: 4 steps" in trained.stdout
+    listed = run([str(INSTALLED), "ckpt", "list", str(tmp_path / "out")])
+    assert listed.returncode == 0 and "--resume auto would pick: step_00000004.pt" in listed.stdout
+    sampled = run([str(INSTALLED), "sample", "--ckpt", str(tmp_path / "out" / "best.pt"), "--prompt", "def ",
+                   "--max-new-tokens", "5", "--device", "cpu"])
+    assert sampled.returncode == 0 and sampled.stdout.startswith("def "), sampled.stderr
+
+
+def test_python_dash_m_nanoresume_lists_the_commands_and_refuses_unknown_ones():
+    help_text = run([sys.executable, "-m", "nanoresume", "--help"])
+    assert help_text.returncode == 0
+    for name in ("train", "sample", "evaluate", "ckpt"):
+        assert f"\n  {name} " in help_text.stdout
+    assert run([sys.executable, "-m", "nanoresume", "--version"]).stdout == f"nanoresume {nanoresume.__version__}\n"
+    unknown = run([sys.executable, "-m", "nanoresume", "trian"])
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "unknown command 'trian'" in unknown.stderr
+    assert run([sys.executable, "-m", "nanoresume"]).returncode == 2  # no command: usage, not a silent 0
+
+
+@pytest.mark.slow
+def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_cli_args, tmp_path):
+    proc = run([sys.executable, "-m", "nanoresume.cli", *tiny_cli_args(max_steps=2, eval_interval=2)])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
+
+
+@pytest.mark.slow
+def test_no_module_exits_0_having_done_nothing():
+    """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library."""
+    for module in sorted(m.name for m in pkgutil.iter_modules(nanoresume.__path__)):
+        proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
+        output = proc.stdout + proc.stderr
+        if module in nanoresume.RUNNABLE_MODULES:
+            assert "usage" in output.lower(), f"nanoresume.{module}: {output!r}"
+        else:
+            assert proc.returncode == 2, f"nanoresume.{module} exited {proc.returncode}: {output!r}"
+            assert proc.stderr.startswith(f"error: nanoresume.{module} is a library module"), proc.stderr
+
+
+@pytest.mark.parametrize("module", ["cli", "sampling", "evaluation", "ckpt"])
+def test_every_tool_has_a_version_flag(module, capsys):
+    tool = importlib.import_module(f"nanoresume.{module}")
+    with pytest.raises(SystemExit) as exited:
+        tool.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"nanoresume {nanoresume.__version__}\n"
+
+
+def test_command_words_are_the_words_before_the_arguments_or_the_fallback(monkeypatch):
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "nanoresume", "train", "--max-steps", "5"], raising=False)
+    monkeypatch.setattr(sys, "argv", ["/x/nanoresume/__main__.py", "train", "--max-steps", "5"])
+    assert command_words(["--max-steps", "5"]) == ["python3", "-m", "nanoresume", "train"]
+    assert command_words(["--other"]) == ["nanoresume", "train"]  # not this process's command line
+
+
+def test_command_words_name_a_console_script_as_typed(monkeypatch, tmp_path):
+    script = tmp_path / "bin" / "nanoresume"
+    script.parent.mkdir()
+    script.write_text("#!/usr/bin/env python\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", str(script), "train", "--out-dir", "a b"],
+                        raising=False)
+    monkeypatch.setattr(sys, "argv", [str(script), "train", "--out-dir", "a b"])
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert command_words(["--out-dir", "a b"]) == ["nanoresume", "train"]  # on PATH: its name
+    monkeypatch.setenv("PATH", "")
+    assert command_words(["--out-dir", "a b"]) == [str(script), "train"]  # not on PATH: its path
+
+
+@pytest.mark.slow
+def test_the_continue_command_is_the_one_run_and_works_for_a_path_with_spaces_and_quotes(tiny_cli_args, tmp_path):
+    out = tmp_path / "it's a run"
+    command = [sys.executable, "-m", "nanoresume", "train", *tiny_cli_args(max_steps=400, eval_interval=200),
+               "--out-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step      0 |"):  # training has begun: the loop owns SIGTERM now
+            process.send_signal(signal.SIGTERM)
+            break
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 143
+    [stopped] = [line for line in rest.splitlines() if "Continue with: " in line]
+    again = shlex.split(stopped.split("Continue with: ", 1)[1])
+    assert again == [sys.executable, "-m", "nanoresume", "train", "--out-dir", str(out), "--resume", "auto"]
+    resumed = run(again + ["--max-steps", "20"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and (out / "checkpoints" / "step_00000020.pt").is_file()
