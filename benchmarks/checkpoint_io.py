@@ -5,7 +5,8 @@
 
 For each model, on the full training state after one optimizer step (weights, AdamW
 moments, RNGs, config), every variant below runs once per repetition, interleaved, and
-the table shows the median of the repetitions. Each save goes to a new step name, as
+the table shows the median of the repetitions. Dirty pages are flushed (``os.sync``,
+untimed) before each measurement. Each save goes to a new step name, as
 training does (never an overwrite), with retention at --keep-last 3.
 
 - plain save: ``torch.save(state, path)`` (no fsync, no checksum)
@@ -42,8 +43,13 @@ MODELS = {
 
 
 def timed(sync: Callable[[], None], fn: Callable[..., object], *args: object) -> float:
-    """Seconds ``fn(*args)`` takes, device work included."""
+    """Seconds ``fn(*args)`` takes, device work included.
+
+    Dirty pages of the previous variant are flushed first (untimed), so no variant pays for
+    another's write-back: in training, the last checkpoint's pages are long on disk.
+    """
     sync()
+    os.sync()
     start = time.perf_counter()
     fn(*args)
     sync()

@@ -19,7 +19,7 @@ from . import schema
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import GPT
+from .model import GPT, shapes_only
 from .optim import build_optimizer
 
 _MIN_TENSORS_PER_BLOCK = 6  # ln_1, qkv, proj, ln_2, fc, mlp proj weights, even without biases
@@ -47,15 +47,14 @@ def check_model_tensors(path: Path, state: dict[str, Any]) -> ModelConfig:
     """The file's model tensors must be exactly those of a GPT built from its config (names and shapes),
     and a training state's optimizer must hold the groups and moment shapes of that GPT's optimizer.
 
-    Builds the GPT on the meta device, so no memory is allocated for weights.
+    Builds the GPT on the meta device (:func:`~nanoresume.model.shapes_only`), so no memory is allocated.
     """
     cfg = model_config_from_state(path, state)
     found = {name: t.shape for name, t in state["model"].items()}
     if _MIN_TENSORS_PER_BLOCK * cfg.n_layer > len(found):  # say so before building a huge model
         raise CheckpointError(f"{path}: model tensors do not match its config: n_layer {cfg.n_layer} needs at "
                               f"least {_MIN_TENSORS_PER_BLOCK * cfg.n_layer} tensors, the file holds {len(found)}")
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model = shapes_only(cfg)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())

@@ -6,7 +6,8 @@ No I/O and no training logic: build it from a :class:`ModelConfig`, call it.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -141,3 +142,30 @@ class GPT(nn.Module):
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+
+# Initialisers the modules above call while being built.
+_INITIALISERS = ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, initialiser in saved.items():
+            setattr(nn.init, name, initialiser)
+
+
+def shapes_only(cfg: ModelConfig) -> GPT:
+    """A GPT on the meta device: the names and shapes of its tensors, no memory, no values.
+
+    Built without weight initialisation, which would be wasted on meta tensors and costs about
+    a second the first time in a process (torch's meta kernels for random fills import its compiler
+    stack); checkpoint validation in every tool and every resume would pay it.
+    """
+    with torch.device("meta"), _initialisers_skipped():
+        return GPT(cfg)
