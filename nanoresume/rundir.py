@@ -7,6 +7,7 @@ Layout::
     OUT/checkpoints/          step_00000500.pt (+ .sha256), newest --keep-last of them
     OUT/tb/                   TensorBoard event files
     OUT/metrics.jsonl         one JSON object per training step and per evaluation
+    OUT/exit_code             how the last start ended, when it ended by itself (for job scripts)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RunDir:
         self.best = self.root / "best.pt"
         self.config = self.root / "config.json"
         self.metrics = self.root / "metrics.jsonl"
+        self.exit_code = self.root / "exit_code"
         self._lock_fd: Optional[int] = None
 
     def open(self, warn: Callable[[str], None]) -> None:
@@ -50,6 +52,7 @@ class RunDir:
             raise UserError(f"--out-dir {self.root} is not writable ({e.strerror or e}); "
                             f"choose a folder you can write to") from None
         self._lock()
+        self.exit_code.unlink(missing_ok=True)  # from an earlier start; a crash of this one leaves none
         for folder in (self.root, self.checkpoints):
             for leftover in checkpoint.remove_leftovers(folder):
                 warn(f"removed {leftover}, left by an interrupted write")
@@ -88,6 +91,15 @@ class RunDir:
         if not isinstance(config, dict):
             raise ConfigError(f"{self.config} holds no config object; fix or remove it, or choose another --out-dir")
         return config
+
+    def write_exit_code(self, code: int) -> None:
+        """Record how this start ended (0 finished, 75 time limit, 128+N a signal), for a job script
+        under torchrun, which hides its workers' exit codes behind its own 1. Best effort: a full
+        disk here changes nothing about the run."""
+        try:
+            write_file_atomically(self.exit_code, f"{code}\n".encode())
+        except OSError:
+            pass
 
     def write_config(self, config: dict[str, Any]) -> None:
         path = self.config

@@ -429,6 +429,8 @@ class Trainer:
             if progress.step >= cfg.max_steps and not self._evaluation_due():
                 self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
                                  f"nothing to do (raise --max-steps to train longer)")
+                if self.env.is_main:
+                    self.run_dir.write_exit_code(0)
                 return result
             self._start_metrics(metrics)
             self._loop(metrics, result)
@@ -481,6 +483,8 @@ class Trainer:
             self.console.log(self._stopped_message(result.last_checkpoint))
         elif not unfinished:
             self.console.log(self._finished_message())
+        if self.env.is_main:
+            self.run_dir.write_exit_code(result.exit_code)
 
     def _stop_agreed(self) -> bool:
         """Single process: the stop flag. Under torchrun: what the ranks agreed on at the last step

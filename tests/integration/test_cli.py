@@ -27,6 +27,7 @@ def test_a_tiny_run_exits_0_and_writes_events_config_checkpoints_and_best(tiny_c
     assert set(config) == {f.name for f in dataclasses.fields(TrainConfig)} | {
         "world_size", "global_batch_size", "tokens_per_step"}  # derived, for the reader
     assert config["world_size"] == 1 and config["global_batch_size"] == 4 and config["tokens_per_step"] == 128
+    assert (out / "exit_code").read_text() == "0\n"  # for job scripts: how this start ended
     names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     assert names == ["step_00000010.pt", "step_00000010.pt.sha256", "step_00000020.pt", "step_00000020.pt.sha256"]
     assert (out / "best.pt").is_file() and (out / "best.pt.sha256").is_file()

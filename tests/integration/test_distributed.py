@@ -113,6 +113,8 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_pr
     stopped = [int(line.split("after step ")[1].split(";")[0].replace(",", ""))
                for line in output.splitlines() if "stopped by SIGTERM after step" in line]
     assert len(stopped) == 1, output  # rank 0 alone speaks
+    assert launcher.returncode == 1  # torchrun hides the workers' 143 behind its own 1 ...
+    assert (tmp_path / "stopped" / "exit_code").read_text() == "143\n"  # ... which a job script reads here
     state = load_checkpoint(step_path(tmp_path / "stopped" / "checkpoints", stopped[0]))
     assert state["step"] == stopped[0] < 400
 

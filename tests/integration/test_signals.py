@@ -109,6 +109,7 @@ def test_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_
     saved = checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
     assert saved["step"] == step
     assert f"--out-dir {tmp_path / 'stopped'} --resume auto" in run.output  # the exact command to continue
+    assert (tmp_path / "stopped" / "exit_code").read_text() == f"{code}\n"
 
     final = resume_to_end(args, tmp_path / "stopped")
     assert final_state_difference(final, uninterrupted()) is None
