@@ -27,6 +27,7 @@ from .checkpoint import files as checkpoint_files
 from .checkpoint import manager as checkpoint_manager
 from .compare import first_difference
 from .config import RUNTIME_FIELDS
+from .rundir import RunDir
 
 WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
@@ -106,7 +107,7 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
     deadline = time.monotonic() + timeout
     args = list(train_args)
     while True:
-        before = verified_steps(out_dir / "checkpoints")
+        before = verified_steps(RunDir(out_dir).checkpoints)
         child = _Child(args, write_delay)
         if report.kills < kills:
             aim_at_write = rng.random() < 0.5
@@ -120,7 +121,7 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
                 child.kill()
                 report.kills += 1
                 report.kills_during_write += landed_in_write
-                _count_losses(before, verified_steps(out_dir / "checkpoints"), report)
+                _count_losses(before, verified_steps(RunDir(out_dir).checkpoints), report)
                 args = _with_resume_auto(args)
                 report.resumes += 1
                 continue

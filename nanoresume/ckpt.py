@@ -19,13 +19,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, schema
 from .checkpoint import CheckpointManager, StepFile, resolve_resume
 from .clitools import make_parser, run_reporting_errors
 from .compare import plain_equal, tensors_identical
 from .config import RUNTIME_FIELDS, config_from_dict
 from .errors import CheckpointError, CheckpointWriteError, UserError
 from .loading import load_valid, read_state
+from .rundir import RunDir
 
 # Config fields that describe how a run was started, not what it computed: an
 # uninterrupted run and its resumed twin differ here (resume 'none' vs 'auto',
@@ -37,8 +38,8 @@ IGNORED_BY_DIFF = tuple(f"config.{name}" for name in RUNTIME_FIELDS)
 
 def step_folder(out: Path) -> Path:
     """The folder holding step checkpoints: ``OUT/checkpoints``, or OUT itself if it holds them."""
-    if (out / "checkpoints").is_dir():
-        return out / "checkpoints"
+    if RunDir(out).checkpoints.is_dir():
+        return RunDir(out).checkpoints
     if out.is_dir() and CheckpointManager(out, 1, 1).list():
         return out
     if not out.exists():
@@ -107,7 +108,7 @@ def cmd_list(out: Path) -> int:
     skipped: list[str] = []
     picked = resolve_resume("auto", manager, skipped.append, load=load)
     print(f"--resume auto would pick: {picked[0].name if picked else 'nothing (a new run would start)'}")
-    best = out / "best.pt"
+    best = RunDir(out).best
     if best.is_file():
         reason = problem(best, load)
         if reason is None:
@@ -139,8 +140,8 @@ def files_to_verify(target: Path) -> list[Path]:
     if not target.exists():
         raise UserError(f"{target}: no such file or folder; pass a checkpoint file or a run's --out-dir")
     files = [s.path for s in CheckpointManager(step_folder(target), 1, 1).list()]
-    if (target / "best.pt").is_file():
-        files.append(target / "best.pt")
+    if RunDir(target).best.is_file():
+        files.append(RunDir(target).best)
     if not files:
         raise UserError(f"{target}: holds no checkpoint files to verify; pass a run's --out-dir or a file")
     return files
@@ -306,7 +307,7 @@ def cmd_diff(path_a: Path, path_b: Path, strict: bool) -> int:
 # ---- export ----------------------------------------------------------------------------------
 
 def weights_from(state: dict[str, Any]) -> dict[str, Any]:
-    """A ``best.pt``-style weights dict from a checkpoint of either kind (see Trainer._evaluate_and_log).
+    """A ``best.pt``-style weights dict from a checkpoint of either kind.
 
     A step checkpoint records only the best validation loss seen so far, not the loss of
     these weights, so ``val_loss`` is None unless the source already was a weights file.
@@ -314,17 +315,8 @@ def weights_from(state: dict[str, Any]) -> dict[str, Any]:
     if state["kind"] == "weights":
         model_config, val_loss = state["model_config"], state["val_loss"]
     else:
-        model_config = dataclasses.asdict(config_from_dict(state["config"]).model_config())
-        val_loss = None
-    return {
-        "format_version": checkpoint.FORMAT_VERSION,
-        "kind": "weights",
-        "model": state["model"],
-        "model_config": model_config,
-        "step": state["step"],
-        "tokens_seen": state["tokens_seen"],
-        "val_loss": val_loss,
-    }
+        model_config, val_loss = dataclasses.asdict(config_from_dict(state["config"]).model_config()), None
+    return schema.weights_state(state["model"], model_config, state["step"], state["tokens_seen"], val_loss)
 
 
 def check_export_target(source: Path, target: Path, force: bool) -> None:

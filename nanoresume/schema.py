@@ -247,3 +247,17 @@ def _hint_name(hint: Any, allow_none: bool) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     name = _with_article((args[0] if args else hint).__name__)
     return f"{name} or None" if args and allow_none else name
+
+
+def weights_state(model: dict[str, Any], model_config: dict[str, Any], step: int, tokens_seen: int,
+                  val_loss: Any) -> dict[str, Any]:
+    """A ``"weights"`` checkpoint (``best.pt``, an export): the model and what is needed to rebuild it.
+
+    ``val_loss`` is the validation loss of these weights, or None when it is not known (an
+    export of a step checkpoint, which records only the best loss seen so far).
+    """
+    from .checkpoint import FORMAT_VERSION
+
+    return {"format_version": FORMAT_VERSION, "kind": "weights", "model": model,
+            "model_config": model_config, "step": step, "tokens_seen": tokens_seen,
+            "val_loss": val_loss}

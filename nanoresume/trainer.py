@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, schema
 from .config import ARCHITECTURE_FIELDS, TrainConfig, derived_fields, merge_resumed_config, validate
 from .console import Console, configure_logging, format_elapsed, log, wants_bar
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
@@ -561,15 +561,9 @@ class Trainer:
         if val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
             if self.env.is_main:
-                self._pending_best = {
-                    "format_version": checkpoint.FORMAT_VERSION,
-                    "kind": "weights",
-                    "model": self.raw_model.state_dict(),
-                    "model_config": dataclasses.asdict(self.cfg.model_config()),
-                    "step": step,
-                    "tokens_seen": self.progress.tokens_seen,
-                    "val_loss": val_loss,
-                }
+                self._pending_best = schema.weights_state(
+                    self.raw_model.state_dict(), dataclasses.asdict(self.cfg.model_config()), step,
+                    self.progress.tokens_seen, val_loss)
 
     def _time_is_up(self) -> bool:
         """Whether to stop after this step, while there is still time for one more step, an

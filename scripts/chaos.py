@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanoresume.chaos import final_state_difference, run_chaos  # noqa: E402
 from nanoresume.checkpoint import step_path  # noqa: E402
 from nanoresume.cli import main as train  # noqa: E402
+from nanoresume.rundir import RunDir  # noqa: E402
 
 
 def main() -> int:
@@ -47,8 +48,8 @@ def main() -> int:
     chaos_out = work / "chaos"
     report = run_chaos(common + ["--out-dir", str(chaos_out)], chaos_out, kills=args.kills, seed=args.seed,
                        max_wait=3.0, timeout=24 * 3600)
-    difference = final_state_difference(step_path(chaos_out / "checkpoints", max_steps),
-                                        step_path(work / "reference" / "checkpoints", max_steps))
+    difference = final_state_difference(step_path(RunDir(chaos_out).checkpoints, max_steps),
+                                        step_path(RunDir(work / "reference").checkpoints, max_steps))
     print(f"final state bitwise equal to the uninterrupted run: {difference is None}"
           + (f" (first difference: {difference})" if difference else ""))
     for problem in report.problems:
