@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nanoresume.chaos import final_state_difference, run_chaos
 from nanoresume.checkpoint import step_path
-from tests.helpers import REPO, run_script, run_train
+from tests.helpers import REPO, TINY_FLAGS, cli_flags, run_script, run_train
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 300  # long enough that all five kills land before the run can finish
+MAX_STEPS = 200  # long enough that every kill lands before the run can finish
+KILLS = 4
+FLAGS = dict(max_steps=MAX_STEPS, eval_interval=50, ckpt_interval=20, keep_last=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_text, tmp_path_factory) -> Path:
+    """The final checkpoint of the run never killed (the same with background and synchronous saves)."""
+    root = tmp_path_factory.mktemp("chaos-reference")
+    result = run_train(cli_flags(dict(TINY_FLAGS, **FLAGS, data=str(tiny_text), out_dir=str(root / "out"),
+                                      cache_dir=str(root / "cache"), progress=False)))
+    assert result.returncode == 0, result.stderr
+    return step_path(root / "out" / "checkpoints", MAX_STEPS)
 
 
 @pytest.mark.parametrize("async_save", [True, False], ids=["background saves", "synchronous saves"])
 def test_a_run_killed_with_sigkill_again_and_again_ends_bitwise_equal_to_one_never_killed(tiny_cli_args, tmp_path,
-                                                                                          async_save):
-    flags = dict(max_steps=MAX_STEPS, eval_interval=50, ckpt_interval=10, keep_last=2, async_save=async_save)
-    reference = run_train(tiny_cli_args(out_dir=str(tmp_path / "reference"), **flags))
-    assert reference.returncode == 0, reference.stderr
-
+                                                                                          reference, async_save):
     out = tmp_path / "chaos"
-    report = run_chaos(tiny_cli_args(out_dir=str(out), **flags), out, kills=5, seed=1, max_wait=3.0,
-                       write_delay=0.002, timeout=300)
+    report = run_chaos(tiny_cli_args(out_dir=str(out), **FLAGS, async_save=async_save), out, kills=KILLS, seed=1,
+                       max_wait=2.5, write_delay=0.002, timeout=300)
 
-    assert report.kills == 5
+    assert report.kills == KILLS
     assert report.kills_during_write >= 1
     assert report.problems == []
     assert report.checkpoints_lost == 0
-    assert final_state_difference(step_path(out / "checkpoints", MAX_STEPS),
-                                  step_path(tmp_path / "reference" / "checkpoints", MAX_STEPS)) is None
+    assert final_state_difference(step_path(out / "checkpoints", MAX_STEPS), reference) is None
 
 
 def test_the_chaos_script_help_names_each_default_once():

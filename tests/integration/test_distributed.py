@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nanoresume import ckpt, evaluation, sampling
 from nanoresume.chaos import final_state_difference
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.probes import NAN_ENV, RECORD_ENV, STOP_ENV, read_records
@@ -95,13 +96,25 @@ def test_the_start_line_and_config_json_show_the_global_batch(two_process_refere
     assert state["world_size"] == 2 and [r["rank"] for r in state["ranks"]] == [0, 1]
 
 
+def test_the_tools_read_a_checkpoint_written_by_two_processes(two_process_reference, tiny_text, capsys):
+    out = two_process_reference["out"]
+    step = str(step_path(out / "checkpoints", STEPS))
+    for main, args in ((ckpt.main, ["verify", str(out)]), (ckpt.main, ["show", step]),
+                       (sampling.main, ["--ckpt", step, "--max-new-tokens", "4"]),
+                       (evaluation.main, ["--ckpt", step, "--data", str(tiny_text), "--no-progress"])):
+        assert main(args) == 0, (args, capsys.readouterr().err)
+    ckpt.main(["show", step])
+    shown = capsys.readouterr().out
+    assert "written by 2 process(es)" in shown and "rank 1: rng streams" in shown
+
+
 def test_ranks_agree_on_every_step_loss(two_process_reference):
     assert losses(two_process_reference["records"], 0) == losses(two_process_reference["records"], 1)
 
 
 def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_process_reference, args, tmp_path):
-    train_args = args("stopped", max_steps=400, ckpt_interval=1000)
-    reference = run(launch_command(2), args("ref400", max_steps=400, ckpt_interval=1000),
+    train_args = args("stopped", max_steps=200, ckpt_interval=1000)
+    reference = run(launch_command(2), args("ref200", max_steps=200, ckpt_interval=1000),
                     environment(tmp_path / "ref-records"))
     assert reference.returncode == 0, reference.stderr
     records = tmp_path / "records"
@@ -116,24 +129,24 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_pr
     assert launcher.returncode == 1  # torchrun hides the workers' 143 behind its own 1 ...
     assert (tmp_path / "stopped" / "exit_code").read_text() == "143\n"  # ... which a job script reads here
     state = load_checkpoint(step_path(tmp_path / "stopped" / "checkpoints", stopped[0]))
-    assert state["step"] == stopped[0] < 400
+    assert state["step"] == stopped[0] < 200
 
     resumed = run(launch_command(2), train_args + ["--resume", "auto"], environment(records))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert final_state_difference(step_path(tmp_path / "stopped" / "checkpoints", 400),
-                              step_path(tmp_path / "ref400" / "checkpoints", 400)) is None
+    assert final_state_difference(step_path(tmp_path / "stopped" / "checkpoints", 200),
+                              step_path(tmp_path / "ref200" / "checkpoints", 200)) is None
     assert losses(records) == losses(tmp_path / "ref-records")
 
 
 def test_sigterm_to_one_worker_stops_both_at_the_same_step_without_a_hang(args, tmp_path):
     records = tmp_path / "records"
-    launcher = subprocess.Popen(launch_command(2) + args("one", max_steps=400), stdout=subprocess.PIPE,
+    launcher = subprocess.Popen(launch_command(2) + args("one", max_steps=200), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=environment(records), cwd=REPO)
     wait_for_steps(records, 20)
     os.kill(worker_pid(launcher.pid, rank=1), signal.SIGTERM)
     output = launcher.communicate(timeout=60)[0]  # a hang fails here
     last = [max(losses(records, rank)) for rank in (0, 1)]
-    assert last[0] == last[1] < 400, output
+    assert last[0] == last[1] < 200, output
     assert f"stopped by SIGTERM after step {last[0]}" in output
     assert load_checkpoint(step_path(tmp_path / "one" / "checkpoints", last[0]))["step"] == last[0]
 
