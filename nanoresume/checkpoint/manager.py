@@ -9,7 +9,9 @@ A save has four parts, kept apart so that background saving is natural:
    a real copy of the state in CPU memory (:class:`~nanoresume.checkpoint.snapshot.Snapshotter`);
 3. **commit** (on the training thread, or on the writer thread in background mode): the
    atomic write of every file of the save (:func:`~nanoresume.checkpoint.files.save_atomically`);
-4. **prune**, only after the commit: older step checkpoints beyond ``keep_last``.
+4. **prune**, only after the commit: older step checkpoints beyond ``keep_last``; on a
+   thread of its own even in synchronous mode, since deleting a large file can take a
+   tenth of a second that the training thread need not wait for.
 
 A step counts as saved (:attr:`CheckpointManager.committed_step`) only once its commit is
 done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the writer.
@@ -18,6 +20,7 @@ done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the wr
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,7 @@ class CheckpointManager:
         self.last_stall_seconds = 0.0  # what the last save cost the training thread
         self.on_commit: Optional[Callable[[int, Path], None]] = None  # called (on the writer thread) per commit
         self._runner = CommitRunner(background)
+        self._pruning: Optional[threading.Thread] = None
         self._snapshots = Snapshotter()
         self._last_save_time = clock()
 
@@ -106,7 +110,7 @@ class CheckpointManager:
         file's path; in background mode it is committed once :meth:`wait` returns.
         """
         started = time.perf_counter()
-        self._runner.wait()  # raises the previous save's error; frees its snapshot buffers
+        self.wait()  # raises the previous save's error; frees its snapshot buffers
         targets: list[tuple[Path, dict[str, Any]]] = list(also)
         path = None
         if state is not None:
@@ -125,7 +129,11 @@ class CheckpointManager:
                 self.committed_step, self.committed_path = step, path
                 if self.on_commit is not None:
                     self.on_commit(step, path)
-                self.prune(keep=path)
+                if self.background:
+                    self.prune(keep=path)  # already off the training thread
+                else:
+                    self._pruning = threading.Thread(target=self.prune, args=(path,), name="nanoresume-prune")
+                    self._pruning.start()
             self.last_commit_seconds = time.perf_counter() - commit_started
 
         if path is not None:
@@ -141,6 +149,9 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Return once nothing is in flight; raise the error of the last save if it failed."""
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
         self._runner.wait()
 
     def close(self) -> None:
@@ -162,7 +173,10 @@ class CheckpointManager:
             remove_quietly(checksum_path(old.path))
             deleted.append(old.path)
         if deleted:
-            fsync_folder(self.folder)
+            try:
+                fsync_folder(self.folder)
+            except OSError:
+                pass  # a deletion that does not survive a power cut leaves an extra old file, never less
         return deleted
 
     def set_aside_after(self, step: int) -> list[Path]:

@@ -27,6 +27,7 @@ def manager_with_steps(folder: Path, steps: list[int], keep_last: int = 10) -> C
     manager = CheckpointManager(folder, interval=1, keep_last=keep_last)
     for step in steps:
         manager.save(step, small_state(step))
+    manager.wait()  # pruning runs on a thread of its own, even for synchronous saves
     return manager
 
 
