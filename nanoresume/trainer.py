@@ -356,7 +356,11 @@ class Trainer:
         return votes.loss, votes.grad_norm
 
     def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> StepVotes:
-        """This step's decisions, the same on every rank: one small collective and one device sync."""
+        """This step's decisions, the same on every rank: one small collective and one device sync.
+
+        A background save that failed is found here (rank 0 polls its writer) and stops every rank
+        at this step, as a synchronous failure would have.
+        """
         failed = False
         if self.env.is_main:
             try:
