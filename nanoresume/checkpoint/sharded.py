@@ -212,7 +212,7 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
 
 def _metadata_problem(metadata: Any) -> Optional[str]:
     if not isinstance(metadata, dcp_metadata.Metadata):
-        return f"holds a {type(metadata).__name__}, not DCP's metadata"
+        return f"holds an object of type {type(metadata).__name__}, not DCP's metadata"
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
         return "is not a complete DCP index"
     if not isinstance(metadata.planner_data, dict) or set(metadata.planner_data) != set(
