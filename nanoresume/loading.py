@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 
 from . import schema
-from .checkpoint import load_checkpoint
+from .checkpoint import is_checkpoint_folder, load_checkpoint
+from .checkpoint.folders import MANIFEST
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import GPT
@@ -103,6 +104,10 @@ def read_state(path: Path, tensors: bool = True) -> dict[str, Any]:
     CheckpointError. ``tensors=False`` spares reading a folder's model and optimizer tensors: they
     come back as meta tensors of the right shapes (a file is read whole either way)."""
     path = Path(path)
+    if path.is_dir() and not is_checkpoint_folder(path):
+        raise CheckpointError(f"{path} is a folder, but no checkpoint folder (it holds no {MANIFEST}); pass a "
+                              f"checkpoint such as OUT/best.pt, OUT/checkpoints/step_00000500.pt or a "
+                              f"step_00000500 folder")
     state = read_folder_state(path, tensors) if path.is_dir() else load_checkpoint(path)
     check_schema(path, state)
     return state

@@ -664,5 +664,5 @@ class Trainer:
 def _check_resume_path_exists(cfg: TrainConfig) -> None:
     """An explicit ``--resume PATH`` that does not exist fails before OUT is created."""
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).expanduser().exists():
-        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint; pass an existing "
-                              f"OUT/checkpoints/step_* file or folder, or --resume auto")
+        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file or folder; pass an existing "
+                              f"OUT/checkpoints/step_* checkpoint, or --resume auto")

@@ -28,7 +28,8 @@ def nested_state(step: int = 1) -> dict[str, Any]:
             "model": {"a.weight": torch.arange(12, dtype=torch.float32).reshape(4, 3) * step,
                       "b": torch.arange(5)},
             "config": ({"lr": 0.1, "name": None, "betas": (0.9, 0.99)},),
-            "ranks": {"0": {"rank": 0, "rng": {"torch": torch.get_rng_state(), "cuda": []}}}}
+            "ranks": {"0": {"rank": 0, "rng": {"torch": torch.get_rng_state(),  # a list of tensors, as on GPUs
+                                               "cuda": [torch.zeros(4, dtype=torch.uint8), torch.ones(2)]}}}}
 
 
 def saved_folder(tmp_path: Path, step: int = 1) -> Path:
