@@ -108,7 +108,9 @@ def launch(args: argparse.Namespace, parallel_mode: str, ckpt_format: str, work:
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if result.returncode != 0 or not lines:
-        sys.exit(f"{parallel_mode}/{ckpt_format} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        log = work / f"{parallel_mode}-{ckpt_format}.log"
+        log.write_text(result.stdout + result.stderr)
+        sys.exit(f"{parallel_mode}/{ckpt_format} failed (exit {result.returncode}); its output is in {log}")
     return json.loads(lines[0][len(RESULT_MARK):])
 
 

@@ -8,7 +8,7 @@ Buffers are kept between snapshots and reused when the next state has the same s
 (every checkpoint of a run does), which spares the allocation and page faults of fresh
 memory; on CUDA they are pinned, so the device-to-host copies run asynchronously and
 finish with one synchronize. A DTensor (one rank's shard of a sharded model) is copied as its
-local shard, wrapped again with the same mesh and placements.
+local shard, on the CPU, wrapped again with the same mesh and placements.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ class Snapshotter:
             if isinstance(value, torch.Tensor):
                 if id(value) not in tensors:
                     if dtensor is not None and isinstance(value, dtensor):
+                        # Its CPU copy under the same spec, as DCP's own staging does: from_local would
+                        # move the copy back to the mesh's device (a GPU), where FSDP has no room for it.
                         local = _copy_tensor(value.to_local().detach(), copy_storage)
-                        tensors[id(value)] = dtensor.from_local(local, value.device_mesh, value.placements,
-                                                                run_check=False, shape=value.shape,
-                                                                stride=value.stride())
+                        tensors[id(value)] = dtensor(local, value._spec, requires_grad=False)
                     else:
                         tensors[id(value)] = _copy_tensor(value.detach(), copy_storage)
                 return tensors[id(value)]
