@@ -31,8 +31,9 @@ pytestmark = pytest.mark.slow
 
 STEPS, STOP = 20, 12
 # dropout 0: with no random numbers in the step, runs on different world sizes differ only by rounding.
-FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=STEPS, eval_interval=10, ckpt_interval=5,
-             progress=False)
+# 3 evaluation batches: under FSDP on 2 ranks, rank 1 runs one more forward that counts for nothing.
+FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=STEPS, eval_interval=10, eval_iters=3,
+             ckpt_interval=5, progress=False)
 FSDP = ["--parallel", "fsdp"]
 SAME_STATE = ("model", "optimizer", "scheduler", "scaler", "sampler", "step", "tokens_seen", "best_val_loss")
 
@@ -161,18 +162,27 @@ def test_a_folder_resumes_resharded_with_the_same_state_windows_and_close_losses
         assert math.isclose(ours[step], theirs[step], rel_tol=1e-4), (step, ours[step], theirs[step])
 
 
-def test_a_ddp_checkpoint_file_resumes_under_fsdp_with_the_same_state(reference, tiny_text, tmp_path):
-    first = run(launch_command(2), train_args(tiny_text, tmp_path),
-                environment(tmp_path / "records", **{SIGTERM_ENV: f"{STOP}:1"}))
-    saved_file = tmp_path / "out" / "checkpoints" / f"step_{STOP:08d}.pt"
-    assert f"saved {saved_file}" in first.stdout, first.stdout + first.stderr
+LAYOUTS = {  # how the first run is launched, its flags, and the checkpoint it leaves at step 12
+    "ddp file -> fsdp": (2, [], f"step_{STOP:08d}.pt"),
+    "1 process folder -> fsdp on 2": (0, ["--ckpt-format", "sharded", "--grad-accum", "2"], f"step_{STOP:08d}"),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_a_checkpoint_of_another_layout_resumes_under_fsdp_with_the_same_state(reference, tiny_text, tmp_path, case):
+    nproc, extra, name = LAYOUTS[case]
+    first = run(launch_command(nproc), train_args(tiny_text, tmp_path) + extra,
+                environment(tmp_path / "records", **{SIGTERM_ENV: str(STOP)}))
+    saved_at = tmp_path / "out" / "checkpoints" / name
+    assert f"saved {saved_at}" in first.stdout, first.stdout + first.stderr
     dump = tmp_path / "resumed.pt"
     result = resume(tiny_text, tmp_path, 2, *FSDP, **{DUMP_RESUMED_ENV: str(dump)})
     assert "--parallel: 'ddp' -> 'fsdp'" in result.stdout and "sharded over 2 processes" in result.stdout
-    loaded, saved = torch.load(dump, weights_only=True), read_state(saved_file)
+    loaded, saved = torch.load(dump, weights_only=True), read_state(saved_at)
     for key in SAME_STATE:
         assert first_difference(loaded[key], saved[key], key) is None
-    assert folder(tmp_path / "out", STEPS).is_dir()  # auto: FSDP writes folders from here on
+    assert folder(tmp_path / "out", STEPS).is_dir()  # FSDP writes folders from here on (auto; or as asked)
+    assert windows(tmp_path / "records") == windows(reference["records"])
     ours, theirs = losses(tmp_path / "records"), losses(reference["records"])
     assert ours.keys() == theirs.keys()
     assert all(math.isclose(ours[s], theirs[s], rel_tol=1e-4) for s in ours), (ours, theirs)
