@@ -27,6 +27,7 @@ from .checkpoint import files as checkpoint_files
 from .checkpoint import manager as checkpoint_manager
 from .compare import first_difference
 from .config import RUNTIME_FIELDS
+from .loading import read_state
 from .rundir import RunDir
 
 WRITE_MARK = "chaos: checkpoint write started"
@@ -161,14 +162,15 @@ def _with_resume_auto(args: list[str]) -> list[str]:
 
 
 def final_state_difference(a: Path, b: Path) -> Optional[str]:
-    """None if two checkpoint files hold the same full state bit for bit, else where they first differ.
+    """None if two checkpoints hold the same full state bit for bit, else where they first differ.
 
     Everything is compared (model, optimizer, scheduler, scaler, counters, RNG streams,
     sampler, data fingerprint, config) except the config fields that only say how each
     run was started (``--out-dir``, ``--resume``, ...), which differ between a reference
-    run and its interrupted twin by design.
+    run and its interrupted twin by design. A checkpoint folder is compared whole, after
+    loading all its shards (in the layout of a file).
     """
-    states = [checkpoint.load_checkpoint(path) for path in (a, b)]
+    states = [read_state(Path(path)) if Path(path).is_dir() else checkpoint.load_checkpoint(path) for path in (a, b)]
     for state in states:
         for name in RUNTIME_FIELDS:
             state["config"].pop(name, None)

@@ -1,8 +1,9 @@
 """``nanoresume ckpt list|verify|show|diff|export`` (or ``python -m nanoresume.ckpt``): inspect what training wrote.
 
-Every file is read with :func:`nanoresume.loading.read_state` (checksum first, then
-``weights_only=True``, then the schema), so no command ever runs code from a file,
-and ``verify`` passes exactly the files that training would resume from.
+Every checkpoint, a file or a folder of shards, is read with :func:`nanoresume.loading.read_state`
+(checksums first, then ``weights_only=True`` and, for a folder, DCP's index through an
+allow-list, then the schema), so no command ever runs code from a checkpoint, and ``verify``
+passes exactly the checkpoints that training would resume from.
 Exit codes: 0 ok; 1 ``verify``/``list`` found bad files or ``diff`` found
 differences; 2 a user error (missing file, bad flag, wrong kind).
 """
@@ -20,7 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint, schema
-from .checkpoint import CheckpointManager, StepFile, resolve_resume
+from .checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, resolve_resume
+from .checkpoint.folders import folder_nbytes
 from .clitools import make_parser, run_reporting_errors
 from .compare import plain_equal, tensors_identical
 from .config import RUNTIME_FIELDS, config_from_dict
@@ -44,12 +46,13 @@ def step_folder(out: Path) -> Path:
         return out
     if not out.exists():
         raise UserError(f"{out}: no such folder; pass a run's --out-dir")
-    raise UserError(f"{out}: holds no checkpoints/ folder and no step_*.pt files; pass a run's --out-dir")
+    raise UserError(f"{out}: holds no checkpoints/ folder and no step checkpoints; pass a run's --out-dir")
 
 
 class CachedLoader:
-    """Load and fully check each file once (as training does); remember a CheckpointError so listing
-    and resume resolution agree."""
+    """Load and fully check each checkpoint once (as training does); remember a CheckpointError so
+    listing and resume resolution agree. A folder's model and optimizer tensors are checked by shape
+    and digest, not read (as training resolves a resume)."""
 
     def __init__(self) -> None:
         self.results: dict[Path, Any] = {}
@@ -57,7 +60,7 @@ class CachedLoader:
     def __call__(self, path: Path) -> dict[str, Any]:
         if path not in self.results:
             try:
-                self.results[path] = load_valid(path)
+                self.results[path] = load_valid(path, tensors=False)
             except CheckpointError as e:
                 self.results[path] = e
         result = self.results[path]
@@ -67,21 +70,28 @@ class CachedLoader:
 
 
 def problem(path: Path, load: Callable[[Path], dict[str, Any]]) -> Optional[str]:
-    """None if the file verifies (checksum, safe load, schema, model tensors), else the one-line reason.
-
-    A step_*.pt file must also be a full training state: --resume auto would skip anything else.
+    """None if the checkpoint verifies (checksums, safe load, schema, model tensors), else the one-line
+    reason. A step checkpoint must also be a full training state: --resume auto would skip anything else.
     """
     try:
         state = load(path)
     except CheckpointError as e:
         return str(e)
-    if checkpoint.STEP_PATTERN.match(path.name) and state["kind"] != "train":
+    if is_step_name(path.name) and state["kind"] != "train":
         return (f"{path}: holds {state['kind']!r} weights under a step checkpoint's name, not a training "
                 f"state; --resume auto skips it. Rename or remove it")
     return None
 
 
 # ---- list and verify -------------------------------------------------------------------------
+
+def is_step_name(name: str) -> bool:
+    return bool(checkpoint.STEP_PATTERN.match(name) or checkpoint.STEP_FOLDER_PATTERN.match(name))
+
+
+def size_on_disk(path: Path) -> int:
+    return folder_nbytes(path) if path.is_dir() else path.stat().st_size
+
 
 def human_size(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} KB"
@@ -124,7 +134,7 @@ def list_row(step_file: StepFile, load: CachedLoader) -> bool:
     """Print one row; True if the file is bad."""
     path = step_file.path
     reason = problem(path, load)
-    size, when = human_size(path.stat().st_size), written_at(path)
+    size, when = human_size(size_on_disk(path)), written_at(path)
     if reason is not None:
         print(f"  {step_file.step:>8}  {'-':>13}  {'-':>8}  {size:>8}  {when:19}  BAD: {reason}")
         return True
@@ -135,7 +145,7 @@ def list_row(step_file: StepFile, load: CachedLoader) -> bool:
 
 
 def files_to_verify(target: Path) -> list[Path]:
-    if target.is_file():
+    if target.is_file() or is_checkpoint_folder(target):
         return [target]
     if not target.exists():
         raise UserError(f"{target}: no such file or folder; pass a checkpoint file or a run's --out-dir")
@@ -158,7 +168,7 @@ def cmd_verify(target: Path) -> int:
         else:
             print(f"BAD  {reason}")
             bad += 1
-    print(f"{len(files) - bad} of {len(files)} checkpoint file(s) verify")
+    print(f"{len(files) - bad} of {len(files)} checkpoint(s) verify")
     return 1 if bad else 0
 
 
@@ -207,6 +217,9 @@ def cmd_show(path: Path) -> int:
     loss_key = "best_val_loss" if state["kind"] == "train" else "val_loss"
     print(f"{loss_key}: {format_loss(state[loss_key])}")
     print(f"state keys: {', '.join(state)}")
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.is_file())
+        print(f"stored as a folder of shards: {', '.join(files)} ({human_size(folder_nbytes(path))})")
     print("config:" if state["kind"] == "train" else "model_config:")
     for key in sorted(config):
         print(f"  {key} = {config[key]!r}")
@@ -326,8 +339,8 @@ def check_export_target(source: Path, target: Path, force: bool) -> None:
         raise UserError(f"--to {target} is the source checkpoint itself; choose another file name")
     if target.exists() and not force:
         raise UserError(f"--to {target} already exists; pass --force to overwrite it or choose another name")
-    if checkpoint.STEP_PATTERN.match(target.name):
-        raise UserError(f"--to {target.name}: step_*.pt names are for training checkpoints and would be "
+    if is_step_name(target.name):
+        raise UserError(f"--to {target.name}: step_* names are for training checkpoints and would be "
                         f"mistaken for one by --resume auto; choose another name, e.g. weights.pt")
 
 
@@ -354,26 +367,30 @@ def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help, description=help,
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    sub = command("list", "every step checkpoint in OUT/checkpoints (step, tokens, best val loss so far, size, "
-                          "time written, verifies?), which one --resume auto would pick, and best.pt; "
-                          "exit 1 if any file is bad")
+    sub = command("list", "every step checkpoint in OUT/checkpoints, file or folder (step, tokens, best val loss "
+                          "so far, size, time written, verifies?), which one --resume auto would pick, and "
+                          "best.pt; exit 1 if any is bad")
     sub.add_argument("out", type=Path, metavar="OUT", help="the run's --out-dir")
-    sub = command("verify", "check checksum, safe load and schema of one file, or of every step checkpoint "
-                            "and best.pt of a run; exit 0 only if all verify, else 1 with a line per bad file")
-    sub.add_argument("target", type=Path, metavar="PATH|OUT", help="a checkpoint file or a run's --out-dir")
+    sub = command("verify", "check checksums, safe load and schema of one checkpoint (file or folder), or of "
+                            "every step checkpoint and best.pt of a run; exit 0 only if all verify, else 1 with "
+                            "a line per bad one")
+    sub.add_argument("target", type=Path, metavar="PATH|OUT",
+                     help="a checkpoint file or folder, or a run's --out-dir")
     sub = command("show", "config, format version, state keys, model tensor shapes/dtypes/norms, "
                           "and a summary of optimizer, scheduler, scaler and RNG state")
-    sub.add_argument("path", type=Path, metavar="PATH", help="a checkpoint file")
+    sub.add_argument("path", type=Path, metavar="PATH", help="a checkpoint file or folder")
     sub = command("diff", "compare two checkpoints: every config field and every tensor of the nested state "
                           "(model, optimizer, RNG, ...) bit for bit, with the max abs diff of those that "
                           f"differ. Ignores the run-only fields {', '.join(IGNORED_BY_DIFF)} unless --strict. "
                           "Exit 0 if identical, 1 if different")
-    sub.add_argument("a", type=Path, metavar="A", help="first checkpoint file")
-    sub.add_argument("b", type=Path, metavar="B", help="second checkpoint file")
+    sub.add_argument("a", type=Path, metavar="A", help="first checkpoint (file or folder)")
+    sub.add_argument("b", type=Path, metavar="B", help="second checkpoint (file or folder)")
     sub.add_argument("--strict", action="store_true", default=False, help="also compare the run-only config fields")
-    sub = command("export", "write the model of a checkpoint as a weights-only file like best.pt "
-                            "(with its .sha256), for sample.py, evaluate.py or sharing")
-    sub.add_argument("path", type=Path, metavar="PATH", help="a step checkpoint (or weights file) to export")
+    sub = command("export", "write the model of a checkpoint (a file, or a folder of shards written by any "
+                            "number of processes) as one weights-only file like best.pt (with its .sha256), for "
+                            "sample.py, evaluate.py or sharing")
+    sub.add_argument("path", type=Path, metavar="PATH",
+                     help="a step checkpoint, file or folder (or a weights file), to export")
     sub.add_argument("--to", type=Path, required=True, metavar="FILE", default=argparse.SUPPRESS,
                      help="file to write; required")
     sub.add_argument("--force", action="store_true", default=False, help="overwrite FILE if it exists")

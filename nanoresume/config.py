@@ -23,6 +23,8 @@ VOCAB_SIZE = 256  # byte-level tokens: every UTF-8 text works, no tokenizer to d
 MAX_LR = 1.0
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
 TOKEN_DTYPES = ("uint8", "uint16")  # how a .bin file stores its tokens (nanoGPT's prepare.py: uint16)
+PARALLEL_MODES = ("ddp", "fsdp")
+CKPT_FORMATS = ("auto", "file", "sharded")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -109,11 +111,20 @@ class TrainConfig:
     keep_last: int = _opt(3, "step checkpoints to keep; older ones are deleted after a new one is committed")
     async_save: bool = _opt(True, "write checkpoints on a background thread: training waits only for a copy "
                                   "of the state in memory (--no-async-save writes them on the training thread)")
+    ckpt_format: str = _opt("auto", "how a step checkpoint is stored: 'file', one file written by rank 0 (under "
+                                    "--parallel fsdp gathered to its CPU, so the model must fit there); 'sharded', "
+                                    "a folder to which every process writes its own part "
+                                    "(torch.distributed.checkpoint); 'auto', sharded under --parallel fsdp, "
+                                    "else file", choices=CKPT_FORMATS)
     resume: str = _opt("none", "'auto': newest checkpoint in OUT that verifies (or start fresh if none); "
-                               "a file path: exactly that checkpoint; 'none': start fresh, refusing if "
+                               "a path: exactly that checkpoint file or folder; 'none': start fresh, refusing if "
                                "OUT already holds checkpoints")
     # runtime
     device: str = _opt("auto", "where to train; auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    parallel: str = _opt("ddp", "how torchrun's processes share the model: 'ddp', a whole copy of model and "
+                                "optimizer on each; 'fsdp', each holds a shard of them (FSDP2), for models whose "
+                                "training state does not fit on one device. A single process ignores it",
+                         choices=PARALLEL_MODES)
     dtype: str = _opt("auto", "autocast dtype; auto is float32 on CPU, bfloat16 on GPUs that support it, "
                               "else float16 (with a gradient scaler)",
                       choices=("auto", "float32", "bfloat16", "float16"))

@@ -84,6 +84,20 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def new_group() -> Any:
+    """A gloo process group of every rank, for the collectives of checkpoint-folder writes: they may
+    run on the writer thread while training's own collectives run on the default group. None
+    without a process group (one process, which needs no collectives)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def default_group() -> Any:
+    """The default process group, or None without one."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

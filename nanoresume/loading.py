@@ -6,6 +6,10 @@ sampling, evaluation and the checkpoint tool all read files through here, so the
 agree on what a valid file is: :func:`nanoresume.checkpoint.load_checkpoint`
 (checksum, then ``weights_only=True``), the schema with its types, then the
 model tensors against the config.
+
+A checkpoint folder (written by every rank, see :mod:`nanoresume.checkpoint.sharded`) is
+verified file by file, read whole in this process however many ranks wrote it, and put in
+the layout of a file (:func:`file_layout`), so that the same checks and tools apply to it.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from typing import Any, Optional
 import torch
 
 from . import schema
-from .checkpoint import load_checkpoint
+from .checkpoint import is_checkpoint_folder, load_checkpoint
+from .checkpoint.folders import MANIFEST
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model import GPT, shapes_only
-from .optim import build_optimizer
+from .optim import build_optimizer, indexed_optimizer_state, parameter_names
+from .parallel import tie_shared
 
 _MIN_TENSORS_PER_BLOCK = 6  # ln_1, qkv, proj, ln_2, fc, mlp proj weights, even without biases
 
@@ -92,21 +98,56 @@ def _optimizer_mismatch(model: GPT, saved: dict[str, Any]) -> Optional[str]:
     return None
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """Load a checkpoint (checksum + safe unpickle) and check its schema; raises CheckpointError."""
+def read_state(path: Path, tensors: bool = True) -> dict[str, Any]:
+    """Load a checkpoint file or folder (checksums + safe unpickling) and check its schema; raises
+    CheckpointError. ``tensors=False`` spares reading a folder's model and optimizer tensors: they
+    come back as meta tensors of the right shapes (a file is read whole either way)."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as OUT/best.pt "
-                              f"or OUT/checkpoints/step_00000500.pt")
-    state = load_checkpoint(path)
+    if path.is_dir() and not is_checkpoint_folder(path):
+        raise CheckpointError(f"{path} is a folder, but no checkpoint folder (it holds no {MANIFEST}); pass a "
+                              f"checkpoint such as OUT/best.pt, OUT/checkpoints/step_00000500.pt or a "
+                              f"step_00000500 folder")
+    state = read_folder_state(path, tensors) if path.is_dir() else load_checkpoint(path)
     check_schema(path, state)
     return state
 
 
-def load_valid(path: Path) -> dict[str, Any]:
+def load_valid(path: Path, tensors: bool = True) -> dict[str, Any]:
     """:func:`read_state`, and the model tensors must match the config; raises CheckpointError."""
-    state = read_state(path)
+    state = read_state(path, tensors)
     check_model_tensors(Path(path), state)
+    return state
+
+
+def read_folder_state(path: Path, tensors: bool = True) -> dict[str, Any]:
+    """A verified checkpoint folder's state in the file layout (see :func:`read_state`)."""
+    from .checkpoint import sharded  # here, not at the top: it imports torch.distributed.checkpoint
+
+    sharded.verify_folder(path)
+    return file_layout(path, sharded.read_folder(path, placeholders_under=() if tensors else ("model", "optimizer")))
+
+
+def file_layout(path: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """A folder's state as a file holds it: the parts stored whole unwrapped (:func:`schema.from_folder`),
+    the optimizer's parameters numbered rather than named, ``ranks`` a list rather than a dict keyed by
+    rank, tied weights one tensor, and the optimizer state DCP does not store before the first step
+    (an empty dict) put back. What cannot be converted is left for the schema check to name."""
+    state = schema.from_folder(saved)
+    ranks = state.get("ranks")
+    if isinstance(ranks, dict) and all(str(key).isdigit() for key in ranks):
+        state["ranks"] = [ranks[key] for key in sorted(ranks, key=int)]
+    config, optimizer = state.get("config"), state.get("optimizer")
+    if not (isinstance(config, dict) and isinstance(optimizer, dict)
+            and all(isinstance(config.get(name), bool if name == "bias" else int) for name in schema.SHAPE_FIELDS)):
+        return state
+    model = shapes_only(model_config_from_state(path, {"kind": "train", "config": config}))
+    names = parameter_names(model, build_optimizer(model, lr=1.0, weight_decay=0.0, betas=(0.9, 0.99)))
+    try:
+        state["optimizer"] = indexed_optimizer_state({"state": {}, **optimizer}, names)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
+    if isinstance(state.get("model"), dict):
+        state["model"] = tie_shared(dict(state["model"]), model)
     return state
 
 

@@ -1,9 +1,11 @@
-"""AdamW with decay / no-decay groups, and the learning rate as a pure function of the step."""
+"""AdamW with decay / no-decay groups, the learning rate as a pure function of the step, and the
+optimizer's state keyed by parameter number (``torch.save`` files) or by name (checkpoint folders)."""
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -56,3 +58,34 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.opt
         group["lr"] = lr * factor
         group["betas"] = betas
         group["weight_decay"] = weight_decay if decays else 0.0
+
+
+def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in the order ``Optimizer.state_dict()`` numbers them (0, 1, ...),
+    which is the same on every rank and under DDP, FSDP or one process."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def named_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An ``Optimizer.state_dict()`` keyed by parameter name instead of number: the layout of
+    ``torch.distributed.checkpoint.state_dict``, which any sharding can load."""
+    return {
+        "state": {names[index]: entry for index, entry in state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def indexed_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Inverse of :func:`named_optimizer_state`; ValueError naming a parameter the model lacks."""
+    index = {name: i for i, name in enumerate(names)}
+
+    def number(name: str) -> int:
+        if name not in index:
+            raise ValueError(f"state for parameter {name!r}, which the model does not have")
+        return index[name]
+
+    return {
+        "state": {number(name): entry for name, entry in state.get("state", {}).items()},
+        "param_groups": [{**group, "params": [number(n) for n in group["params"]]} for group in state["param_groups"]],
+    }

@@ -8,7 +8,12 @@ without any test code in the training path:
   windows it drew, so tests can compare losses bit for bit and the data order window for window;
 - ``NANORESUME_PROBE_STOP=STEP[:RANK]``: during that step, that rank (default: every rank)
   asks to stop exactly as a SIGTERM would;
-- ``NANORESUME_PROBE_NAN=STEP:RANK``: that rank's loss is NaN at that step.
+- ``NANORESUME_PROBE_NAN=STEP:RANK``: that rank's loss is NaN at that step;
+- ``NANORESUME_PROBE_SIGTERM=STEP[:RANK]``: during that step, that rank sends itself a real SIGTERM;
+- ``NANORESUME_PROBE_KILL_IN_SAVE=STEP:RANK``: that rank SIGKILLs itself inside the write of the
+  checkpoint folder of that step, once every rank's shards are written and before the manifest is;
+- ``NANORESUME_PROBE_DUMP_RESUMED=FILE``: right after a resume, rank 0 saves the state
+  every rank then holds, gathered whole in the file layout (``Trainer.state_dict()``), to FILE.
 
 Production runs never import this module.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +31,9 @@ import torch
 RECORD_ENV = "NANORESUME_PROBE_RECORD"
 STOP_ENV = "NANORESUME_PROBE_STOP"
 NAN_ENV = "NANORESUME_PROBE_NAN"
+SIGTERM_ENV = "NANORESUME_PROBE_SIGTERM"
+KILL_IN_SAVE_ENV = "NANORESUME_PROBE_KILL_IN_SAVE"
+DUMP_RESUMED_ENV = "NANORESUME_PROBE_DUMP_RESUMED"
 
 
 def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
@@ -45,6 +54,7 @@ def install() -> None:
     record_dir = os.environ.get(RECORD_ENV)
     stop_at = _step_and_rank(os.environ.get(STOP_ENV))
     nan_at = _step_and_rank(os.environ.get(NAN_ENV))
+    signal_at = _step_and_rank(os.environ.get(SIGTERM_ENV))
     poison = {"on": False}
 
     def record(entry: dict[str, Any]) -> None:
@@ -66,6 +76,8 @@ def install() -> None:
         upcoming = self.progress.step + 1
         if stop_at and stop_at[0] == upcoming and stop_at[1] in (None, rank):
             self.stop.request("SIGTERM", 143)
+        if signal_at and signal_at[0] == upcoming and signal_at[1] in (None, rank):
+            os.kill(os.getpid(), signal.SIGTERM)
         poison["on"] = bool(nan_at and nan_at == (upcoming, rank))
         try:
             loss, norm = step(self)
@@ -82,9 +94,35 @@ def install() -> None:
             loss = loss * torch.tensor(float("nan"), device=loss.device)
         return logits, loss
 
+    _install_save_and_resume_probes(rank)
     BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
     Trainer.train_step = probed_step  # type: ignore[method-assign]
     GPT.forward = poisoned_forward  # type: ignore[method-assign]
+
+
+def _install_save_and_resume_probes(rank: int) -> None:
+    from .trainer import Trainer
+
+    kill_at = _step_and_rank(os.environ.get(KILL_IN_SAVE_ENV))
+    if kill_at is not None and kill_at[1] == rank:
+        from .checkpoint import sharded
+
+        def kill_inside_write(stage: str, target: Path) -> None:
+            if target.name == f"step_{kill_at[0]:08d}":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        sharded.testing_hook = kill_inside_write
+    dump = os.environ.get(DUMP_RESUMED_ENV)
+    if dump:
+        resume_from = Trainer._resume_from
+
+        def dumped_resume(self: Trainer, *args: Any) -> None:
+            resume_from(self, *args)
+            state = self.state_dict()  # a collective: every rank takes part
+            if self.env.is_main:
+                torch.save(state, dump)
+
+        Trainer._resume_from = dumped_resume  # type: ignore[method-assign]
 
 
 def read_records(folder: Path, rank: int = 0) -> tuple[dict[int, float], dict[int, list[int]]]:

@@ -4,7 +4,8 @@ Layout::
 
     OUT/config.json           resolved config of the latest start (plain JSON)
     OUT/best.pt (+ .sha256)   inference weights of the best validation loss so far
-    OUT/checkpoints/          step_00000500.pt (+ .sha256), newest --keep-last of them
+    OUT/checkpoints/          step_00000500.pt (+ .sha256) or step_00000500/ (a folder of shards),
+                              newest --keep-last of them
     OUT/tb/                   TensorBoard event files
     OUT/metrics.jsonl         one JSON object per training step and per evaluation
     OUT/exit_code             how the last start ended, when it ended by itself (for job scripts)
@@ -53,9 +54,9 @@ class RunDir:
                             f"choose a folder you can write to") from None
         self._lock()
         self.exit_code.unlink(missing_ok=True)  # from an earlier start; a crash of this one leaves none
-        for folder in (self.root, self.checkpoints):
-            for leftover in checkpoint.remove_leftovers(folder):
-                warn(f"removed {leftover}, left by an interrupted write")
+        leftovers = checkpoint.remove_leftovers(self.root) + checkpoint.remove_leftovers(self.checkpoints)
+        for leftover in leftovers + checkpoint.remove_unfinished(self.checkpoints):
+            warn(f"removed {leftover}, left by an interrupted write")
 
     def _lock(self) -> None:
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -38,7 +38,7 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
 
 def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     parser = make_parser(prog, "Generate text from a checkpoint: OUT/best.pt, an export, "
-                               "or any OUT/checkpoints/step_*.pt.")
+                               "or any OUT/checkpoints/step_* file or folder.")
     parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
                         help="checkpoint to sample from (kind 'weights' or 'train'); required")
     parser.add_argument("--prompt", default="", help="text to continue; the default %(default)r starts from a newline "

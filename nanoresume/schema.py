@@ -91,6 +91,22 @@ _TOP_LEVEL: dict[str, dict[str, tuple[str, Check]]] = {
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {kind: ("format_version", "kind", *keys)
                                              for kind, keys in _TOP_LEVEL.items()}
 
+# A checkpoint folder (torch.distributed.checkpoint) stores each value of a nested dict as its own entry
+# and drops empty dicts, such as a float32 run's scaler state or the scheduler's [{}] for its lambda.
+# These parts hold no tensors, so a folder stores each whole, as a 1-tuple, which DCP keeps as one value.
+WHOLE_IN_FOLDERS = ("config", "data", "scheduler", "scaler", "sampler")
+
+
+def for_folder(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` as a checkpoint folder stores it (see :data:`WHOLE_IN_FOLDERS`)."""
+    return {key: (value,) if key in WHOLE_IN_FOLDERS else value for key, value in state.items()}
+
+
+def from_folder(state: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`for_folder`; a part that is not a 1-tuple is left for :func:`problems` to name."""
+    return {key: value[0] if key in WHOLE_IN_FOLDERS and isinstance(value, tuple) and len(value) == 1 else value
+            for key, value in state.items()}
+
 
 def problems(state: Any) -> list[str]:
     """Everything wrong with a loaded checkpoint, one line each (empty: it is usable)."""

@@ -6,10 +6,11 @@ must survive a restart goes through :meth:`Trainer.state_dict` /
 :meth:`Trainer.load_state_dict`, so a resumed run is bit-for-bit the one that
 never stopped.
 
-Under torchrun every rank runs this same loop on its share of each global batch
-(DistributedDataParallel); rank 0 alone writes files and logs, and every decision
-that could differ between ranks is taken together, once per step
-(:func:`nanoresume.distributed.agree`).
+Under torchrun every rank runs this same loop on its share of each global batch, with the
+model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
+:mod:`nanoresume.parallel`); rank 0 alone writes files and logs, every rank writes its part
+of a checkpoint folder, and every decision that could differ between ranks is taken
+together, once per step (:func:`nanoresume.distributed.agree`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, schema
+from . import checkpoint, distributed, parallel, schema
 from .config import ARCHITECTURE_FIELDS, TrainConfig, derived_fields, merge_resumed_config, validate
 from .console import Console, configure_logging, format_elapsed, log, wants_bar
 from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
@@ -162,7 +164,8 @@ class Trainer:
         if self.env.is_main:
             try:
                 manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, 1, 1)
-                resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn, load=load_valid)
+                resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn,
+                                                    load=lambda path: load_valid(path, tensors=False))
                 unsaved = self.run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
                 found = (resumed, unsaved)
             except Exception as e:
@@ -192,13 +195,17 @@ class Trainer:
             raise ConfigError("; ".join(problems))
         self.cfg = cfg
         check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self._choose_parallelism(cfg)
         self.manager = checkpoint.CheckpointManager(
             self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
-            every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None)
+            every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
+            # a folder's writes coordinate over a group of their own: they may run on the writer thread
+            group=distributed.new_group() if self.folder_checkpoints else None,
+            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main)
         self.manager.on_commit = lambda step, path: setattr(self.stop, "last_committed_step", step)
         self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = self._load_data(cfg)
@@ -206,9 +213,12 @@ class Trainer:
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = GPT(cfg.model_config()).to(self.device)
         seed_rank_streams(cfg.seed, env.rank)  # dropout differs between ranks (rank 0 keeps the plain seed)
+        if self.sharded_model:
+            parallel.shard(self.raw_model, self.raw_model.blocks, self.device, env.world_size, self.dtype)
         compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = (DistributedDataParallel(compiled, device_ids=[self.device.index] if self.device.type == "cuda"
-                                              else None) if distributed.active() else compiled)
+                                              else None) if distributed.active() and not self.sharded_model
+                      else compiled)
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -232,6 +242,17 @@ class Trainer:
         if env.is_main:
             self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
 
+    def _choose_parallelism(self, cfg: TrainConfig) -> None:
+        """FSDP or not (``sharded_model``), and files or folders (``folder_checkpoints``)."""
+        self.sharded_model = cfg.parallel == "fsdp" and self.env.launched
+        if cfg.parallel == "fsdp" and not self.env.launched:
+            self.console.warn("--parallel fsdp: a single process has nothing to share the model with, so it "
+                              "trains the whole model (launch with torchrun to shard it)")
+        if self.sharded_model and self.dtype == torch.float16:
+            raise ConfigError("--dtype float16 with --parallel fsdp: the gradient scaler cannot see a sharded "
+                              "model's overflows; use --dtype bfloat16 or float32")
+        self.folder_checkpoints = cfg.ckpt_format == "sharded" or (cfg.ckpt_format == "auto" and self.sharded_model)
+
     def _load_data(self, cfg: TrainConfig) -> Any:
         """Rank 0 tokenizes (and fills the cache) first; the others then read the cache."""
         data, error = None, None
@@ -248,7 +269,11 @@ class Trainer:
 
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
         self._check_same_data(path, state)
-        self.load_state_dict(state)
+        if path.is_dir():  # a folder: every rank reads the shards it needs (state holds no tensors of them)
+            parallel.load_folder(path, self.raw_model, self.optimizer, distributed.default_group())
+            self._load_training_state(state)
+        else:
+            self.load_state_dict(state)
         self.stop.last_committed_step = self._newest_checkpoint = self.progress.step
         self.console.log(f"resumed from {path} at step {self.progress.step:,}")
         if not self.env.is_main:
@@ -263,11 +288,24 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The full training state (rank 0 gets every rank's RNG streams; a collective under torchrun).
+        """The full training state in the file layout: rank 0 gets every rank's RNG streams, and under
+        FSDP the whole model and optimizer on its CPU (a collective under torchrun).
 
         Holds references to live tensors: save or copy it before the next step.
         """
         rank_states = distributed.gather_objects({"rank": self.env.rank, "rng": capture_rng_state()})
+        model, optimizer = parallel.file_state(self.raw_model, self.optimizer, self.sharded_model)
+        return self._training_state(model, optimizer, rank_states)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's part of a checkpoint folder (see :mod:`nanoresume.parallel`): its shards of the
+        model and optimizer, its own RNG streams, and what every rank holds alike. Gathers nothing."""
+        model, optimizer = parallel.sharded_state(self.raw_model, self.optimizer)
+        # A key per rank: DCP keeps one copy of a key that every rank saves.
+        return schema.for_folder(self._training_state(
+            model, optimizer, {str(self.env.rank): {"rank": self.env.rank, "rng": capture_rng_state()}}))
+
+    def _training_state(self, model: dict[str, Any], optimizer: dict[str, Any], ranks: Any) -> dict[str, Any]:
         return {
             "format_version": checkpoint.FORMAT_VERSION,
             "kind": "train",
@@ -275,17 +313,22 @@ class Trainer:
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
             "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),  # the same on every rank: batches depend on the step only
-            "ranks": rank_states,  # one entry per rank: its own random number streams
+            "ranks": ranks,  # one entry per rank: its own random number streams
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load a state in the file layout (every rank passes all of it; under FSDP each keeps its shards)."""
+        parallel.load_file_state(self.raw_model, self.optimizer, state["model"], state["optimizer"],
+                                 self.sharded_model)
+        self._load_training_state(state)
+
+    def _load_training_state(self, state: dict[str, Any]) -> None:
+        """Everything but the model and the optimizer's tensors."""
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and not state["scaler"]:
             self.console.warn("the checkpoint was not trained in float16: starting a new gradient scaler")
@@ -316,7 +359,7 @@ class Trainer:
     # ---- one step, one evaluation ------------------------------------------------------------
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or self.sharded_model:  # FSDP2 casts through its own policy
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
@@ -331,8 +374,10 @@ class Trainer:
             x, y = (t.to(self.device, non_blocking=True) for t in windows(self.data.train, offsets,
                                                                           self.cfg.block_size))
             last = i == len(micro_batches) - 1
-            # Under DDP only the last micro-batch all-reduces the gradients.
-            sync = contextlib.nullcontext() if last or not distributed.active() else self.model.no_sync()
+            # Under DDP only the last micro-batch all-reduces the gradients; FSDP reduce-scatters each
+            # micro-batch's, keeping only this rank's shard of the sum.
+            ddp = isinstance(self.model, DistributedDataParallel)
+            sync = self.model.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync, self.autocast():
                 _, loss = self.model(x, y)
             with sync:
@@ -340,7 +385,7 @@ class Trainer:
             total_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = parallel.replicated(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm))
         votes = self._agree(total_loss / self.cfg.grad_accum, grad_norm)
         if votes.save_failed:
             raise self._save_failure()
@@ -392,19 +437,22 @@ class Trainer:
         cut short (the ranks would have to agree on it batch by batch).
         """
         stop_already_requested = self.stop.is_set()
-        rank, world = self.env.rank, self.env.world_size
+        rank, world, count = self.env.rank, self.env.world_size, len(self.val_batches)
+        mine = list(range(rank, count, world))
+        if self.sharded_model:  # each forward gathers weights with every rank: all must run as many
+            mine += [-1] * (-(-count // world) - len(mine))  # (-1: a repeat whose loss counts for nothing)
         self._eval_model.eval()
         try:
-            losses = torch.zeros(len(self.val_batches), dtype=torch.float64, device=self.device)
-            for i, offsets in enumerate(self.val_batches):
-                if i % world != rank:
-                    continue
+            losses = torch.zeros(count, dtype=torch.float64, device=self.device)
+            for i in mine:
                 if world == 1 and self.stop.is_set() and not stop_already_requested:
                     return None
+                offsets = self.val_batches[max(i, 0)]
                 x, y = (t.to(self.device) for t in windows(self.data.val, offsets, self.cfg.block_size))
                 with self.autocast():
                     _, loss = self._eval_model(x, y)
-                losses[i] = loss.double()
+                if i >= 0:
+                    losses[i] = loss.double()
             # Each batch's loss comes from exactly one rank; the sum over ranks just collects them.
             per_batch = distributed.all_sum(losses).tolist()
             return sum(per_batch) / len(per_batch)
@@ -477,8 +525,8 @@ class Trainer:
         # Covers a stop before the first step, and a final evaluation redone after a restart;
         # a no-op when this step is already saved.
         self._save_if_due(force=self._stop_agreed() or progress.step == cfg.max_steps)
-        if self.env.is_main:
-            self.manager.wait()  # the stop message names a committed file, never one still in flight
+        if self.env.is_main or self.folder_checkpoints:
+            self.manager.wait()  # the stop message names a committed checkpoint, never one still in flight
         distributed.barrier()  # no rank exits (and makes torchrun stop the others) before that commit
         result.last_checkpoint = self.manager.committed_path
         unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
@@ -522,8 +570,9 @@ class Trainer:
         """Save this step's checkpoint when it is due (or forced), and best.pt when the evaluation of
         this step improved it: one save, staged now, committed now or in the background.
 
-        Every rank takes the same decision (a collective: each hands rank 0 its RNG streams);
-        rank 0 alone writes. In synchronous mode every rank waits for the commit.
+        Every rank takes the same decision. A file: each rank hands rank 0 its RNG streams (and under
+        FSDP its shards), and rank 0 alone writes. A folder: every rank writes its own part. In
+        synchronous mode every rank waits for the commit.
         """
         step = self.progress.step
         due = (step > 0 or force) and self.manager.is_due(step, force, time_due=time_due)
@@ -532,7 +581,9 @@ class Trainer:
         self._pending_best = None
         if state is not None:
             self._newest_checkpoint = step
-        if self.env.is_main and (state is not None or best):
+        if self.folder_checkpoints and state is not None:
+            self.manager.save(step, state, also=best, sharded=True)
+        elif self.env.is_main and (state is not None or best):
             self.manager.save(step, state, also=best)
         elif state is not None:
             self.manager.staged_step = step  # the decision is shared; the file is rank 0's
@@ -540,11 +591,17 @@ class Trainer:
             distributed.barrier()
 
     def _checkpoint_state(self) -> dict[str, Any]:
-        for name, p in self.raw_model.named_parameters():
-            if not torch.isfinite(p).all():
-                raise NonFiniteLossError(f"parameter {name} holds NaN/inf at step {self.progress.step}; "
-                                         f"not saving it. Lower --lr, then rerun with --resume auto")
-        return self.state_dict()
+        """This step's checkpoint (or this rank's part of it); never one holding NaN/inf weights."""
+        bad = next((name for name, p in self.raw_model.named_parameters()
+                    if not torch.isfinite(parallel.local(p)).all()), None)
+        error = None if bad is None else NonFiniteLossError(
+            f"parameter {bad} holds NaN/inf at step {self.progress.step}; not saving it. Lower --lr, then rerun "
+            f"with --resume auto")
+        if self.sharded_model:
+            distributed.raise_if_any_failed(error)  # each rank sees only its shards
+        elif error is not None:
+            raise error
+        return self.sharded_state_dict() if self.folder_checkpoints else self.state_dict()
 
     def _evaluate_and_log(self, metrics: Metrics, window: "_Window") -> None:
         train_loss, tokens_per_second = window.summary()
@@ -564,10 +621,10 @@ class Trainer:
         window.reset()
         if val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
+            weights = parallel.full_weights(self.raw_model, self.sharded_model)  # under FSDP a collective
             if self.env.is_main:
                 self._pending_best = schema.weights_state(
-                    self.raw_model.state_dict(), dataclasses.asdict(self.cfg.model_config()), step,
-                    self.progress.tokens_seen, val_loss)
+                    weights, dataclasses.asdict(self.cfg.model_config()), step, self.progress.tokens_seen, val_loss)
 
     def _time_is_up(self) -> bool:
         """Whether to stop after this step, while there is still time for one more step, an
@@ -586,6 +643,8 @@ class Trainer:
         cfg, world = self.cfg, self.env.world_size
         processes = (f", {world} processes x batch {cfg.batch_size} x accumulation {cfg.grad_accum} = "
                      f"global batch {cfg.global_batch(world):,}" if world > 1 else "")
+        if self.sharded_model:
+            processes += f", sharded over {world} process{'es' if world > 1 else ''} (FSDP2)"
         return (f"training steps {self.progress.step:,} -> {cfg.max_steps:,} on {self.device.type} "
                 f"({str(self.dtype).removeprefix('torch.')}), {params / 1e6:.2f}M parameters, "
                 f"{cfg.tokens_per_step(world):,} tokens/step{processes}; data {self.data.describe()}")
@@ -606,5 +665,5 @@ class Trainer:
 def _check_resume_path_exists(cfg: TrainConfig) -> None:
     """An explicit ``--resume PATH`` that does not exist fails before OUT is created."""
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).expanduser().exists():
-        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file; pass an existing "
-                              f"OUT/checkpoints/step_*.pt file, or --resume auto")
+        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file or folder; pass an existing "
+                              f"OUT/checkpoints/step_* checkpoint, or --resume auto")

@@ -1,24 +1,30 @@
-"""Checkpoints: self-verifying files, their atomic commit and safe load, and the policy of a run's
-step checkpoints (decide, stage, commit in the background or not, prune, resume).
+"""Checkpoints: self-verifying files, checkpoint folders written by every rank, their atomic commit
+and safe load, and the policy of a run's step checkpoints (decide, stage, commit in the background
+or not, prune, resume).
 
 Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 
 - :mod:`.fileformat`: the digest a file carries in its zip comment;
 - :mod:`.files`: the commit protocol, the verified load, names, leftovers;
+- :mod:`.folders`: a checkpoint folder's manifest, digests, removal and leftovers;
+- :mod:`.sharded`: writing and reading a folder through torch.distributed.checkpoint (DCP), which
+  this package imports only when a folder is written or read;
 - :mod:`.snapshot`: a CPU copy of a state for a background write;
 - :mod:`.writer`: one commit at a time, now or on a writer thread;
 - :mod:`.manager`: the run's step checkpoints and which one to resume.
 """
 
 from ..errors import CheckpointError, CheckpointWriteError
-from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_PATTERN, accepted_digests, checksum_path,
-                    load_checkpoint, read_verified, remove_leftovers, save_atomically, state_nbytes, step_of,
-                    step_path, verify_file)
+from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_PATTERN, accepted_digests,
+                    checksum_path, load_checkpoint, read_verified, remove_leftovers, save_atomically, state_nbytes,
+                    step_folder_path, step_of, step_path, verify_file)
+from .folders import is_checkpoint_folder, remove_unfinished
 from .manager import ABANDONED, CheckpointManager, StepFile, require_train_state, resolve_resume
 
 __all__ = [
-    "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "STEP_PATTERN", "CheckpointError", "CheckpointManager",
-    "CheckpointWriteError", "StepFile", "accepted_digests", "checksum_path", "load_checkpoint", "read_verified",
-    "remove_leftovers", "require_train_state", "resolve_resume", "save_atomically", "state_nbytes", "step_of",
+    "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "STEP_FOLDER_PATTERN", "STEP_PATTERN", "CheckpointError",
+    "CheckpointManager", "CheckpointWriteError", "StepFile", "accepted_digests", "checksum_path",
+    "is_checkpoint_folder", "load_checkpoint", "read_verified", "remove_leftovers", "remove_unfinished",
+    "require_train_state", "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of",
     "step_path", "verify_file",
 ]

@@ -49,6 +49,7 @@ from .fileformat import DigestingWriter, Digests, digests
 FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
+STEP_FOLDER_PATTERN = re.compile(r"^step_(\d{8,})$")  # a sharded checkpoint (see sharded.py)
 # Temp files this package creates: ".<target>.tmp.<pid>" for targets it owns.
 _TEMP_PATTERN = re.compile(r"^\.(step_\d{8,}\.pt|best\.pt|config\.json)(\.sha256)?\.tmp\.\d+$")
 # torch words a refused global differently across versions ("Unsupported global: GLOBAL os.system",
@@ -67,8 +68,13 @@ def step_path(folder: Path, step: int) -> Path:
     return folder / f"step_{step:08d}.pt"
 
 
+def step_folder_path(folder: Path, step: int) -> Path:
+    """``folder/step_00000500``: a sharded checkpoint, named like a file one without ``.pt``."""
+    return folder / f"step_{step:08d}"
+
+
 def step_of(path: Path) -> int:
-    match = STEP_PATTERN.match(path.name)
+    match = STEP_PATTERN.match(path.name) or STEP_FOLDER_PATTERN.match(path.name)
     assert match, f"{path} is not a step checkpoint name"
     return int(match.group(1))
 

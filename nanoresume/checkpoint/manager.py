@@ -8,13 +8,17 @@ A save has four parts, kept apart so that background saving is natural:
 2. **stage** (:meth:`CheckpointManager.save`, on the training thread): in background mode,
    a real copy of the state in CPU memory (:class:`~nanoresume.checkpoint.snapshot.Snapshotter`);
 3. **commit** (on the training thread, or on the writer thread in background mode): the
-   atomic write of every file of the save (:func:`~nanoresume.checkpoint.files.save_atomically`);
-4. **prune**, only after the commit: older step checkpoints beyond ``keep_last``; on a
-   thread of its own even in synchronous mode, since deleting a large file can take a
-   tenth of a second that the training thread need not wait for.
+   atomic write of every file of the save (:func:`~nanoresume.checkpoint.files.save_atomically`),
+   or of a sharded checkpoint folder, which every rank writes its part of
+   (:func:`~nanoresume.checkpoint.sharded.save_folder`);
+4. **prune**, only after the commit and only on the coordinator: older step checkpoints beyond
+   ``keep_last``; on a thread of its own even in synchronous mode, since deleting a large file
+   can take a tenth of a second that the training thread need not wait for.
 
 A step counts as saved (:attr:`CheckpointManager.committed_step`) only once its commit is
-done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the writer.
+done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the writer. A step
+checkpoint is a file ``step_00000500.pt`` or a folder ``step_00000500``; both kinds count alike
+for retention, resume and abandoned timelines.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..atomic import fsync_folder, remove_quietly
 from ..errors import CheckpointError
-from .files import FORMAT_VERSION, STEP_PATTERN, checksum_path, load_checkpoint, save_atomically, step_of, step_path
+from .files import (FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_PATTERN, checksum_path, load_checkpoint,
+                    save_atomically, step_folder_path, step_of, step_path)
+from .folders import delete_folder
 from .snapshot import Snapshotter
 from .writer import CommitRunner
 
@@ -37,8 +43,14 @@ ABANDONED = "abandoned"
 
 @dataclass(frozen=True)
 class StepFile:
+    """A step checkpoint: a file, or a folder of shards."""
+
     step: int
     path: Path
+
+    @property
+    def is_folder(self) -> bool:
+        return not self.path.name.endswith(".pt")
 
 
 class CheckpointManager:
@@ -47,11 +59,17 @@ class CheckpointManager:
     ``background=True`` commits on a writer thread while training goes on; at most one
     save is in flight, and :meth:`wait` / :meth:`close` return only once it is committed
     (or raise its error, as a synchronous save would have).
+
+    For sharded saves every rank has a manager: ``group`` is the process group their writes
+    coordinate over (None: one process), ``token`` names temp folders alike on every rank, and
+    only the ``coordinator`` (rank 0) writes files beside the folder and prunes.
     """
 
     def __init__(self, folder: Path, interval: int, keep_last: int, background: bool = False,
-                 every_seconds: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 every_seconds: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                 group: Any = None, token: str = "0", coordinator: bool = True) -> None:
         self.folder = Path(folder)
+        self.group, self.token, self.coordinator = group, token, coordinator
         self.interval = interval
         self.keep_last = keep_last
         self.every_seconds = every_seconds
@@ -74,18 +92,25 @@ class CheckpointManager:
     # ---- the folder ----------------------------------------------------------------------------
 
     def list(self) -> list[StepFile]:
-        """Step checkpoint files present (verified or not), oldest first."""
+        """Step checkpoint files and folders present (verified or not), oldest first."""
         if not self.folder.is_dir():
             return []
-        found = [(STEP_PATTERN.match(p.name), p) for p in self.folder.iterdir()]
-        return sorted((StepFile(int(m.group(1)), p) for m, p in found if m and p.is_file()), key=lambda s: s.step)
+        found = []
+        for path in self.folder.iterdir():
+            match = STEP_PATTERN.match(path.name) if path.is_file() else \
+                STEP_FOLDER_PATTERN.match(path.name) if path.is_dir() else None
+            if match:
+                found.append(StepFile(int(match.group(1)), path))
+        return sorted(found, key=lambda s: (s.step, s.is_folder))
 
     def obstacles(self) -> list[Path]:
-        """Entries named like step checkpoints that are not files (a folder, say): a save of that
-        step could never land, so a run refuses to start until they are moved."""
+        """Entries named like step checkpoints of the other kind (a folder named ``step_*.pt``, a
+        file named like a checkpoint folder): a save of that step could never land, so a run
+        refuses to start until they are moved."""
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.iterdir() if STEP_PATTERN.match(p.name) and not p.is_file())
+        return sorted(p for p in self.folder.iterdir() if (STEP_PATTERN.match(p.name) and not p.is_file())
+                      or (STEP_FOLDER_PATTERN.match(p.name) and not p.is_dir()))
 
     # ---- decide, stage, commit -----------------------------------------------------------------
 
@@ -102,19 +127,21 @@ class CheckpointManager:
         return self.every_seconds is not None and self.clock() - self._last_save_time >= self.every_seconds
 
     def save(self, step: int, state: Optional[dict[str, Any]],
-             also: Sequence[tuple[Path, dict[str, Any]]] = ()) -> Optional[Path]:
-        """Stage ``state`` as the checkpoint of ``step`` (None: no step file) and the files in
+             also: Sequence[tuple[Path, dict[str, Any]]] = (), sharded: bool = False) -> Optional[Path]:
+        """Stage ``state`` as the checkpoint of ``step`` (None: no step checkpoint) and the files in
         ``also`` (``best.pt``), then commit them in that order: now, or in the background.
 
-        Waits for the save in flight first, and raises its error if it failed. Returns the step
-        file's path; in background mode it is committed once :meth:`wait` returns.
+        ``sharded``: ``state`` is this rank's part of a checkpoint folder, and every rank of the
+        group calls this for the same step. Waits for the save in flight first, and raises its error
+        if it failed. Returns the step checkpoint's path; in background mode it is committed once
+        :meth:`wait` returns.
         """
         started = time.perf_counter()
         self.wait()  # raises the previous save's error; frees its snapshot buffers
         targets: list[tuple[Path, dict[str, Any]]] = list(also)
         path = None
         if state is not None:
-            path = step_path(self.folder, step)
+            path = step_folder_path(self.folder, step) if sharded else step_path(self.folder, step)
             targets.insert(0, (path, state))
         states = [s for _, s in targets]
         staged = self._snapshots.take(states) if self.background else states
@@ -124,14 +151,19 @@ class CheckpointManager:
             commit_started = time.perf_counter()
             for target, snapshot in zip(paths, staged):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                save_atomically(snapshot, target)
+                if target == path and sharded:
+                    from .sharded import save_folder  # here, not at the top: it imports DCP (see folders.py)
+
+                    save_folder(snapshot, target, self.token, self.group)
+                else:
+                    save_atomically(snapshot, target)
             if path is not None:
                 self.committed_step, self.committed_path = step, path
                 if self.on_commit is not None:
                     self.on_commit(step, path)
-                if self.background:
+                if self.coordinator and self.background:
                     self.prune(keep=path)  # already off the training thread
-                else:
+                elif self.coordinator:
                     self._pruning = threading.Thread(target=self.prune, args=(path,), name="nanoresume-prune")
                     self._pruning.start()
             self.last_commit_seconds = time.perf_counter() - commit_started
@@ -165,12 +197,15 @@ class CheckpointManager:
 
     def prune(self, keep: Path) -> list[Path]:
         """Keep ``keep`` (just committed) and the newest ``keep_last`` step checkpoints up to it;
-        delete older ones (file, then checksum)."""
+        delete older ones (file, then checksum; or the whole folder)."""
         current = [s for s in self.list() if s.path != keep and s.step <= step_of(keep)]
         deleted = []
         for old in current[: max(0, len(current) - (self.keep_last - 1))]:
-            remove_quietly(old.path)
-            remove_quietly(checksum_path(old.path))
+            if old.is_folder:
+                delete_folder(old.path)
+            else:
+                remove_quietly(old.path)
+                remove_quietly(checksum_path(old.path))
             deleted.append(old.path)
         if deleted:
             try:
@@ -186,7 +221,8 @@ class CheckpointManager:
         belong to a timeline this run left: they must neither count for --keep-last nor be picked by
         a later --resume auto, and they are never deleted or overwritten. Each file and its checksum
         are hard-linked into the new folder before either name is removed here (the file first), so a
-        kill at any point leaves every pair complete in at least one of the two folders.
+        kill at any point leaves every pair complete in at least one of the two folders. A checkpoint
+        folder moves in one rename.
         """
         newer = [s for s in self.list() if s.step > step]
         if not newer:
@@ -194,6 +230,11 @@ class CheckpointManager:
         target = self._new_abandoned_folder()
         moved = []
         for item in newer:
+            if item.is_folder:
+                os.replace(item.path, target / item.path.name)
+                fsync_folder(target)
+                moved.append(target / item.path.name)
+                continue
             pair = [p for p in (item.path, checksum_path(item.path)) if p.exists()]
             for source in pair:
                 _link_or_move(source, target / source.name)
@@ -248,9 +289,9 @@ def resolve_resume(
     """
     obstacles = manager.obstacles()
     if obstacles:
-        raise CheckpointError(f"{obstacles[0]} is {'a folder' if obstacles[0].is_dir() else 'not a file'}, in the "
-                              f"way of the checkpoint of step {step_of(obstacles[0])}; move it out of "
-                              f"{manager.folder}, then start again")
+        kind = "a folder" if obstacles[0].is_dir() else "a file" if obstacles[0].is_file() else "no file or folder"
+        raise CheckpointError(f"{obstacles[0]} is {kind}, in the way of the checkpoint of step "
+                              f"{step_of(obstacles[0])}; move it out of {manager.folder}, then start again")
     if mode == "none":
         existing = manager.list()
         if existing:

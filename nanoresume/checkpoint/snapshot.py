@@ -7,13 +7,15 @@ so ``torch.save`` writes the same bytes it would have written from the live stat
 Buffers are kept between snapshots and reused when the next state has the same storages
 (every checkpoint of a run does), which spares the allocation and page faults of fresh
 memory; on CUDA they are pinned, so the device-to-host copies run asynchronously and
-finish with one synchronize.
+finish with one synchronize. A DTensor (one rank's shard of a sharded model) is copied as its
+local shard, on the CPU, wrapped again with the same mesh and placements.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import torch
 
@@ -49,10 +51,18 @@ class Snapshotter:
             copies[key] = buffers[key] = buffer
             return buffer
 
+        dtensor = _dtensor_type()
+
         def visit(value: Any) -> Any:
             if isinstance(value, torch.Tensor):
                 if id(value) not in tensors:
-                    tensors[id(value)] = _copy_tensor(value.detach(), copy_storage)
+                    if dtensor is not None and isinstance(value, dtensor):
+                        # Its CPU copy under the same spec, as DCP's own staging does: from_local would
+                        # move the copy back to the mesh's device (a GPU), where FSDP has no room for it.
+                        local = _copy_tensor(value.to_local().detach(), copy_storage)
+                        tensors[id(value)] = dtensor(local, value._spec, requires_grad=False)
+                    else:
+                        tensors[id(value)] = _copy_tensor(value.detach(), copy_storage)
                 return tensors[id(value)]
             if isinstance(value, dict):
                 return type(value)((k, visit(v)) for k, v in value.items())
@@ -67,6 +77,13 @@ class Snapshotter:
             torch.cuda.synchronize()
         self._buffers = buffers  # storages the state no longer has are let go
         return result
+
+
+def _dtensor_type() -> Optional[type]:
+    """torch's DTensor class if it is in use: none can exist before its module is imported, and
+    importing it here would slow every process down for nothing."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def _copy_tensor(tensor: torch.Tensor, copy_storage: Any) -> torch.Tensor:

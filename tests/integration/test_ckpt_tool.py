@@ -53,7 +53,7 @@ def test_list_and_verify_a_clean_run(trained_run: Path, capsys) -> None:
     assert "best.pt: step 30" in proc.stdout
     code, out, err = run_tool(capsys, "verify", str(trained_run))
     assert code == 0, out + err
-    assert "4 of 4 checkpoint file(s) verify" in out
+    assert "4 of 4 checkpoint(s) verify" in out
 
 
 def test_one_corrupted_file_is_reported_alone_and_fails_list_and_verify(trained_run: Path, capsys) -> None:
@@ -145,7 +145,7 @@ def test_export_round_trip(trained_run: Path, tmp_path: Path, capsys) -> None:
     (lambda out, bad: ["list", str(bad.parent)], "no checkpoints/ folder"),
     (lambda out, bad: ["show", str(bad)], "unknown checkpoint kind 'optimizer'"),
     (lambda out, bad: ["export", str(out / "best.pt"), "--to", str(out / "checkpoints" / "step_00000099.pt")],
-     "step_*.pt names"),
+     "step_* names"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(trained_run: Path, tmp_path: Path, capsys,
                                                    make_args, needle: str) -> None:

@@ -1,0 +1,317 @@
+"""Checkpoint folders: written by every rank through ``torch.distributed.checkpoint`` (DCP), committed
+all at once, verified file by file, and read without unpickling anything but DCP's own index.
+
+Knows nothing about GPTs: it saves and loads nested dicts of tensors (or DTensors) and plain values.
+The manifest, digests and removal of folders live in :mod:`.folders`, which does not import DCP.
+
+A folder ``step_00000500/`` holds::
+
+    .metadata          DCP's index: which chunk of which tensor lives where (a pickle)
+    __<r>_0.distcp     rank r's share of the tensors, and the plain values DCP gave it to write
+    MANIFEST.sha256    the SHA-256 of every file above (``sha256sum -c`` format), written last
+
+Commit protocol (a crash at any point leaves either no folder under the step's name or a complete one):
+
+1. every rank: DCP writes its files into ``.step_00000500.tmp.<token>/`` beside the target, and
+   fsyncs each of them (rank 0 writes ``.metadata`` last);
+2. every rank hashes its share of the files; rank 0 gathers the digests;
+3. rank 0 writes ``MANIFEST.sha256`` (temp file, fsync, rename), fsyncs the temp folder, renames it
+   to ``step_00000500``, and fsyncs the parent folder;
+4. rank 0 tells every rank whether the commit happened, so all of them raise the same error if not.
+
+Reading is stricter than DCP itself, which unpickles ``.metadata`` with a plain ``pickle.load`` and
+the plain values in the shards with ``torch.load(weights_only=False)``: either could run code from a
+crafted folder. Here ``.metadata`` is read by an unpickler that builds only DCP's metadata classes,
+and every value in the shards is read with ``weights_only=True``, whatever the manifest says.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from ..atomic import fsync_folder
+from ..errors import CheckpointError, CheckpointWriteError
+from .folders import MANIFEST, METADATA, check_digests, file_sha256, is_plain_name, write_manifest
+
+# What a DCP index may be built from: its own dataclasses, and the torch and pathlib values they hold.
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+# DCP warns on every save or load without a process group; a single process is a case we intend.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+# Test-only: called with ("written", target) once every rank's files are in the temp folder and
+# before the manifest exists. Tests use it to kill a rank inside a sharded write. Never set otherwise.
+testing_hook: Optional[Callable[[str, Path], None]] = None
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = None) -> None:
+    """Write ``state`` as the checkpoint folder ``target`` by the protocol above; a collective: every
+    rank of ``group`` calls it with its own state (None: a single process without a process group).
+
+    ``token`` names the temp folder and must be the same on every rank. Raises
+    :class:`CheckpointWriteError` on every rank if any rank failed; the temp folder is then
+    removed and earlier checkpoints are intact.
+    """
+    rank, world = _rank_and_world(group)
+    tmp = target.with_name(f".{target.name}.tmp.{token}")
+    failure: Optional[str] = None
+    digests: dict[str, str] = {}
+    try:
+        writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+        metadata = dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+        names = sorted({info.relative_path for info in metadata.storage_data.values()} | {METADATA})
+        if testing_hook is not None:
+            testing_hook("written", target)
+        digests = {name: file_sha256(tmp / name) for name in names[rank::world]}
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP's exception is a BaseException
+        failure = _describe_failure(target, e)
+    everyone = _gather(group, (digests, failure))
+    outcome = None
+    if rank == 0:
+        outcome = _commit(tmp, target, everyone)
+    outcome = _broadcast(group, outcome)
+    if outcome is not None:
+        raise CheckpointWriteError(outcome, "earlier checkpoints are intact; free some space or choose another "
+                                            "--out-dir, then rerun with --resume auto")
+
+
+def _commit(tmp: Path, target: Path, everyone: list[tuple[dict[str, str], Optional[str]]]) -> Optional[str]:
+    """Rank 0: write the manifest and rename the folder; the failure in one line, or None."""
+    failures = [f"rank {rank}: {failure}" for rank, (_, failure) in enumerate(everyone) if failure]
+    if not failures:
+        try:
+            write_manifest(tmp, {name: digest for part, _ in everyone for name, digest in part.items()})
+            if target.exists() and not _is_empty_folder(target):
+                raise CheckpointWriteError(f"cannot write checkpoint {target}: it already exists", "")
+            os.replace(tmp, target)
+            fsync_folder(target.parent)
+            return None
+        except CheckpointWriteError as e:
+            failures.append(e.problem)
+        except OSError as e:
+            failures.append(f"could not commit checkpoint {target.name} in {target.parent}: {e.strerror or e}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return failures[0] if len(failures) == 1 else f"{failures[0]} (and {len(failures) - 1} more)"
+
+
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _describe_failure(target: Path, error: BaseException) -> str:
+    """One line for a failed write: DCP wraps the first cause of each rank's failure."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    if isinstance(error, OSError):
+        try:
+            free = f"{shutil.disk_usage(target.parent).free / 1e6:,.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return f"could not write checkpoint {target.name} in {target.parent}: {error.strerror or error} ({free})"
+    return f"could not write checkpoint {target.name} in {target.parent}: {type(error).__name__}: {error}"
+
+
+def _rank_and_world(group: Any) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _gather(group: Any, value: Any) -> list[Any]:
+    """Every rank's ``value`` on rank 0 (the other ranks get an empty list)."""
+    if group is None:
+        return [value]
+    rank, world = _rank_and_world(group)
+    out: Optional[list[Any]] = [None] * world if rank == 0 else None
+    dist.gather_object(value, out, dst=dist.get_global_rank(group, 0), group=group)
+    return out or []
+
+
+def _broadcast(group: Any, value: Any) -> Any:
+    if group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def verify_folder(folder: Path) -> dcp_metadata.Metadata:
+    """Check a checkpoint folder without reading its tensors; returns DCP's index.
+
+    Every file in the manifest must exist with its digest, ``.metadata`` must be DCP's metadata and
+    nothing else, and every file it points into must be in the manifest. Each problem is a one-line
+    :class:`CheckpointError` naming the file at fault.
+    """
+    folder = Path(folder)
+    digests = check_digests(folder)
+    metadata = read_metadata(folder / METADATA)
+    for info in metadata.storage_data.values():
+        if info.relative_path not in digests:
+            raise CheckpointError(f"{folder / METADATA}: points into {info.relative_path!r}, which {MANIFEST} "
+                                  f"does not list; the folder is not a complete checkpoint")
+    return metadata
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes and nothing else: any other global is refused before it is imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+
+def read_metadata(path: Path) -> dcp_metadata.Metadata:
+    """DCP's index, unpickled with an allow-list; a one-line CheckpointError for anything else."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if text.startswith("GLOBAL "):
+            raise CheckpointError(f"{path}: refused, it asks to import {text[7:]}, and loading it could run "
+                                  f"code; a checkpoint index holds only DCP's metadata") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint index ({text[:80]})") from None
+    except Exception as e:  # truncated or garbled pickles raise many kinds of errors
+        raise CheckpointError(f"{path}: not a readable checkpoint index ({type(e).__name__})") from None
+    problem = _metadata_problem(metadata)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    return metadata
+
+
+def _metadata_problem(metadata: Any) -> Optional[str]:
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        return f"holds an object of type {type(metadata).__name__}, not DCP's metadata"
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
+        return "is not a complete DCP index"
+    if not isinstance(metadata.planner_data, dict) or set(metadata.planner_data) != set(
+            metadata.state_dict_metadata):
+        return "does not say how its entries nest (not written by nanoresume)"
+    for info in metadata.storage_data.values():
+        if not is_plain_name(getattr(info, "relative_path", "")) or getattr(info, "transform_descriptors", None):
+            return f"points outside its folder or asks for a storage transform ({info!r:.80})"
+    return None
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, but ``.metadata`` goes through the allow-list unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        metadata = read_metadata(Path(self.path) / METADATA)
+        metadata.storage_meta = dcp_metadata.StorageMeta(load_id=self.load_id)
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner (which flattens nested dicts), but plain values are unpickled with
+    ``weights_only=True``."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"refused {fqn}: it asks to import what a checkpoint must not hold ({e})") \
+                from None
+        set_path(self.original_state_dict, self.mappings[fqn], obj)
+
+
+def load_into(folder: Path, state: dict[str, Any], group: Any = None) -> None:
+    """Fill ``state`` in place from a verified folder: its tensors (or DTensors, each rank reading only
+    its own shards) are copied into, its plain values replaced. A collective over ``group`` (None: this
+    process alone). Every key of ``state`` must be in the folder."""
+    _load(folder, state, group)
+
+
+def _load(folder: Path, state: dict[str, Any], group: Any) -> None:
+    try:
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafePlanner(),
+                 process_group=group, no_dist=group is None)
+    except (Exception, dcp.api.CheckpointException) as e:
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        if isinstance(cause, CheckpointError):
+            raise CheckpointError(f"{folder}: {cause}") from None
+        raise CheckpointError(f"{folder}: could not read it ({type(cause).__name__}: {str(cause)[:200]})") \
+            from None
+
+
+def stored_keys(folder: Path) -> set[str]:
+    """The flattened names of everything the folder holds (``model.wte.weight``, ...)."""
+    return set(read_metadata(Path(folder) / METADATA).state_dict_metadata)
+
+
+def read_folder(folder: Path, placeholders_under: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything a verified folder holds, as the nested dict that was saved, in this process alone.
+
+    Tensors come back whole and on the CPU, however many ranks wrote them, except those under the
+    top-level keys ``placeholders_under``: they are not read, and come back as meta tensors of their
+    full shape and dtype (enough to check shapes against a config without reading the weights).
+    """
+    metadata = read_metadata(Path(folder) / METADATA)
+    to_read: dict[str, Any] = {}
+    placeholders: dict[str, torch.Tensor] = {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, dcp_metadata.TensorStorageMetadata):
+            target = placeholders if metadata.planner_data[fqn][0] in placeholders_under else to_read
+            target[fqn] = torch.empty(item.size, dtype=item.properties.dtype,
+                                      device="meta" if target is placeholders else "cpu")
+        else:
+            to_read[fqn] = None  # a plain value: replaced by what the folder holds
+    _load(folder, to_read, None)  # flat keys: each one its own path
+    nested: dict[str, Any] = {}
+    for fqn, value in {**to_read, **placeholders}.items():
+        set_path(nested, metadata.planner_data[fqn], value)
+    return nested
+
+
+def set_path(root: dict[str, Any], path: Sequence[Any], value: Any) -> None:
+    """``root[path[0]][path[1]]... = value``, creating dicts (or lists, for int keys) on the way."""
+    node: Any = root
+    for key, next_key in zip(path[:-1], path[1:]):
+        if isinstance(node, list):
+            node.extend([None] * (key + 1 - len(node)))
+        empty: Any = [] if isinstance(next_key, int) else {}
+        if isinstance(node, list):
+            if node[key] is None:
+                node[key] = empty
+        else:
+            node.setdefault(key, empty)
+        node = node[key]
+    last = path[-1]
+    if isinstance(node, list):
+        node.extend([None] * (last + 1 - len(node)))
+    node[last] = value
