@@ -221,8 +221,12 @@ def resolve_resume(
     manager: CheckpointManager,
     warn: Callable[[str], None],
     load: Callable[[Path], dict[str, Any]] = load_checkpoint,
+    accept: Optional[Callable[[Path, dict[str, Any]], dict[str, Any]]] = None,
 ) -> Optional[tuple[Path, dict[str, Any]]]:
     """Which checkpoint a run starts from, as ``(path, state)``, or None for a fresh start.
+
+    ``accept(path, state)`` returns the state if a run can resume from it, else raises
+    CheckpointError (default: :func:`require_train_state`, a nanoresume training state).
 
     - ``"auto"``: the newest step checkpoint that verifies; each newer one that does not is
       skipped with a warning. None if the folder holds no step checkpoints. If it holds some
@@ -232,6 +236,7 @@ def resolve_resume(
       finished run is never clobbered by accident.
     - anything else: a path that must load, or CheckpointError.
     """
+    accept = accept or require_train_state
     obstacles = manager.obstacles()
     if obstacles:
         raise CheckpointError(f"{obstacles[0]} is {'a folder' if obstacles[0].is_dir() else 'not a file'}, in the "
@@ -248,7 +253,7 @@ def resolve_resume(
         candidates = manager.list()
         for candidate in reversed(candidates):
             try:
-                return candidate.path, require_train_state(candidate.path, load(candidate.path))
+                return candidate.path, accept(candidate.path, load(candidate.path))
             except CheckpointError as e:
                 warn(f"skipping {e}")
         if candidates:
@@ -259,7 +264,7 @@ def resolve_resume(
                 f"Move them away to start over, or choose another --out-dir")
         return None
     path = Path(mode).expanduser()
-    return path, require_train_state(path, load(path))
+    return path, accept(path, load(path))
 
 
 def require_train_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
