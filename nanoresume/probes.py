@@ -8,7 +8,9 @@ without any test code in the training path:
   windows it drew, so tests can compare losses bit for bit and the data order window for window;
 - ``NANORESUME_PROBE_STOP=STEP[:RANK]``: during that step, that rank (default: every rank)
   asks to stop exactly as a SIGTERM would;
-- ``NANORESUME_PROBE_NAN=STEP:RANK``: that rank's loss is NaN at that step.
+- ``NANORESUME_PROBE_NAN=STEP:RANK``: that rank's loss is NaN at that step;
+- ``NANORESUME_PROBE_FORGET_RNG=1``: a resumed run leaves its random number streams as they are
+  instead of restoring them: a deliberately broken resume, which must be caught.
 
 Production runs never import this module.
 """
@@ -25,6 +27,7 @@ import torch
 RECORD_ENV = "NANORESUME_PROBE_RECORD"
 STOP_ENV = "NANORESUME_PROBE_STOP"
 NAN_ENV = "NANORESUME_PROBE_NAN"
+FORGET_RNG_ENV = "NANORESUME_PROBE_FORGET_RNG"
 
 
 def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
@@ -36,7 +39,7 @@ def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
 
 def install() -> None:
     """Patch the trainer and sampler as the environment asks; a no-op when it asks for nothing."""
-    from . import distributed
+    from . import distributed, trainer
     from .data import BatchSampler
     from .model import GPT
     from .trainer import Trainer
@@ -82,6 +85,8 @@ def install() -> None:
             loss = loss * torch.tensor(float("nan"), device=loss.device)
         return logits, loss
 
+    if os.environ.get(FORGET_RNG_ENV):
+        trainer.restore_rng_state = lambda state: []  # type: ignore[assignment]
     BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
     Trainer.train_step = probed_step  # type: ignore[method-assign]
     GPT.forward = poisoned_forward  # type: ignore[method-assign]
