@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 PROCESS_STARTED = time.monotonic()
 
 # The modules that do something when run with `python -m nanoresume.<module>`; the others are library code.
-RUNNABLE_MODULES = ("__main__", "commands", "cli", "sampling", "evaluation", "ckpt", "chaos")
+RUNNABLE_MODULES = ("__main__", "commands", "cli", "sampling", "evaluation", "ckpt", "chaos", "selftest")
 
 
 def _refuse_a_library_module_run_as_a_command() -> None:
