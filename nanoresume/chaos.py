@@ -35,6 +35,10 @@ WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
 EVAL_MARK = "chaos: evaluation started"
 WRITE_DELAY_ENV = "NANORESUME_CHAOS_WRITE_DELAY"  # seconds slept per written chunk in the child
+# Set in the child's environment: writes are slowed only from when it receives SLOW_WRITES_SIGNAL on,
+# so that the writes before the one a kill is aimed at cost nothing.
+SLOW_LATER_ENV = "NANORESUME_CHAOS_SLOW_LATER"
+SLOW_WRITES_SIGNAL = signal.SIGUSR2
 
 
 @dataclass
@@ -224,15 +228,21 @@ def final_state_difference(a: Path, b: Path) -> Optional[str]:
 
 
 def _observe_checkpoint_writes() -> None:
-    """Announce every checkpoint write on stderr (start and commit), slowed by ``WRITE_DELAY_ENV``."""
+    """Announce every checkpoint write on stderr (start and commit), slowed by ``WRITE_DELAY_ENV``
+    (with ``SLOW_LATER_ENV``: only once ``SLOW_WRITES_SIGNAL`` has arrived)."""
     delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
+    slow = threading.Event()
+    if os.environ.get(SLOW_LATER_ENV):
+        signal.signal(SLOW_WRITES_SIGNAL, lambda signum, frame: slow.set())
+    else:
+        slow.set()
     previous = [None]
 
     def hook(bytes_written: int) -> None:
         if previous[0] is None or bytes_written <= previous[0]:  # the count restarts with each file
             print(WRITE_MARK, file=sys.stderr, flush=True)
         previous[0] = bytes_written
-        if delay:
+        if delay and slow.is_set():
             time.sleep(delay)
 
     save_atomically = checkpoint_manager.save_atomically

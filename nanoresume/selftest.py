@@ -35,10 +35,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .atomic import is_temp_path
-from .chaos import WatchedProcess, children, verified_steps
+from .chaos import SLOW_LATER_ENV, SLOW_WRITES_SIGNAL, WatchedProcess, children, verified_steps
 from .checkpoint import STEP_PATTERN, step_path
 from .clitools import make_parser, run_reporting_errors
 from .config import SELF_TEST_STEPS, TrainConfig, command_line_flags, validate
@@ -181,17 +181,19 @@ class _Progress:
 class Runner:
     """Starts the runs of a self-test in ``work`` and keeps track of them, so that none outlives it."""
 
-    def __init__(self, program: Program, work: Path, timeout: float = 600.0) -> None:
+    def __init__(self, program: Program, work: Path) -> None:
         self.program = program
         self.work = work
-        self.timeout = timeout  # seconds one process may take; set from the reference run
+        self.timeout: Optional[float] = None  # seconds one process may take; set from the reference run
         self.steps = 0  # the step every run ends at; set by the reference run
         self.live: list[WatchedProcess] = []
 
     def start(self, out: Path, resume: bool, slow_writes: bool = False) -> WatchedProcess:
-        """Start one run; ``slow_writes`` makes its checkpoint writes last long enough to kill inside one."""
+        """Start one run; ``slow_writes``: once sent SLOW_WRITES_SIGNAL, its checkpoint writes last long
+        enough to kill inside one."""
+        env = {**self.program.env, **({SLOW_LATER_ENV: "1"} if slow_writes else {})}
         child = WatchedProcess(self.program.command(out, resume), WRITE_DELAY if slow_writes else 0.0,
-                               env=self.program.env, cwd=self.program.cwd)
+                               env=env, cwd=self.program.cwd)
         self.live.append(child)
         return child
 
@@ -233,7 +235,13 @@ class Runner:
         target = max(1, round(stop.at * self.steps))
         progress = _Progress(outcome.out)
         name = stop.signal.name
+        deadline = time.monotonic() + (self.timeout or float("inf"))
         while (progress.poll() or 0) < target:
+            if time.monotonic() > deadline:
+                child.kill()
+                self.live.remove(child)
+                raise SelfTestError(f"{outcome.scenario.name}: the run did not reach step {target} within "
+                                    f"{self.timeout:.0f} s")
             if child.process.poll() is not None:
                 self.finish(child, name)
                 raise SelfTestError(f"{outcome.scenario.name}: the run ended (exit {child.process.returncode}) "
@@ -241,6 +249,8 @@ class Runner:
                                     f"checkpoints along the way, not only at the end")
             time.sleep(POLL)
         if stop.in_save:
+            for pid in self._receivers(child, SLOW_WRITES_SIGNAL):
+                os.kill(pid, SLOW_WRITES_SIGNAL)
             writes = child.writes_started
             while child.writes_started == writes and child.process.poll() is None:
                 time.sleep(POLL / 10)
@@ -264,9 +274,9 @@ class Runner:
         outcome.stopped.append(("" if exact else ">=") + str(step) + (" (in a write)" if cut else ""))
 
     def _receivers(self, child: WatchedProcess, sig: signal.Signals) -> list[int]:
-        """Who gets a stop signal: the process, which under torchrun forwards SIGTERM, SIGINT and SIGHUP
-        to its workers. Other signals (SIGUSR1) would end torchrun itself, so they go to every worker
-        directly, as SLURM delivers them to every process of a job step."""
+        """Who gets a signal: the process, which under torchrun forwards SIGTERM, SIGINT and SIGHUP to
+        its workers. Other signals (SIGUSR1, SLOW_WRITES_SIGNAL) would end torchrun itself, so they go to
+        every worker directly, as SLURM delivers them to every process of a job step."""
         if self.program.torchrun and sig not in TORCHRUN_FORWARDS:
             return children(child.process.pid)
         return [child.process.pid]
@@ -305,12 +315,15 @@ def _interruptible() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def run_self_test(program: Program, describe: str, hints: list[str]) -> int:
+def run_self_test(program: Program, describe: str, hints: list[str],
+                  prepare: Optional[Callable[[Path], None]] = None) -> int:
     """Run every scenario of :data:`SCENARIOS` for ``program``; print the table and the verdict.
 
     ``describe`` is the first line's account of what is tested; ``hints`` name the common causes
-    of a difference with these settings (see :mod:`nanoresume.selftest_report`). Returns 0 if
-    every run ended bit-exactly as the reference did, else 1.
+    of a difference with these settings (see :mod:`nanoresume.selftest_report`); ``prepare(work)``
+    does, once, what every run would otherwise do first (fill a token cache), so that the
+    reference run times what the others will repeat. Returns 0 if every run ended bit-exactly as
+    the reference did, else 1.
     """
     from . import selftest_report as report
 
@@ -321,6 +334,8 @@ def run_self_test(program: Program, describe: str, hints: list[str]) -> int:
           f"{sum(len(s.stops) + 1 for s in SCENARIOS)} runs, in {work} (removed at the end)", flush=True)
     try:
         with _interruptible():
+            if prepare is not None:
+                prepare(work)
             reference = runner.run(SCENARIOS[0])
             runner.steps = int(STEP_PATTERN.match(reference.final.name).group(1))
             runner.timeout = max(120.0, 10 * reference.seconds)
@@ -359,7 +374,8 @@ def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0) -> i
     values = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "resume")}
     program = Program(prefix, command_line_flags(values), Path.cwd(), torchrun=processes > 0,
                       env=_package_on_path(), own_cache=cfg.cache_dir is None)
-    return run_self_test(program, report.describe_training(cfg, processes), report.training_hints(cfg))
+    return run_self_test(program, report.describe_training(cfg, processes), report.training_hints(cfg),
+                         prepare=_token_cache_filler(cfg) if program.own_cache else None)
 
 
 def _self_test_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
@@ -374,6 +390,17 @@ def _self_test_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     if problems:
         raise ConfigError("; ".join(problems))
     return cfg
+
+
+def _token_cache_filler(cfg: TrainConfig) -> Callable[[Path], None]:
+    """Tokenize the data into the self-test's own cache (``WORK/cache``, see :meth:`Program.command`)."""
+    def fill(work: Path) -> None:
+        from .data import load_tokens
+
+        load_tokens(cfg.data, cfg.val_fraction, str(work / "cache"), cfg.token_dtype, cfg.vocab_size,
+                    warn=log.warning)
+
+    return fill
 
 
 def _package_on_path() -> dict[str, str]:

@@ -93,6 +93,8 @@ def table(outcomes: Sequence[Outcome], findings: Sequence[Optional[Finding]]) ->
             result = f"differs from step {finding.loss_step}"
         else:
             result = "final state differs"
+        if outcome.scenario.stops:
+            result += f" ({outcome.seconds:.0f} s)"
         rows.append((outcome.scenario.name, ", ".join(outcome.stopped) or "-",
                      ", ".join(map(str, outcome.resumed)) or "-", result))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -210,8 +212,9 @@ def describe_training(cfg: TrainConfig, processes: Optional[int]) -> str:
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     where = f"{processes} processes under torchrun" if processes else "one process"
     saves = "background" if cfg.async_save else "synchronous"
+    every = "step" if cfg.effective_ckpt_interval == 1 else f"{cfg.effective_ckpt_interval} steps"
     return (f"--preset {cfg.preset}, {cfg.max_steps} steps on {device.type} ({dtype}), {where}, "
-            f"{saves} checkpoints every {cfg.effective_ckpt_interval} steps")
+            f"{saves} checkpoints every {every}")
 
 
 def estimate_rest(reference: Outcome, steps: int, scenarios: Sequence[Scenario]) -> float:
