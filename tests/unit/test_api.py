@@ -28,3 +28,11 @@ def test_importing_nanoresume_or_its_stop_flag_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
 
+
+
+def test_every_public_name_is_in_the_readme_table():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Use it in your own loop"):]
+    for name in nanoresume.__all__:
+        if name != "__version__":
+            assert f"`{name}" in table, f"{name} is missing from the README's API table"
