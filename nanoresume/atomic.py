@@ -15,6 +15,12 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
 
+def is_temp_path(path: Path) -> bool:
+    """Whether ``path`` is named like a :func:`temp_path`: a write that has not been committed (yet)."""
+    name, _, pid = path.name.rpartition(".tmp.")
+    return name.startswith(".") and pid.isdigit()
+
+
 def write_file_atomically(path: Path, payload: bytes) -> None:
     """Small files (checksums, config.json, data caches): temp file beside ``path``, fsync, replace.
 

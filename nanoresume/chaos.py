@@ -1,11 +1,13 @@
 """kill -9 chaos harness: kill a training run at random moments, resume it, and prove nothing was lost.
 
-Used by the CI test (a handful of kills) and by ``scripts/chaos.py`` (hundreds).
-The child process is ``python -m nanoresume.chaos child ARGS...``: scripts/train.py
-with :data:`nanoresume.checkpoint.files.testing_write_hook` set so that every checkpoint
-write announces itself on stderr and is slowed down, which lets the harness aim
-half of its kills inside a write (evaluations announce themselves too, for the
-signal tests). Production runs never set that hook.
+Used by the CI test (a handful of kills), by ``scripts/chaos.py`` (hundreds) and by the
+self-test (:mod:`nanoresume.selftest`). The child process is ``python -m nanoresume.chaos
+child ARGS...``: scripts/train.py with :data:`nanoresume.checkpoint.files.testing_write_hook`
+set so that every checkpoint write announces itself on stderr and is slowed down, which
+lets the harness aim half of its kills inside a write (evaluations announce themselves
+too, for the signal tests). ``python -m nanoresume.chaos script PATH ARGS...`` runs any
+Python script (a training loop of your own that saves through :class:`nanoresume.Checkpointer`)
+with its writes announced the same way. Production runs never set that hook.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import checkpoint
 from .checkpoint import files as checkpoint_files
@@ -34,6 +37,10 @@ WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
 EVAL_MARK = "chaos: evaluation started"
 WRITE_DELAY_ENV = "NANORESUME_CHAOS_WRITE_DELAY"  # seconds slept per written chunk in the child
+# Set in the child's environment: writes are slowed only from when it receives SLOW_WRITES_SIGNAL on,
+# so that the writes before the one a kill is aimed at cost nothing.
+SLOW_LATER_ENV = "NANORESUME_CHAOS_SLOW_LATER"
+SLOW_WRITES_SIGNAL = signal.SIGUSR2
 
 
 @dataclass
@@ -66,33 +73,75 @@ def _child_command(train_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "nanoresume.chaos", "child", *train_args]
 
 
-class _Child:
-    """A training subprocess whose stderr is watched for checkpoint-write marks."""
+class WatchedProcess:
+    """A training subprocess whose stderr is watched for checkpoint-write marks.
 
-    def __init__(self, train_args: list[str], write_delay: float) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{WRITE_DELAY_ENV: str(write_delay)})
-        self.process = subprocess.Popen(_child_command(train_args), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, env=env,
-                                        cwd=Path(__file__).resolve().parent.parent)
+    ``command`` runs in ``cwd`` (default: the folder holding the nanoresume package, so that
+    ``-m nanoresume...`` works from a checkout) with ``env`` added to this process's environment.
+    """
+
+    def __init__(self, command: list[str], write_delay: float, env: Optional[dict[str, str]] = None,
+                 cwd: Optional[Path] = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{WRITE_DELAY_ENV: str(write_delay)}, **(env or {}))
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        env=env, cwd=cwd or Path(__file__).resolve().parent.parent)
         self.writing = False  # between a write's first byte and its commit
         self.write_seen = threading.Event()
+        self.writes_started = 0
         self.stderr_tail: list[str] = []
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._reader = threading.Thread(target=self._watch, daemon=True)
+        self._reader.start()
 
     def _watch(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             if WRITE_MARK in line:
                 self.writing = True
+                self.writes_started += 1
                 self.write_seen.set()
             elif WRITE_DONE_MARK in line:
                 self.writing = False
-            else:
+            elif EVAL_MARK not in line:
                 self.stderr_tail = (self.stderr_tail + [line.rstrip()])[-5:]
 
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """The exit code once the process has ended and its stderr is read to the end."""
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
     def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
+        """SIGKILL the process and every process it started (torchrun's workers): a machine dying."""
+        for pid in [*descendants(self.process.pid), self.process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone
         self.process.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The live processes ``pid`` started (Linux ``/proc``; none where it is missing)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            found.append(int(entry.parent.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``. torchrun starts its workers in sessions of their own, so a
+    process group would not reach them."""
+    found, todo = [], children(pid)
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children(child)
+    return found
 
 
 def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, write_delay: float = 0.002,
@@ -109,7 +158,7 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
     args = list(train_args)
     while True:
         before = verified_steps(RunDir(out_dir).checkpoints)
-        child = _Child(args, write_delay)
+        child = WatchedProcess(_child_command(args), write_delay)
         if report.kills < kills:
             aim_at_write = rng.random() < 0.5
             if aim_at_write:
@@ -161,20 +210,53 @@ def _with_resume_auto(args: list[str]) -> list[str]:
     return out + ["--resume", "auto"]
 
 
+def comparable_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's whole state, less the config fields that only say how its run was started
+    (``--out-dir``, ``--resume``, ...): they differ between a reference run and its interrupted twin
+    by design. A checkpoint folder is read whole (all its shards, in the layout of a file)."""
+    state = read_state(Path(path)) if Path(path).is_dir() else checkpoint.load_checkpoint(path)
+    for name in RUNTIME_FIELDS:
+        state.get("config", {}).pop(name, None)
+    return state
+
+
 def final_state_difference(a: Path, b: Path) -> Optional[str]:
     """None if two checkpoints hold the same full state bit for bit, else where they first differ.
 
     Everything is compared (model, optimizer, scheduler, scaler, counters, RNG streams,
-    sampler, data fingerprint, config) except the config fields that only say how each
-    run was started (``--out-dir``, ``--resume``, ...), which differ between a reference
-    run and its interrupted twin by design. A checkpoint folder is compared whole, after
-    loading all its shards (in the layout of a file).
+    sampler, data fingerprint, config) except what :func:`comparable_state` leaves out. A
+    checkpoint folder is compared whole, after loading all its shards (in the layout of a file).
     """
-    states = [read_state(Path(path)) if Path(path).is_dir() else checkpoint.load_checkpoint(path) for path in (a, b)]
-    for state in states:
-        for name in RUNTIME_FIELDS:
-            state["config"].pop(name, None)
-    return first_difference(states[0], states[1])
+    return first_difference(comparable_state(a), comparable_state(b))
+
+
+def _observe_checkpoint_writes() -> None:
+    """Announce every checkpoint write on stderr (start and commit), slowed by ``WRITE_DELAY_ENV``
+    (with ``SLOW_LATER_ENV``: only once ``SLOW_WRITES_SIGNAL`` has arrived)."""
+    delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
+    slow = threading.Event()
+    if os.environ.get(SLOW_LATER_ENV):
+        signal.signal(SLOW_WRITES_SIGNAL, lambda signum, frame: slow.set())
+    else:
+        slow.set()
+    previous = [None]
+
+    def hook(bytes_written: int) -> None:
+        if previous[0] is None or bytes_written <= previous[0]:  # the count restarts with each file
+            print(WRITE_MARK, file=sys.stderr, flush=True)
+        previous[0] = bytes_written
+        if delay and slow.is_set():
+            time.sleep(delay)
+
+    save_atomically = checkpoint_manager.save_atomically
+
+    def announced_save(obj: dict, path: Path) -> str:
+        digest = save_atomically(obj, path)
+        print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
+        return digest
+
+    checkpoint_files.testing_write_hook = hook
+    checkpoint_manager.save_atomically = announced_save  # type: ignore[assignment]
 
 
 def _child_main(argv: list[str]) -> int:
@@ -191,31 +273,25 @@ def _child_main(argv: list[str]) -> int:
         return evaluate(self)
 
     Trainer.evaluate = announced_evaluate  # type: ignore[method-assign]
-
-    delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
-
-    previous = [None]
-
-    def hook(bytes_written: int) -> None:
-        if previous[0] is None or bytes_written <= previous[0]:  # the count restarts with each file
-            print(WRITE_MARK, file=sys.stderr, flush=True)
-        previous[0] = bytes_written
-        if delay:
-            time.sleep(delay)
-
-    save_atomically = checkpoint_manager.save_atomically
-
-    def announced_save(obj: dict, path: Path) -> str:
-        digest = save_atomically(obj, path)
-        print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
-        return digest
-
-    checkpoint_files.testing_write_hook = hook
-    checkpoint_manager.save_atomically = announced_save  # type: ignore[assignment]
+    _observe_checkpoint_writes()
     return main(argv)
+
+
+def _script_main(path: str, argv: list[str]) -> None:
+    """Run the Python script at ``path`` as ``__main__`` with ``argv``, its checkpoint writes announced."""
+    _observe_checkpoint_writes()
+    sys.argv = [path, *argv]
+    sys.path[0] = str(Path(path).resolve().parent)  # as `python path` would have it
+    runpy.run_path(path, run_name="__main__")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "child":
-        sys.exit(_child_main(sys.argv[2:]))
-    sys.exit("usage: python -m nanoresume.chaos child TRAIN_ARGS... (see scripts/chaos.py for the harness)")
+        from .cli import exit_now
+
+        exit_now(_child_main(sys.argv[2:]))  # like scripts/train.py: no slow interpreter teardown
+    if len(sys.argv) > 2 and sys.argv[1] == "script":
+        _script_main(sys.argv[2], sys.argv[3:])
+        sys.exit(0)
+    sys.exit("usage: python -m nanoresume.chaos child TRAIN_ARGS... | script PATH ARGS... "
+             "(see scripts/chaos.py for the harness)")

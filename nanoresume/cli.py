@@ -1,5 +1,8 @@
 """``nanoresume train`` (also ``python scripts/train.py``): parse flags, train, turn every outcome into an exit code.
 
+With ``--self-test``, proves instead that the configuration resumes bit-exactly
+(:mod:`nanoresume.selftest`): exit 0 bit-exact, 1 not.
+
 Exit codes: 0 finished; 1 a save failed or the loss became NaN/inf; 2 a bad
 flag, path, data or checkpoint; 75 stopped by --time-limit; 128+N stopped by
 signal N (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
@@ -14,7 +17,7 @@ from typing import NoReturn, Optional
 
 from . import PROCESS_STARTED
 from .clitools import run_reporting_errors
-from .config import parse_command_line
+from .config import parse_command_line, self_test_request
 from .invocation import command_words
 
 
@@ -23,6 +26,11 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
 
     def train() -> int:
         cfg, explicit = parse_command_line(argv, prog)
+        self_test = self_test_request(argv, prog)
+        if self_test is not None:
+            from .selftest import test_training
+
+            return test_training(cfg, explicit, processes=self_test)
         from . import distributed  # after parsing: --help stays fast
         from .trainer import Trainer
 

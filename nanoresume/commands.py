@@ -4,6 +4,7 @@
     nanoresume sample --ckpt runs/a/best.pt    # nanoresume.sampling
     nanoresume evaluate --ckpt ... --data ...  # nanoresume.evaluation
     nanoresume ckpt list runs/a                # nanoresume.ckpt
+    nanoresume self-test my_train.py           # nanoresume.selftest
 
 Each tool keeps its own flags and ``--help``; this module only dispatches.
 """
@@ -23,6 +24,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("nanoresume.sampling", "generate text from a checkpoint"),
     "evaluate": ("nanoresume.evaluation", "loss and perplexity of a checkpoint on a whole file"),
     "ckpt": ("nanoresume.ckpt", "list, verify, show, diff and export checkpoints"),
+    "self-test": ("nanoresume.selftest", "prove that a training script of your own resumes bit-exactly"),
 }
 
 

@@ -10,6 +10,7 @@ are; anything else when its type and value are (two NaN floats count as equal).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -35,34 +36,55 @@ def plain_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def first_difference(a: Any, b: Any, where: str = "state") -> Optional[str]:
-    """None if ``a`` and ``b`` are identical (see the module docstring), else one line naming the
-    first place they differ, as a path like ``state['optimizer']['state'][0]['exp_avg']``."""
+@dataclass(frozen=True)
+class Difference:
+    """Where two states first differ: the keys and indices leading there, both values, and what differs."""
+
+    path: tuple[Any, ...]
+    a: Any
+    b: Any
+    what: str  # "tensors differ", "list vs tuple", "2 items vs 3", ...
+
+    def where(self, root: str = "state") -> str:
+        """The path as Python would index it: ``state['optimizer']['state'][0]['exp_avg']``."""
+        return root + "".join(f"[{key!r}]" for key in self.path)
+
+
+def find_difference(a: Any, b: Any, path: tuple[Any, ...] = ()) -> Optional[Difference]:
+    """None if ``a`` and ``b`` are identical (see the module docstring), else the first place they differ."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return f"{where}: {type(a).__name__} vs {type(b).__name__}"
+            return Difference(path, a, b, f"{type(a).__name__} vs {type(b).__name__}")
         if a.dtype != b.dtype or a.shape != b.shape:
-            return f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        return None if tensors_identical(a, b) else f"{where}: tensors differ"
+            return Difference(path, a, b, f"{a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
+        return None if tensors_identical(a, b) else Difference(path, a, b, "tensors differ")
     if isinstance(a, dict) or isinstance(b, dict):
         if not (isinstance(a, dict) and isinstance(b, dict)):
-            return f"{where}: {type(a).__name__} vs {type(b).__name__}"
+            return Difference(path, a, b, f"{type(a).__name__} vs {type(b).__name__}")
         only_a, only_b = a.keys() - b.keys(), b.keys() - a.keys()
         if only_a or only_b:
-            return f"{where}: keys only in A {sorted(map(str, only_a))}, only in B {sorted(map(str, only_b))}"
+            return Difference(path, a, b, f"keys only in A {sorted(map(str, only_a))}, "
+                                          f"only in B {sorted(map(str, only_b))}")
         for key in a:
-            found = first_difference(a[key], b[key], f"{where}[{key!r}]")
+            found = find_difference(a[key], b[key], (*path, key))
             if found is not None:
                 return found
         return None
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         if type(a) is not type(b):
-            return f"{where}: {type(a).__name__} vs {type(b).__name__}"
+            return Difference(path, a, b, f"{type(a).__name__} vs {type(b).__name__}")
         if len(a) != len(b):
-            return f"{where}: {len(a)} items vs {len(b)}"
+            return Difference(path, a, b, f"{len(a)} items vs {len(b)}")
         for i, (x, y) in enumerate(zip(a, b)):
-            found = first_difference(x, y, f"{where}[{i}]")
+            found = find_difference(x, y, (*path, i))
             if found is not None:
                 return found
         return None
-    return None if plain_equal(a, b) else f"{where}: {a!r:.80} != {b!r:.80}"
+    return None if plain_equal(a, b) else Difference(path, a, b, f"{a!r:.80} != {b!r:.80}")
+
+
+def first_difference(a: Any, b: Any, where: str = "state") -> Optional[str]:
+    """None if ``a`` and ``b`` are identical (see the module docstring), else one line naming the
+    first place they differ, as a path like ``state['optimizer']['state'][0]['exp_avg']``."""
+    found = find_difference(a, b)
+    return None if found is None else f"{found.where(where)}: {found.what}"

@@ -25,6 +25,9 @@ MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
 TOKEN_DTYPES = ("uint8", "uint16")  # how a .bin file stores its tokens (nanoGPT's prepare.py: uint16)
 PARALLEL_MODES = ("ddp", "fsdp")
 CKPT_FORMATS = ("auto", "file", "sharded")
+SELF_TEST_STEPS = 30  # --max-steps of a --self-test unless given: about a minute for the cpu preset on 2 cores
+# Options of the train command that are not config fields.
+COMMAND_OPTIONS = ("config", "self_test", "self_test_nproc")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -251,6 +254,23 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def command_line_flags(values: dict[str, Any]) -> list[str]:
+    """The flags that set ``values`` (config fields), e.g. for a child process:
+    ``{"max_steps": 5, "bias": False}`` -> ``["--max-steps", "5", "--no-bias"]``.
+
+    A None value is left out (it is every optional flag's default); floats keep every bit (``repr``).
+    """
+    args = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag(name), str(value)]
+    return args
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag prints one line (no usage dump) and exits 2."""
 
@@ -269,6 +289,13 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                         help="read settings from a JSON file (such as a run's OUT/config.json) or a TOML file "
                              "(Python 3.11+), named like the flags (max_steps = 5000); flags given here "
                              "override it")
+    parser.add_argument("--self-test", action="store_true",
+                        help="instead of training: prove that this configuration resumes bit-exactly on this "
+                             "machine. Trains it for a few steps (--max-steps %d unless given) in a temporary "
+                             "folder, straight through, stopped by SIGTERM, killed during a save and stopped three "
+                             "times, then compares every run bit for bit; exit 0 bit-exact, 1 not" % SELF_TEST_STEPS)
+    parser.add_argument("--self-test-nproc", type=int, metavar="N", default=None,
+                        help="with --self-test: start every run under torchrun with N processes")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         base = _base_type(hints[f.name])
@@ -305,12 +332,27 @@ def parse_command_line(argv: Optional[list[str]] = None, prog: str = "train.py")
         from_file = fields_from_file(config_file)
         parser.set_defaults(**from_file)
     values = vars(parser.parse_args(argv))
-    values.pop("config")
+    for name in COMMAND_OPTIONS:
+        values.pop(name)
     cfg = resolve_config(TrainConfig(**values), check=values["resume"] == "none")
     given = explicit_fields(argv, prog) | set(from_file)
     if "preset" in from_file:
         given |= set(PRESETS[from_file["preset"]])
     return cfg, given
+
+
+def self_test_request(argv: list[str], prog: str = "train.py") -> Optional[int]:
+    """None without ``--self-test``; with it, the processes each run starts under torchrun (0: no torchrun).
+
+    Raises ConfigError for ``--self-test-nproc`` without ``--self-test``, or below 1.
+    """
+    options = build_parser(prog).parse_args(argv)
+    nproc = options.self_test_nproc
+    if nproc is not None and not options.self_test:
+        raise ConfigError("--self-test-nproc only applies to --self-test; add --self-test, or leave it out")
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--self-test-nproc {nproc} must be at least 1")
+    return (nproc or 0) if options.self_test else None
 
 
 def parse_config(argv: Optional[list[str]] = None, prog: str = "train.py") -> TrainConfig:
@@ -323,7 +365,7 @@ def explicit_fields(argv: list[str], prog: str = "train.py") -> set[str]:
     parser = build_parser(prog)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv))) - {"config"}
+    given = set(vars(parser.parse_args(argv))) - set(COMMAND_OPTIONS)
     if "preset" in given:
         given |= set(PRESETS[vars(parser.parse_args(argv))["preset"]])
     return given

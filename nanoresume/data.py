@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .atomic import write_file_atomically
-from .errors import DataError
+from .errors import CheckpointError, DataError
 
 CACHE_FORMAT = 2  # 2: cache files named by the tokens' SHA-256; 1 named them by path, size and mtime
 # Temp files of cache writes (atomic.temp_path: ".<target>.tmp.<pid>"), format 2 and format 1 names.
@@ -358,6 +358,65 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.index = int(state["seed"]), int(state["index"])
+
+
+class ResumableSampler:
+    """Shuffled batches of indices into a dataset of ``num_items``, where batch ``step`` is a pure
+    function of ``(seed, step)``: resuming the data order needs nothing but the step.
+
+    ::
+
+        sampler = ResumableSampler(len(dataset), batch_size=64, seed=0)
+        for step in range(start_step, max_steps):
+            batch = [dataset[i] for i in sampler.batch(step)]
+
+    Every epoch visits each item once, in an order drawn from ``(seed, epoch)``; a batch may span
+    two epochs. For a ``DataLoader``, pass ``batch_sampler=sampler.batches(start_step)``: the
+    position is the step your loop reached, never how far the loader's workers read ahead. Its
+    state (``num_items``, ``batch_size``, ``seed``) can go into a checkpoint; loading it checks that
+    the dataset and batch size are the ones the order was drawn for.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
+        if num_items < 1 or batch_size < 1:
+            raise ValueError(f"num_items ({num_items}) and batch_size ({batch_size}) must be at least 1")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self._epoch: Optional[tuple[int, np.ndarray]] = None  # the last permutation drawn
+
+    def batch(self, step: int) -> list[int]:
+        """The indices of batch ``step`` (0-based)."""
+        first = step * self.batch_size
+        indices: list[int] = []
+        while len(indices) < self.batch_size:
+            epoch, offset = divmod(first + len(indices), self.num_items)
+            indices += self.permutation(epoch)[offset:offset + self.batch_size - len(indices)].tolist()
+        return indices
+
+    def batches(self, start_step: int = 0) -> Iterator[list[int]]:
+        """Batch ``start_step``, then every one after it, without end."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of the items in ``epoch``."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._epoch = (epoch, rng.permutation(self.num_items))
+        return self._epoch[1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_items": self.num_items, "batch_size": self.batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Take the saved seed; refuse another dataset size or batch size, which would shift every batch."""
+        saved = (int(state["num_items"]), int(state["batch_size"]))
+        if saved != (self.num_items, self.batch_size):
+            raise CheckpointError(f"the data order was drawn for {saved[0]} items in batches of {saved[1]}, not "
+                             f"{self.num_items} in batches of {self.batch_size}; keep both to resume exactly")
+        self.seed = int(state["seed"])
+        self._epoch = None
 
 
 def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int) -> list[np.ndarray]:

@@ -14,6 +14,8 @@ without any test code in the training path:
   checkpoint folder of that step, once every rank's shards are written and before the manifest is;
 - ``NANORESUME_PROBE_DUMP_RESUMED=FILE``: right after a resume, rank 0 saves the state
   every rank then holds, gathered whole in the file layout (``Trainer.state_dict()``), to FILE.
+- ``NANORESUME_PROBE_FORGET_RNG=1``: a resumed run leaves its random number streams as they are
+  instead of restoring them: a deliberately broken resume, which must be caught.
 
 Production runs never import this module.
 """
@@ -34,6 +36,7 @@ NAN_ENV = "NANORESUME_PROBE_NAN"
 SIGTERM_ENV = "NANORESUME_PROBE_SIGTERM"
 KILL_IN_SAVE_ENV = "NANORESUME_PROBE_KILL_IN_SAVE"
 DUMP_RESUMED_ENV = "NANORESUME_PROBE_DUMP_RESUMED"
+FORGET_RNG_ENV = "NANORESUME_PROBE_FORGET_RNG"
 
 
 def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
@@ -45,7 +48,7 @@ def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
 
 def install() -> None:
     """Patch the trainer and sampler as the environment asks; a no-op when it asks for nothing."""
-    from . import distributed
+    from . import distributed, trainer
     from .data import BatchSampler
     from .model import GPT
     from .trainer import Trainer
@@ -95,6 +98,8 @@ def install() -> None:
         return logits, loss
 
     _install_save_and_resume_probes(rank)
+    if os.environ.get(FORGET_RNG_ENV):
+        trainer.restore_rng_state = lambda state: []  # type: ignore[assignment]
     BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
     Trainer.train_step = probed_step  # type: ignore[method-assign]
     GPT.forward = poisoned_forward  # type: ignore[method-assign]

@@ -30,6 +30,10 @@ DUPLICATE_WINDOW = 0.25  # seconds; forwarding takes milliseconds, a person's se
 class StopFlag:
     """Set by a signal (or by code, e.g. a time limit); read by the loop between steps.
 
+    In a loop of your own: ``with stop.installed():`` train while ``not stop.is_set()``, save,
+    then exit with ``stop.exit_code``: 128 + the signal (143 SIGTERM, 130 Ctrl-C, 138 SIGUSR1,
+    129 SIGHUP), which schedulers read as "stopped, run again".
+
     The trainer keeps :attr:`last_committed_step` current (the step of the newest
     checkpoint that is safely on disk), so that a forced exit can name it, and sets
     :attr:`exit_on_signal` once nothing is left to save.
@@ -44,6 +48,7 @@ class StopFlag:
         self.exit_on_signal = False
 
     def is_set(self) -> bool:
+        """Whether a stop was asked for; :attr:`reason` says by what (``"SIGTERM"``, ...)."""
         return self.reason is not None
 
     def request(self, reason: str, exit_code: int) -> None:

@@ -69,6 +69,8 @@ def restore_rng_state(state: dict[str, Any]) -> list[str]:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random streams (every CUDA device's too). A stream left
+    unseeded starts differently in every process, so two runs could never end bit for bit alike."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from nanoresume.config import command_line_flags as cli_flags  # noqa: F401 (tests import it from here)
+
 if TYPE_CHECKING:
     from nanoresume.config import TrainConfig
     from nanoresume.trainer import RunResult, Trainer
@@ -34,18 +36,6 @@ TYPE_CONFUSED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "data-without-fingerprint": (lambda s: s["data"].pop("fingerprint"), "data.fingerprint"),
     "optimizer-without-param-groups": (lambda s: s["optimizer"].update(param_groups=[]), "optimizer.param_groups"),
 }
-
-
-def cli_flags(cfg_values: dict[str, Any]) -> list[str]:
-    """Command-line flags for a dict of config values (booleans as --x / --no-x)."""
-    args = []
-    for name, value in cfg_values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        else:
-            args += [flag, str(value)]
-    return args
 
 
 def run_script(script: Path, *args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:

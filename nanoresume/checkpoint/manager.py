@@ -276,8 +276,12 @@ def resolve_resume(
     manager: CheckpointManager,
     warn: Callable[[str], None],
     load: Callable[[Path], dict[str, Any]] = load_checkpoint,
+    accept: Optional[Callable[[Path, dict[str, Any]], dict[str, Any]]] = None,
 ) -> Optional[tuple[Path, dict[str, Any]]]:
     """Which checkpoint a run starts from, as ``(path, state)``, or None for a fresh start.
+
+    ``accept(path, state)`` returns the state if a run can resume from it, else raises
+    CheckpointError (default: :func:`require_train_state`, a nanoresume training state).
 
     - ``"auto"``: the newest step checkpoint that verifies; each newer one that does not is
       skipped with a warning. None if the folder holds no step checkpoints. If it holds some
@@ -287,6 +291,7 @@ def resolve_resume(
       finished run is never clobbered by accident.
     - anything else: a path that must load, or CheckpointError.
     """
+    accept = accept or require_train_state
     obstacles = manager.obstacles()
     if obstacles:
         kind = "a folder" if obstacles[0].is_dir() else "a file" if obstacles[0].is_file() else "no file or folder"
@@ -303,7 +308,7 @@ def resolve_resume(
         candidates = manager.list()
         for candidate in reversed(candidates):
             try:
-                return candidate.path, require_train_state(candidate.path, load(candidate.path))
+                return candidate.path, accept(candidate.path, load(candidate.path))
             except CheckpointError as e:
                 warn(f"skipping {e}")
         if candidates:
@@ -314,7 +319,7 @@ def resolve_resume(
                 f"Move them away to start over, or choose another --out-dir")
         return None
     path = Path(mode).expanduser()
-    return path, require_train_state(path, load(path))
+    return path, accept(path, load(path))
 
 
 def require_train_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 
 from nanoresume.chaos import final_state_difference
 from nanoresume.checkpoint import save_atomically
-from nanoresume.compare import first_difference
+from nanoresume.compare import find_difference, first_difference
 
 
 def a_state() -> dict:
@@ -59,3 +59,12 @@ def test_final_state_difference_compares_the_whole_file_but_not_how_each_run_was
     extra = a_state()
     extra["scaler"] = {}
     assert "only in B ['scaler']" in final_state_difference(reference, saved("extra", extra))
+
+
+def test_the_difference_found_carries_its_path_and_both_values():
+    a, b = a_state(), a_state()
+    b["optimizer"]["state"][0]["exp_avg"][1] = 2.0
+    found = find_difference(a, b)
+    assert found.path == ("optimizer", "state", 0, "exp_avg")
+    assert found.where() == "state['optimizer']['state'][0]['exp_avg']"
+    assert found.b[1].item() == 2.0 and found.what == "tensors differ"

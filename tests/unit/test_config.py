@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nanoresume.config import (PRESETS, TrainConfig, build_parser, config_from_dict, explicit_fields, flag,
-                               parse_command_line, parse_config, parse_duration, resolve_config)
+from nanoresume.config import (PRESETS, TrainConfig, build_parser, command_line_flags, config_from_dict,
+                               explicit_fields, flag, parse_command_line, parse_config, parse_duration,
+                               resolve_config, self_test_request)
 from nanoresume.errors import ConfigError
 
 
@@ -224,3 +225,29 @@ def test_to_dict_and_config_from_dict_round_trip_and_unknown_keys_are_ignored():
     values = cfg.to_dict()
     assert config_from_dict(values) == cfg
     assert config_from_dict({**values, "from_a_future_version": 1}) == cfg
+
+
+def test_command_line_flags_give_back_the_same_resolved_config():
+    cfg = parse_config(["--preset", "gpu10m", "--lr", "0.0003", "--no-bias", "--time-limit", "90.5"])
+    again = parse_config(command_line_flags(cfg.to_dict()))
+    assert again == cfg
+    assert "--ckpt-interval" not in command_line_flags(cfg.to_dict())  # None: the flag's default
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None), (["--self-test"], 0), (["--self-test", "--self-test-nproc", "2"], 2)])
+def test_self_test_request_says_whether_and_how_many_processes(argv, expected):
+    assert self_test_request(argv) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--self-test-nproc", "2"], "only applies to --self-test"),
+    (["--self-test", "--self-test-nproc", "0"], "must be at least 1")])
+def test_self_test_options_that_cannot_work_are_one_error(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        self_test_request(argv)
+
+
+def test_self_test_flags_are_not_config_fields():
+    cfg, given = parse_command_line(["--self-test", "--max-steps", "12"])
+    assert cfg.max_steps == 12 and given == {"max_steps"}

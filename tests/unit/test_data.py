@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from nanoresume import data as data_module
-from nanoresume.data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
-from nanoresume.errors import DataError
+from nanoresume.data import BatchSampler, ResumableSampler, check_block_size, eval_offsets, load_tokens, windows
+from nanoresume.errors import CheckpointError, DataError
 
 TEXT = "héllo, wörld — bytes not characters ✓\n" * 20
 
@@ -408,3 +409,29 @@ def test_eval_offsets_are_fixed_in_range_and_touch_no_global_rng():
     flat = np.concatenate(batches)
     assert flat[0] == 0 and flat[-1] == 500 - 32 - 1
     assert all(np.array_equal(a, b) for a, b in zip(batches, eval_offsets(500, 32, 3, 4)))
+
+
+# ---- ResumableSampler: batches of indices for any dataset ----------------------------------------
+
+
+def test_resumable_sampler_visits_every_item_once_per_epoch_across_batch_boundaries():
+    sampler = ResumableSampler(10, batch_size=4, seed=3)
+    drawn = [i for step in range(5) for i in sampler.batch(step)]  # 20 indices: two epochs, batch 2 spans both
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert drawn[:10] != drawn[10:]  # each epoch its own order
+
+
+def test_resumable_sampler_batch_depends_only_on_seed_and_step():
+    a, b = ResumableSampler(50, 8, seed=1), ResumableSampler(50, 8, seed=1)
+    assert [a.batch(s) for s in range(12)] == [b.batch(s) for s in reversed(range(12))][::-1]
+    assert list(itertools.islice(a.batches(7), 3)) == [b.batch(7), b.batch(8), b.batch(9)]
+    assert ResumableSampler(50, 8, seed=2).batch(0) != a.batch(0)
+
+
+def test_resumable_sampler_refuses_a_state_drawn_for_another_dataset_or_batch_size():
+    saved = ResumableSampler(50, 8, seed=9).state_dict()
+    sampler = ResumableSampler(50, 8, seed=0)
+    sampler.load_state_dict(saved)
+    assert sampler.seed == 9
+    with pytest.raises(CheckpointError, match="drawn for 50 items in batches of 8"):
+        ResumableSampler(51, 8).load_state_dict(saved)

@@ -1,0 +1,158 @@
+"""nanoresume's checkpoints for a training loop of your own: atomic, self-verifying, kept in the background.
+
+A thin layer over :class:`~nanoresume.checkpoint.CheckpointManager` (the policy, the background
+writer, retention) and :func:`~nanoresume.checkpoint.resolve_resume` (``--resume`` semantics),
+which the GPT trainer uses too; what it adds is the state itself, built from objects you name.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Protocol, Union
+
+from .checkpoint import FORMAT_VERSION, CheckpointManager, remove_leftovers, resolve_resume
+from .errors import CheckpointError
+from .signals import StopFlag
+from .state import capture_rng_state, restore_rng_state
+
+KIND = "state"  # what a Checkpointer file says it holds (the GPT trainer's are "train" and "weights")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+class Checkpointer:
+    """Atomic, verified step checkpoints of named objects in ``folder``; resume with ``--resume`` semantics.
+
+    ::
+
+        stop = StopFlag()
+        checkpoints = Checkpointer("out/checkpoints", {"model": model, "optimizer": optimizer,
+                                   "scheduler": scheduler}, every=100, stop=stop)
+        step = checkpoints.resume("auto")        # 0: a new run; else every object is restored
+        with stop.installed(), checkpoints:      # signals set the flag; closing waits for the last save
+            while step < max_steps and not stop.is_set():
+                ...                              # one optimizer step
+                step += 1
+                checkpoints.save(step, force=stop.is_set() or step == max_steps)
+        sys.exit(stop.exit_code if step < max_steps else 0)
+
+    ``objects`` maps names to anything with ``state_dict()`` / ``load_state_dict()``: modules,
+    optimizers, schedulers, a ``GradScaler``, a :class:`~nanoresume.ResumableSampler`. With ``rng``
+    (the default) the random streams of Python, NumPy, torch and every CUDA device are saved and
+    restored as well, so dropout and random augmentation continue exactly. Each file is written to
+    a temp file, fsynced and renamed into place, and carries its own SHA-256; it loads only after
+    the checksum passes, and with ``weights_only=True``. ``background`` writes on a thread: the
+    training loop waits only for a copy of the state in memory. The newest ``keep_last`` files are
+    kept. ``stop`` (a :class:`~nanoresume.StopFlag`) learns of every commit, so that a forced exit
+    (a second Ctrl-C) can name the last one.
+    """
+
+    def __init__(self, folder: Union[str, Path], objects: Mapping[str, Stateful], every: int = 100,
+                 keep_last: int = 3, background: bool = True, every_seconds: Optional[float] = None,
+                 rng: bool = True, stop: Optional[StopFlag] = None, warn: Callable[[str], None] = _warn) -> None:
+        if every < 1 or keep_last < 1:
+            raise ValueError(f"every ({every}) and keep_last ({keep_last}) must be at least 1")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(self.folder):
+            warn(f"removed {leftover}, left by an interrupted write")
+        self.objects = dict(objects)
+        self.rng = rng
+        self.stop = stop
+        self.warn = warn
+        self.manager = CheckpointManager(self.folder, every, keep_last, background=background,
+                                         every_seconds=every_seconds)
+        if stop is not None:
+            self.manager.on_commit = lambda step, path: setattr(stop, "last_committed_step", step)
+
+    def resume(self, mode: str = "auto") -> int:
+        """Load every object (and the random streams) from a checkpoint; returns its step, 0 for a fresh start.
+
+        ``mode`` means what ``--resume`` does: ``"auto"`` the newest checkpoint that verifies (newer
+        ones that do not are skipped, each with a warning; a fresh start if there is none);
+        ``"none"`` a fresh start, refused if the folder already holds checkpoints; anything else the
+        path of one checkpoint. Raises :class:`~nanoresume.CheckpointError` with a one-line reason.
+        """
+        found = resolve_resume(mode, self.manager, self.warn, accept=self._check)
+        if found is None:
+            return 0
+        path, state = found
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state["objects"][name])
+        if self.rng:
+            for warning in restore_rng_state(state["rng"]):
+                self.warn(warning)
+        step = state["step"]
+        if path.resolve().parent == self.folder.resolve():  # already saved: a save of this step writes nothing
+            self.manager.staged_step = self.manager.committed_step = step
+            self.manager.committed_path = path
+        for moved in self.manager.set_aside_after(step):
+            self.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this run resumed "
+                      f"from, so it belongs to a timeline the run left")
+        if self.stop is not None:
+            self.stop.last_committed_step = step
+        return step
+
+    def save(self, step: int, force: bool = False) -> bool:
+        """Save every object as the checkpoint of ``step`` if one is due: every ``every`` steps, when
+        ``every_seconds`` have passed, or when ``force`` (the last step, a stop). Returns whether it saved.
+
+        In the background the state is copied first, so training may change it at once. Raises
+        :class:`~nanoresume.CheckpointWriteError` (disk full, ...) for this save, or for a background
+        one that failed since; earlier checkpoints stay intact.
+        """
+        self.manager.poll()
+        if not self.manager.is_due(step, force):
+            return False
+        self.manager.save(step, self.state_dict(step))
+        return True
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """What a checkpoint of ``step`` holds (references to live tensors: save or copy it at once)."""
+        state = {"format_version": FORMAT_VERSION, "kind": KIND, "step": step,
+                 "objects": {name: obj.state_dict() for name, obj in self.objects.items()}}
+        if self.rng:
+            state["rng"] = capture_rng_state()
+        return state
+
+    @property
+    def committed_step(self) -> Optional[int]:
+        """The newest step whose checkpoint is safely on disk (or that the run resumed from)."""
+        return self.manager.committed_step
+
+    def wait(self) -> None:
+        """Return once no save is in flight; raise the error of the last one if it failed."""
+        self.manager.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight (raising its error, if any); call it before the process exits."""
+        self.manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` if it is a Checkpointer file holding every object this run has, else CheckpointError."""
+        if state.get("kind") != KIND or not isinstance(state.get("objects"), dict) \
+                or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{path}: not a checkpoint written by nanoresume.Checkpointer "
+                                  f"(kind {state.get('kind')!r})")
+        missing = sorted(self.objects.keys() - state["objects"].keys())
+        if missing:
+            raise CheckpointError(f"{path}: holds no state for {', '.join(missing)} (it has "
+                                  f"{', '.join(sorted(state['objects'])) or 'nothing'})")
+        if self.rng and "rng" not in state:
+            raise CheckpointError(f"{path}: holds no random number streams; resume it with rng=False")
+        return state

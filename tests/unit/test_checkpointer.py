@@ -1,0 +1,122 @@
+"""Checkpointer, the checkpoint core for loops of your own: save when due, resume exactly, keep the newest,
+skip what does not verify, in the background or not."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nanoresume import CheckpointError, Checkpointer, ResumableSampler, StopFlag, first_difference, load_checkpoint
+from nanoresume.checkpoint import step_path
+from tests.helpers import flip_a_byte
+
+
+class Loop:
+    """A small model with dropout, its optimizer, scheduler and data order: everything a resume needs."""
+
+    def __init__(self, folder: Path, background: bool = False, **options) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=3)
+        self.sampler = ResumableSampler(32, batch_size=4, seed=5)
+        self.data = torch.linspace(-1, 1, 32 * 4).reshape(32, 4)
+        self.warnings: list[str] = []
+        self.checkpoints = Checkpointer(folder, {"model": self.model, "optimizer": self.optimizer,
+                                                "scheduler": self.scheduler, "sampler": self.sampler},
+                                        every=2, keep_last=2, background=background, warn=self.warnings.append,
+                                        **options)
+
+    def train(self, start: int, stop: int) -> list[float]:
+        losses = []
+        for step in range(start, stop):
+            x = self.data[self.sampler.batch(step)]
+            loss = self.model(x).pow(2).mean()
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(loss.item())
+            self.checkpoints.save(step + 1)
+        return losses
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "background"])
+def test_a_loop_resumed_from_its_checkpoint_continues_bit_for_bit(tmp_path, background):
+    reference = Loop(tmp_path / "reference", background)
+    expected = reference.train(0, 10)
+    reference.checkpoints.close()
+
+    first = Loop(tmp_path / "cut", background)
+    losses = first.train(0, 7)  # the newest checkpoint is step 6: step 7 is lost, as after a kill
+    first.checkpoints.close()
+    random.random(), torch.rand(3)  # the new process's streams start elsewhere
+
+    resumed = Loop(tmp_path / "cut", background)
+    assert resumed.checkpoints.resume("auto") == 6
+    losses = losses[:6] + resumed.train(6, 10)
+    resumed.checkpoints.close()
+    assert losses == expected
+    assert first_difference(resumed.state(), reference.state()) is None
+
+
+def test_only_the_newest_keep_last_checkpoints_stay_and_a_resumed_step_is_not_saved_twice(tmp_path):
+    loop = Loop(tmp_path)
+    loop.train(0, 8)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000006.pt", "step_00000008.pt"]
+    again = Loop(tmp_path)
+    assert again.checkpoints.resume("auto") == 8
+    assert again.checkpoints.save(8, force=True) is False
+    assert load_checkpoint(step_path(tmp_path, 8))["kind"] == "state"
+
+
+def test_auto_skips_a_corrupt_newest_checkpoint_with_a_warning_and_sets_it_aside(tmp_path):
+    Loop(tmp_path).train(0, 8)
+    flip_a_byte(step_path(tmp_path, 8))
+    loop = Loop(tmp_path)
+    assert loop.checkpoints.resume("auto") == 6
+    assert any("step_00000008.pt" in w and "checksum" in w for w in loop.warnings), loop.warnings
+    assert not step_path(tmp_path, 8).exists()  # moved to abandoned/: a later auto never picks it
+
+
+def test_none_refuses_a_folder_that_holds_checkpoints_and_a_fresh_folder_starts_at_zero(tmp_path):
+    assert Loop(tmp_path / "new").checkpoints.resume("auto") == 0
+    Loop(tmp_path / "old").train(0, 2)
+    with pytest.raises(CheckpointError, match="already holds 1 checkpoint"):
+        Loop(tmp_path / "old").checkpoints.resume("none")
+
+
+def test_a_checkpoint_without_one_of_the_objects_is_refused_naming_it(tmp_path):
+    Loop(tmp_path).train(0, 2)
+    loop = Loop(tmp_path)
+    loop.checkpoints.objects["ema"] = nn.Linear(1, 1)
+    with pytest.raises(CheckpointError, match="holds no state for ema"):
+        loop.checkpoints.resume(str(step_path(tmp_path, 2)))
+
+
+def test_the_stop_flag_learns_each_committed_step_for_a_forced_exit_to_name(tmp_path):
+    stop = StopFlag()
+    loop = Loop(tmp_path, background=True, stop=stop)
+    loop.train(0, 4)
+    loop.checkpoints.wait()
+    assert stop.last_committed_step == 4 == loop.checkpoints.committed_step
+
+
+def test_without_the_random_streams_a_resume_with_dropout_is_caught_differing(tmp_path):
+    reference = Loop(tmp_path / "reference", rng=False)
+    expected = reference.train(0, 10)
+    first = Loop(tmp_path / "cut", rng=False)
+    losses = first.train(0, 6)
+    torch.rand(3)  # the streams a new process would start with are not the ones the first one left
+    resumed = Loop(tmp_path / "cut", rng=False)
+    assert resumed.checkpoints.resume("auto") == 6
+    assert losses + resumed.train(6, 10) != expected
+    assert first_difference(resumed.state(), reference.state()) is not None
