@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -15,8 +17,15 @@ from nanoresume.trainer import Trainer
 DATA = str(Path(argparse.__file__))  # ~100 KB of text every Python has
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temp folder removed when the process exits: the benchmarks write gigabytes of checkpoints."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def make_trainer(preset: str, device: str, **overrides) -> Trainer:
-    work = Path(tempfile.mkdtemp(prefix=f"nanoresume-bench-{preset}-"))
+    work = scratch_dir(f"nanoresume-bench-{preset}-")
     cfg = resolve_config(TrainConfig(preset=preset, device=device, data=DATA, out_dir=str(work / "out"),
                                      cache_dir=str(work / "cache"), progress=False, **overrides))
     return Trainer(cfg)

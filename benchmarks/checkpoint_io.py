@@ -10,7 +10,8 @@ untimed) before each measurement. Each save goes to a new step name, as
 training does (never an overwrite), with retention at --keep-last 3.
 
 - plain save: ``torch.save(state, path)`` (no fsync, no checksum)
-- sync save: nanoresume's synchronous save (atomic, hashed, fsync'd, committed, pruned)
+- sync save: nanoresume's synchronous save (atomic, hashed, fsync'd, committed); its ``.sha256``
+  and pruning follow on another thread and are not counted
 - async stall: what a background save costs the training thread (the snapshot)
 - memory copy: ``copy.deepcopy(state)``, an in-memory copy of the same state
 - write+fsync: writing and fsyncing as many bytes: the disk's own limit
@@ -85,6 +86,8 @@ def bench(model: str, device: str, repeats: int) -> None:
         plain = step_path(folder / "plain", rep)
         record("plain save", timed(sync, torch.save, state, plain))
         record("sync save", timed(sync, sync_saves.save, rep, state))
+        sync_saves.wait()  # its .sha256 and pruning follow on another thread: not the loop's time, and not
+        # allowed to overlap the next measurement
         record("async stall", timed(sync, async_saves.save, rep, state))
         async_saves.wait()
         commit_seconds.append(async_saves.last_commit_seconds)

@@ -26,13 +26,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import DATA  # noqa: E402
+from benchmarks._common import DATA, scratch_dir  # noqa: E402
 
 COMBINATIONS = [("ddp", "file"), ("ddp", "sharded"), ("fsdp", "file"), ("fsdp", "sharded")]
 RESULT_MARK = "RESULT "
@@ -129,7 +128,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    work = Path(tempfile.mkdtemp(prefix="nanoresume-sharded-bench-"))
+    work = scratch_dir("nanoresume-sharded-bench-")
     results = {combo: launch(args, *combo, work) for combo in COMBINATIONS}
     first = results[COMBINATIONS[0]]
     print(f"{args.preset}: {first['params'] / 1e6:.1f}M parameters, {args.nproc} processes on {args.device}, "

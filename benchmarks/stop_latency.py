@@ -12,11 +12,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import scratch_dir  # noqa: E402
 
 
 def one_stop(preset: str, device: str, extra: list[str], work: Path) -> tuple[float, int]:
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("extra", nargs="*", help="more scripts/train.py flags (after --)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="nanoresume-stop-"))
+    work = scratch_dir("nanoresume-stop-")
     results = [one_stop(args.preset, args.device, args.extra, work) for _ in range(args.repeats)]
     seconds = [s for s, _ in results]
     print(f"{args.preset} on {args.device} {' '.join(args.extra)}: "

@@ -250,8 +250,8 @@ def _observe_checkpoint_writes() -> None:
 
     save_atomically = checkpoint_manager.save_atomically
 
-    def announced_save(obj: dict, path: Path) -> str:
-        digest = save_atomically(obj, path)
+    def announced_save(obj: dict, path: Path, **kwargs: Any) -> str:
+        digest = save_atomically(obj, path, **kwargs)
         print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
         return digest
 

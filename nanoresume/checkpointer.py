@@ -130,7 +130,8 @@ class Checkpointer:
         return self.manager.committed_step
 
     def wait(self) -> None:
-        """Return once no save is in flight; raise the error of the last one if it failed."""
+        """Return once no save is in flight and old checkpoints are pruned; raise the error of the
+        last save if it failed."""
         self.manager.wait()
 
     def close(self) -> None:

@@ -348,7 +348,8 @@ def cmd_export(source: Path, target: Path, force: bool) -> int:
     state = load_valid(source)
     check_export_target(source, target, force)
     try:
-        digest = checkpoint.save_atomically(weights_from(state), target)
+        checkpoint.save_atomically(weights_from(state), target, checksum_file=False)
+        digest = checkpoint.write_checksum_file(target)
     except CheckpointWriteError as e:  # its advice speaks of training; give the export's own
         raise UserError(f"--to {target}: {e.problem}; choose a writable folder with free space") from None
     print(f"wrote {target} (step {state['step']:,}, sha256 {digest[:12]}) and "

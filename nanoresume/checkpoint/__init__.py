@@ -17,7 +17,7 @@ Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 from ..errors import CheckpointError, CheckpointWriteError
 from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_PATTERN, accepted_digests,
                     checksum_path, load_checkpoint, read_verified, remove_leftovers, save_atomically, state_nbytes,
-                    step_folder_path, step_of, step_path, verify_file)
+                    step_folder_path, step_of, step_path, verify_file, write_checksum_file)
 from .folders import is_checkpoint_folder, remove_unfinished
 from .manager import ABANDONED, CheckpointManager, StepFile, require_train_state, resolve_resume
 
@@ -26,5 +26,5 @@ __all__ = [
     "CheckpointManager", "CheckpointWriteError", "StepFile", "accepted_digests", "checksum_path",
     "is_checkpoint_folder", "load_checkpoint", "read_verified", "remove_leftovers", "remove_unfinished",
     "require_train_state", "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of",
-    "step_path", "verify_file",
+    "step_path", "verify_file", "write_checksum_file",
 ]

@@ -10,11 +10,12 @@ new one, never a half file under a checkpoint's name):
    (:mod:`~nanoresume.checkpoint.fileformat`); flush; fsync. Torch's own CRC-32 of each
    zip record is left out (zeros): it cost a third of the serialization, torch.load never
    reads it, and the SHA-256 covers every byte anyway.
-2. ``os.replace`` the temp file onto ``name.pt``.
-3. Write ``name.pt.sha256`` (``sha256sum -c`` format) by the same temp-fsync-replace
-   steps; fsync the folder, which makes both renames durable. The sidecar is an extra for
-   ``sha256sum -c``: a kill between 2 and 3 leaves the file without it (or, for an
-   overwritten ``best.pt``, with the old digest), and the file still verifies by itself.
+2. Remove the old ``name.pt.sha256`` (if overwriting), ``os.replace`` the temp file onto
+   ``name.pt``, fsync the folder: committed.
+3. Write ``name.pt.sha256`` (``sha256sum -c`` format, the plain SHA-256 of the file) by the
+   same temp-fsync-replace steps. The sidecar is an extra: a kill before it leaves the file
+   without one, and the file still verifies by itself. The checkpoint manager writes it
+   after the commit, off the training thread.
 
 Loading opens the file once and hashes it through a memory map while it unpickles that
 same open file with ``weights_only=True``; the state is returned only if the digest the
@@ -42,7 +43,7 @@ import torch
 
 from ..atomic import fsync_folder, remove_quietly, temp_path, write_file_atomically
 from ..errors import CheckpointError, CheckpointWriteError
-from .fileformat import DigestingWriter, Digests, digests
+from .fileformat import DigestingWriter, Digests, digests, file_sha256
 
 # 2: the data position is one sampler for all ranks (batches depend on the step only) and ranks
 # hold only their RNG streams; 1: a sampler per rank, drawn per micro-batch.
@@ -85,8 +86,10 @@ def checksum_path(path: Path) -> Path:
 
 # ---- writing -------------------------------------------------------------------------------------
 
-def save_atomically(obj: dict[str, Any], path: Path) -> str:
-    """Write ``obj`` to ``path`` by the commit protocol above; returns the file's SHA-256 hex digest.
+def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True) -> str:
+    """Write ``obj`` to ``path`` by the commit protocol above; returns the digest the file carries.
+
+    ``checksum_file=False`` leaves step 3 (the ``.sha256``) to the caller (:func:`write_checksum_file`).
 
     Raises :class:`CheckpointWriteError` on any failure (disk full, I/O error, a value that
     cannot be serialized); the temp file is removed and earlier files stay intact.
@@ -100,7 +103,7 @@ def save_atomically(obj: dict[str, Any], path: Path) -> str:
             try:
                 with _zip_crc_skipped():
                     torch.save(obj, writer)
-                _, whole = writer.finish()
+                digest = writer.finish()
             except Exception as e:
                 if writer.error is not None and writer.error is not e:
                     raise writer.error from None  # the real cause, not torch's "file write failed"
@@ -109,8 +112,10 @@ def save_atomically(obj: dict[str, Any], path: Path) -> str:
                 writer.close()
             f.flush()
             os.fsync(f.fileno())
-        _commit(tmp, path, whole)
-        return whole
+        _commit(tmp, path)
+        if checksum_file:
+            write_checksum_file(path)
+        return digest
     except OSError as e:
         remove_quietly(tmp)
         raise CheckpointWriteError(_write_failure(path, e, state_nbytes(obj)),
@@ -166,10 +171,20 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
-def _commit(tmp: Path, path: Path, digest: str) -> None:
+def _commit(tmp: Path, path: Path) -> None:
+    remove_quietly(checksum_path(path))  # a stale .sha256 must not outlive the file it was for
     os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
+def write_checksum_file(path: Path) -> str:
+    """Write ``path.sha256`` (the ``sha256sum`` format) for a committed file; returns the SHA-256."""
+    with open(path, "rb") as f:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            digest = file_sha256(data)
     write_file_atomically(checksum_path(path), _checksum_lines([digest], path.name))
-    fsync_folder(path.parent)  # both renames survive a power cut
+    fsync_folder(path.parent)
+    return digest
 
 
 def _checksum_lines(digests: list[str], target_name: str) -> bytes:

@@ -11,9 +11,9 @@ A save has four parts, kept apart so that background saving is natural:
    atomic write of every file of the save (:func:`~nanoresume.checkpoint.files.save_atomically`),
    or of a sharded checkpoint folder, which every rank writes its part of
    (:func:`~nanoresume.checkpoint.sharded.save_folder`);
-4. **prune**, only after the commit and only on the coordinator: older step checkpoints beyond
-   ``keep_last``; on a thread of its own even in synchronous mode, since deleting a large file
-   can take a tenth of a second that the training thread need not wait for.
+4. **after the commit**, off the training thread even in synchronous mode: the ``.sha256``
+   files (an extra: every file verifies by itself), then, only on the coordinator, pruning of
+   step checkpoints beyond ``keep_last`` (deleting a large file can take a tenth of a second).
 
 A step counts as saved (:attr:`CheckpointManager.committed_step`) only once its commit is
 done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the writer. A step
@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..atomic import fsync_folder, remove_quietly
 from ..errors import CheckpointError
 from .files import (FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_PATTERN, checksum_path, load_checkpoint,
-                    save_atomically, step_folder_path, step_of, step_path)
+                    save_atomically, step_folder_path, step_of, step_path, write_checksum_file)
 from .folders import delete_folder
 from .snapshot import Snapshotter
 from .writer import CommitRunner
@@ -81,7 +81,7 @@ class CheckpointManager:
         self.last_stall_seconds = 0.0  # what the last save cost the training thread
         self.on_commit: Optional[Callable[[int, Path], None]] = None  # called (on the writer thread) per commit
         self._runner = CommitRunner(background)
-        self._pruning: Optional[threading.Thread] = None
+        self._janitor: Optional[threading.Thread] = None  # sidecars and pruning after a synchronous commit
         self._snapshots = Snapshotter()
         self._last_save_time = clock()
 
@@ -149,6 +149,7 @@ class CheckpointManager:
 
         def commit() -> None:
             commit_started = time.perf_counter()
+            files = []
             for target, snapshot in zip(paths, staged):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if target == path and sharded:
@@ -156,16 +157,19 @@ class CheckpointManager:
 
                     save_folder(snapshot, target, self.token, self.group)
                 else:
-                    save_atomically(snapshot, target)
+                    save_atomically(snapshot, target, checksum_file=False)
+                    files.append(target)
             if path is not None:
                 self.committed_step, self.committed_path = step, path
                 if self.on_commit is not None:
                     self.on_commit(step, path)
-                if self.coordinator and self.background:
-                    self.prune(keep=path)  # already off the training thread
-                elif self.coordinator:
-                    self._pruning = threading.Thread(target=self.prune, args=(path,), name="nanoresume-prune")
-                    self._pruning.start()
+            keep = path if path is not None and self.coordinator else None
+            if self.background:
+                self._after_commit(files, keep)  # already off the training thread
+            else:
+                self._janitor = threading.Thread(target=self._after_commit, args=(files, keep),
+                                                 name="nanoresume-after-commit")
+                self._janitor.start()
             self.last_commit_seconds = time.perf_counter() - commit_started
 
         if path is not None:
@@ -175,15 +179,26 @@ class CheckpointManager:
         self.last_stall_seconds = time.perf_counter() - started
         return path
 
+    def _after_commit(self, files: list[Path], keep: Optional[Path]) -> None:
+        """What follows a commit, off the training thread: the ``.sha256`` of each file (an extra for
+        ``sha256sum -c``; each file verifies by itself), then pruning (only after the commit)."""
+        for file in files:
+            try:
+                write_checksum_file(file)
+            except OSError:
+                pass  # the checkpoint is committed and verifies by itself; the extra can wait for the next save
+        if keep is not None:
+            self.prune(keep=keep)
+
     def poll(self) -> None:
         """Raise the error of a background save that failed; call once per step."""
         self._runner.poll()
 
     def wait(self) -> None:
         """Return once nothing is in flight; raise the error of the last save if it failed."""
-        if self._pruning is not None:
-            self._pruning.join()
-            self._pruning = None
+        if self._janitor is not None:
+            self._janitor.join()
+            self._janitor = None
         self._runner.wait()
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ def test_a_trainer_checkpoint_round_trip_restores_every_key_and_tensor(make_conf
     state = trainer.state_dict()
     path = tmp_path / "rt.pt"
     digest = save_atomically(state, path)
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert checkpoint.verify_file(path).embedded == digest
     loaded = load_checkpoint(path)
     assert_same_state(state, loaded)
     assert loaded["step"] == 3 and len(loaded["optimizer"]["state"]) > 0
@@ -65,9 +65,10 @@ def test_a_checkpoint_loads_with_plain_torch_load_weights_only(make_config):
 
 def test_save_atomically_leaves_no_temp_file_and_writes_a_sha256sum_sidecar(tmp_path):
     path = tmp_path / "step_00000001.pt"
-    digest = save_atomically(small_state(), path)
+    save_atomically(small_state(), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt", "step_00000001.pt.sha256"]
-    assert checksum_path(path).read_text() == f"{digest}  step_00000001.pt\n"
+    whole = hashlib.sha256(path.read_bytes()).hexdigest()  # what sha256sum -c checks
+    assert checksum_path(path).read_text() == f"{whole}  step_00000001.pt\n"
 
 
 def test_a_failed_write_raises_checkpoint_write_error_and_keeps_earlier_files(tmp_path, monkeypatch):
@@ -89,8 +90,8 @@ def test_a_failed_write_raises_checkpoint_write_error_and_keeps_earlier_files(tm
 def test_overwriting_best_pt_keeps_it_verifiable_with_only_the_new_digest(tmp_path):
     best = tmp_path / "best.pt"
     save_atomically(small_state(1), best)
-    digest = save_atomically(small_state(2), best)
-    assert checkpoint.accepted_digests(checksum_path(best)) == [digest]
+    save_atomically(small_state(2), best)
+    assert checkpoint.accepted_digests(checksum_path(best)) == [hashlib.sha256(best.read_bytes()).hexdigest()]
     assert load_checkpoint(best)["step"] == 2
 
 
@@ -243,7 +244,7 @@ def test_a_lone_renamed_copy_without_its_sidecar_loads(good_file, tmp_path):
 def test_the_file_is_still_a_zip_torch_loads_and_its_sidecar_matches_the_whole_file(good_file):
     with zipfile.ZipFile(good_file) as archive:
         assert "archive/data.pkl" in archive.namelist()
-        assert archive.comment.startswith(b"nanoresume-sha256:")
+        assert archive.comment.startswith(checkpoint.fileformat.MAGIC)
         # torch's per-record CRC-32s are left out (the SHA-256 covers every byte): all zero.
         assert {info.CRC for info in archive.infolist()} == {0}
     whole = hashlib.sha256(good_file.read_bytes()).hexdigest()
@@ -345,3 +346,19 @@ def test_a_folder_in_the_way_of_a_checkpoint_name_is_named_rather_than_blamed_on
         save_atomically(small_state(), step_path(tmp_path, 25))
     message = str(info.value)
     assert "is a folder" in message and "free some space" not in message
+
+
+def test_the_digest_is_a_tree_of_8_mib_chunks_that_anyone_can_recompute(tmp_path):
+    """Multi-chunk files: written and checked in pieces on several threads, the digest is still the
+    documented function of the bytes (SHA-256 of a header, the length and each chunk's SHA-256)."""
+    path = tmp_path / "big.pt"
+    save_atomically({"format_version": 2, "kind": "train", "x": torch.arange(5_000_000, dtype=torch.float32)}, path)
+    data = path.read_bytes()
+    covered = data[:-checkpoint.fileformat.TRAILER_LEN]
+    chunk = checkpoint.fileformat.CHUNK
+    assert len(covered) > 2 * chunk
+    root = hashlib.sha256(b"nanoresume sha256 tree v1\0" + len(covered).to_bytes(8, "little"))
+    for start in range(0, len(covered), chunk):
+        root.update(hashlib.sha256(covered[start:start + chunk]).digest())
+    assert data.endswith(root.hexdigest().encode())
+    assert checkpoint.verify_file(path).self_consistent

@@ -264,12 +264,12 @@ def test_the_next_save_waits_for_the_one_in_flight_so_at_most_one_runs(tmp_path,
     lock = threading.Lock()
     real_save = checkpoint.manager.save_atomically
 
-    def counting_save(obj: Any, path: Path) -> str:
+    def counting_save(obj: Any, path: Path, **kwargs: Any) -> str:
         with lock:
             active[0] += 1
             most[0] = max(most[0], active[0])
         try:
-            return real_save(obj, path)
+            return real_save(obj, path, **kwargs)
         finally:
             with lock:
                 active[0] -= 1
