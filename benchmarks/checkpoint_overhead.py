@@ -41,8 +41,8 @@ def bare_loop_tokens_per_second(preset: str, device: str, overrides: dict, steps
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ends = []
     for _ in range(steps):
-        x, y = (t.to(trainer.device) for t in windows(trainer.data.train, trainer.sampler.next_offsets(),
-                                                       cfg.block_size))
+        [offsets] = trainer.sampler.next_micro_batches(0, 1, 1)  # the same windows nanoresume's loop draws
+        x, y = (t.to(trainer.device) for t in windows(trainer.data.train, offsets, cfg.block_size))
         with trainer.autocast():
             _, loss = model(x, y)
         loss.backward()
@@ -54,7 +54,7 @@ def bare_loop_tokens_per_second(preset: str, device: str, overrides: dict, steps
         sync()
         ends.append(time.perf_counter())
     trainer.close()
-    return cfg.tokens_per_step * (steps - 1) / (ends[-1] - ends[0])
+    return cfg.tokens_per_step() * (steps - 1) / (ends[-1] - ends[0])
 
 
 def loop_tokens_per_second(preset: str, device: str, overrides: dict, steps: int, interval: int,
@@ -78,7 +78,7 @@ def loop_tokens_per_second(preset: str, device: str, overrides: dict, steps: int
 
     trainer.manager.save = timed_save
     trainer.run()
-    return trainer.cfg.tokens_per_step * (steps - 1) / (ends[-1] - ends[0]), statistics.mean(stalls)
+    return trainer.cfg.tokens_per_step() * (steps - 1) / (ends[-1] - ends[0]), statistics.mean(stalls)
 
 
 def main() -> None:
@@ -107,7 +107,7 @@ def make_step_seconds(bare_tokens_per_second: float, preset: str, overrides: dic
     from nanoresume.config import TrainConfig, resolve_config
 
     cfg = resolve_config(TrainConfig(preset=preset, **overrides), check=False)
-    return cfg.tokens_per_step / bare_tokens_per_second
+    return cfg.tokens_per_step() / bare_tokens_per_second
 
 
 if __name__ == "__main__":

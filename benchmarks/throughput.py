@@ -26,7 +26,7 @@ def tokens_per_second(preset: str, device: str, deterministic: bool, steps: int)
         trainer.train_step()
     seconds = median_seconds(lambda: [trainer.train_step() for _ in range(steps)], 3, sync)
     trainer.close()
-    return trainer.cfg.tokens_per_step * steps / seconds
+    return trainer.cfg.tokens_per_step() * steps / seconds
 
 
 def main() -> None:
