@@ -146,10 +146,7 @@ class Checkpointer:
 
     def _check(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` if it is a Checkpointer file holding every object this run has, else CheckpointError."""
-        if state.get("kind") != KIND or not isinstance(state.get("objects"), dict) \
-                or not isinstance(state.get("step"), int):
-            raise CheckpointError(f"{path}: not a checkpoint written by nanoresume.Checkpointer "
-                                  f"(kind {state.get('kind')!r})")
+        check_state_file(path, state)
         missing = sorted(self.objects.keys() - state["objects"].keys())
         if missing:
             raise CheckpointError(f"{path}: holds no state for {', '.join(missing)} (it has "
@@ -157,3 +154,24 @@ class Checkpointer:
         if self.rng and "rng" not in state:
             raise CheckpointError(f"{path}: holds no random number streams; resume it with rng=False")
         return state
+
+
+def is_state_file(state: Any) -> bool:
+    """Whether a loaded checkpoint says it was written by a :class:`Checkpointer`."""
+    return isinstance(state, dict) and state.get("kind") == KIND
+
+
+def check_state_file(path: Path, state: Any) -> dict[str, Any]:
+    """``state`` if it has a Checkpointer file's shape (step, named objects, optional RNG streams),
+    else a one-line CheckpointError. What each object holds is its owner's business."""
+    if not is_state_file(state):
+        kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a checkpoint written by nanoresume.Checkpointer (kind {kind!r})")
+    step, objects = state.get("step"), state.get("objects")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: its 'step' is {step!r}, not a step number; the file is damaged")
+    if not isinstance(objects, dict) or not all(isinstance(name, str) for name in objects):
+        raise CheckpointError(f"{path}: its 'objects' is not a dict of named states; the file is damaged")
+    if "rng" in state and not isinstance(state["rng"], dict):
+        raise CheckpointError(f"{path}: its 'rng' is not a dict of random streams; the file is damaged")
+    return state

@@ -1,9 +1,11 @@
 """``nanoresume ckpt list|verify|show|diff|export`` (or ``python -m nanoresume.ckpt``): inspect what training wrote.
 
-Every checkpoint, a file or a folder of shards, is read with :func:`nanoresume.loading.read_state`
+Every checkpoint, a file or a folder of shards, is read with :func:`read_any`
 (checksums first, then ``weights_only=True`` and, for a folder, DCP's index through an
 allow-list, then the schema), so no command ever runs code from a checkpoint, and ``verify``
-passes exactly the checkpoints that training would resume from.
+passes exactly the checkpoints that training would resume from. Files that
+:class:`nanoresume.Checkpointer` wrote for a loop of the user's own are read too
+(``list``, ``verify``, ``show``, ``diff``); ``export`` refuses them: they hold no GPT.
 Exit codes: 0 ok; 1 ``verify``/``list`` found bad files or ``diff`` found
 differences; 2 a user error (missing file, bad flag, wrong kind).
 """
@@ -21,13 +23,15 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint, schema
-from .checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, resolve_resume
+from .checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, load_checkpoint, resolve_resume
 from .checkpoint.folders import folder_nbytes
+from .checkpoint.manager import require_train_state
+from .checkpointer import check_state_file, is_state_file
 from .clitools import make_parser, run_reporting_errors
 from .compare import plain_equal, tensors_identical
 from .config import RUNTIME_FIELDS, config_from_dict
 from .errors import CheckpointError, CheckpointWriteError, UserError
-from .loading import load_valid, read_state
+from .loading import check_model_tensors, check_schema, load_valid
 from .rundir import RunDir
 
 # Config fields that describe how a run was started, not what it computed: an
@@ -49,6 +53,26 @@ def step_folder(out: Path) -> Path:
     raise UserError(f"{out}: holds no checkpoints/ folder and no step checkpoints; pass a run's --out-dir")
 
 
+def read_any(path: Path, tensors: bool = True) -> dict[str, Any]:
+    """A verified checkpoint of any kind nanoresume writes: a GPT training state or weights (file or
+    folder, fully checked as training and sampling check them), or a :class:`~nanoresume.Checkpointer`
+    file of a loop of the user's own (checked for its shape only: its objects are the user's)."""
+    path = Path(path)
+    if path.is_file():
+        state = load_checkpoint(path)
+        if is_state_file(state):
+            return check_state_file(path, state)
+        check_schema(path, state)
+        check_model_tensors(path, state)
+        return state
+    return load_valid(path, tensors)
+
+
+def accept_any(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """What ``--resume auto`` would accept in this folder: a training state, or an own loop's state."""
+    return state if is_state_file(state) else require_train_state(path, state)
+
+
 class CachedLoader:
     """Load and fully check each checkpoint once (as training does); remember a CheckpointError so
     listing and resume resolution agree. A folder's model and optimizer tensors are checked by shape
@@ -60,7 +84,7 @@ class CachedLoader:
     def __call__(self, path: Path) -> dict[str, Any]:
         if path not in self.results:
             try:
-                self.results[path] = load_valid(path, tensors=False)
+                self.results[path] = read_any(path, tensors=False)
             except CheckpointError as e:
                 self.results[path] = e
         result = self.results[path]
@@ -77,13 +101,17 @@ def problem(path: Path, load: Callable[[Path], dict[str, Any]]) -> Optional[str]
         state = load(path)
     except CheckpointError as e:
         return str(e)
-    if is_step_name(path.name) and state["kind"] != "train":
+    if is_step_name(path.name) and state["kind"] not in ("train", "state"):
         return (f"{path}: holds {state['kind']!r} weights under a step checkpoint's name, not a training "
                 f"state; --resume auto skips it. Rename or remove it")
     return None
 
 
 # ---- list and verify -------------------------------------------------------------------------
+
+# Listing or verifying a run that is still training: its pruning may delete a file in between.
+GONE = "removed while this command ran (a run still training here prunes its oldest checkpoints)"
+
 
 def is_step_name(name: str) -> bool:
     return bool(checkpoint.STEP_PATTERN.match(name) or checkpoint.STEP_FOLDER_PATTERN.match(name))
@@ -116,7 +144,7 @@ def cmd_list(out: Path) -> int:
     if not files:
         print("  (none)")
     skipped: list[str] = []
-    picked = resolve_resume("auto", manager, skipped.append, load=load)
+    picked = resolve_resume("auto", manager, skipped.append, load=load, accept=accept_any)
     print(f"--resume auto would pick: {picked[0].name if picked else 'nothing (a new run would start)'}")
     best = RunDir(out).best
     if best.is_file():
@@ -134,13 +162,20 @@ def list_row(step_file: StepFile, load: CachedLoader) -> bool:
     """Print one row; True if the file is bad."""
     path = step_file.path
     reason = problem(path, load)
-    size, when = human_size(size_on_disk(path)), written_at(path)
+    try:
+        size, when = human_size(size_on_disk(path)), written_at(path)
+    except FileNotFoundError:
+        print(f"  {step_file.step:>8}  {'-':>13}  {'-':>8}  {'-':>8}  {'-':19}  gone: {GONE}")
+        return False
     if reason is not None:
         print(f"  {step_file.step:>8}  {'-':>13}  {'-':>8}  {size:>8}  {when:19}  BAD: {reason}")
         return True
     state = load(path)
-    print(f"  {state['step']:>8}  {state['tokens_seen']:>13,}  {format_loss(state['best_val_loss']):>8}  "
-          f"{size:>8}  {when:19}  ok")
+    if is_state_file(state):  # a loop of the user's own counts no tokens and keeps no best loss here
+        tokens, best = "-", "-"
+    else:
+        tokens, best = f"{state['tokens_seen']:,}", format_loss(state["best_val_loss"])
+    print(f"  {state['step']:>8}  {tokens:>13}  {best:>8}  {size:>8}  {when:19}  ok")
     return False
 
 
@@ -158,17 +193,22 @@ def files_to_verify(target: Path) -> list[Path]:
 
 
 def cmd_verify(target: Path) -> int:
+    named = target.is_file() or is_checkpoint_folder(target)  # one checkpoint asked for: it must verify
     files = files_to_verify(target)
     load = CachedLoader()
-    bad = 0
+    bad = gone = 0
     for path in files:
         reason = problem(path, load)
         if reason is None:
             print(f"ok   {path}")
+        elif not named and not path.exists():
+            print(f"gone {path}: {GONE}")
+            gone += 1
         else:
             print(f"BAD  {reason}")
             bad += 1
-    print(f"{len(files) - bad} of {len(files)} checkpoint(s) verify")
+    checked = len(files) - gone
+    print(f"{checked - bad} of {checked} checkpoint(s) verify" + (f"; {gone} {GONE}" if gone else ""))
     return 1 if bad else 0
 
 
@@ -210,7 +250,9 @@ def unique_parameters(model: dict[str, torch.Tensor]) -> int:
 
 
 def cmd_show(path: Path) -> int:
-    state = load_valid(path)
+    state = read_any(path)
+    if is_state_file(state):
+        return show_state_file(path, state)
     config = state["config"] if state["kind"] == "train" else state["model_config"]
     print(f"{path}: kind {state['kind']!r}, format_version {state['format_version']}, step {state['step']:,}, "
           f"tokens seen {state['tokens_seen']:,}")
@@ -241,6 +283,24 @@ def cmd_show(path: Path) -> int:
         print(f"sampler: {state['sampler']} (written by {state.get('world_size', 1)} process(es))")
     for rank in state.get("ranks", []):
         print(f"rank {rank.get('rank')}: rng streams {', '.join(rank.get('rng', {}))}")
+    return 0
+
+
+def show_state_file(path: Path, state: dict[str, Any]) -> int:
+    """``show`` for a Checkpointer file: its step, then every tensor and value of each named object."""
+    objects = state["objects"]
+    print(f"{path}: kind 'state' (nanoresume.Checkpointer), format_version {state['format_version']}, "
+          f"step {state['step']:,}")
+    print(f"objects: {', '.join(objects) or '(none)'}")
+    for name, value in objects.items():
+        leaves = flatten(value)
+        tensors = {key: t for key, t in leaves.items() if isinstance(t, torch.Tensor)}
+        print(f"{name}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values"
+              f"{f', {len(leaves) - len(tensors)} other values' if len(leaves) > len(tensors) else ''}")
+        for key, leaf in leaves.items():
+            print(tensor_line(key, leaf) if isinstance(leaf, torch.Tensor) else f"  {key:<40} {leaf!r:.60}")
+    rng = state.get("rng")
+    print(f"rng streams: {', '.join(rng) if rng else 'not saved (rng=False)'}")
     return 0
 
 
@@ -302,7 +362,7 @@ def natural_key(key: str) -> list[Any]:
 def cmd_diff(path_a: Path, path_b: Path, strict: bool) -> int:
     states = []
     for path in (path_a, path_b):
-        states.append(read_state(path))
+        states.append(read_any(path))
     lines, ignored, compared = diff_states(states[0], states[1], () if strict else IGNORED_BY_DIFF)
     print(f"A = {path_a}\nB = {path_b}")
     for line in lines:
@@ -345,7 +405,11 @@ def check_export_target(source: Path, target: Path, force: bool) -> None:
 
 
 def cmd_export(source: Path, target: Path, force: bool) -> int:
-    state = load_valid(source)
+    state = read_any(source)
+    if is_state_file(state):
+        raise UserError(f"{source}: written by nanoresume.Checkpointer for a loop of your own, so it holds your "
+                        f"objects ({', '.join(state['objects']) or 'none'}), not a GPT that sample/evaluate can run; "
+                        f"load it with nanoresume.load_checkpoint")
     check_export_target(source, target, force)
     try:
         checkpoint.save_atomically(weights_from(state), target, checksum_file=False)

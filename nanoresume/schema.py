@@ -142,6 +142,9 @@ def _header_problems(state: dict[str, Any]) -> list[str]:
     kind = state.get("kind")
     if not isinstance(kind, str):
         found.append(f"'kind' is {_describe(kind)}, not a str")
+    elif kind == "state":
+        found.append("written by nanoresume.Checkpointer for a loop of your own, not by the GPT trainer; "
+                     "resume it with that loop (nanoresume ckpt verify/show/diff read it too)")
     elif kind not in KINDS:
         found.append(f"unknown checkpoint kind {kind!r}; expected 'train' (a step checkpoint) or 'weights' "
                      f"(best.pt or an export)")

@@ -185,10 +185,13 @@ class CheckpointManager:
         for file in files:
             try:
                 write_checksum_file(file)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: mmap of a file someone emptied in the meantime
                 pass  # the checkpoint is committed and verifies by itself; the extra can wait for the next save
         if keep is not None:
-            self.prune(keep=keep)
+            try:
+                self.prune(keep=keep)
+            except OSError:
+                pass  # the folder is unreadable just now: an extra old file is kept, and the next save prunes it
 
     def poll(self) -> None:
         """Raise the error of a background save that failed; call once per step."""

@@ -293,3 +293,30 @@ def test_pruning_happens_only_after_the_new_commit(tmp_path, monkeypatch):
     with pytest.raises(CheckpointWriteError):
         manager.save(2, small_state(2))
     assert [s.step for s in manager.list()] == [1]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "background"])
+def test_sidecar_and_pruning_trouble_after_a_commit_neither_crash_nor_fail_the_save(tmp_path, monkeypatch,
+                                                                                   background):
+    """The commit is done when they run: a file emptied by someone else or a folder that cannot be
+    listed just now costs a sidecar or a late prune, never a thread's traceback or a failed save."""
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, background=background)
+    manager.save(1, small_state(1))
+    manager.wait()
+
+    def empty_then_sidecar(path: Path) -> str:
+        path.write_bytes(b"")  # mmap of an empty file raises ValueError, not OSError
+        return checkpoint.files.write_checksum_file(path)
+
+    def unreadable_folder() -> list:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.manager, "write_checksum_file", empty_then_sidecar)
+    monkeypatch.setattr(manager, "list", unreadable_folder)
+    crashed: list = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    manager.save(2, small_state(2))
+    manager.wait()
+    manager.close()
+    assert crashed == [] and manager.committed_step == 2
+    assert step_path(tmp_path, 1).exists()  # the prune that could not list waits for the next save

@@ -121,3 +121,78 @@ def test_without_the_random_streams_a_resume_with_dropout_is_caught_differing(tm
     assert resumed.checkpoints.resume("auto") == 6
     assert losses + resumed.train(6, 10) != expected
     assert first_difference(resumed.state(), reference.state()) is not None
+
+
+def test_the_ckpt_tool_lists_verifies_shows_and_diffs_checkpointer_files(tmp_path, capsys):
+    from nanoresume import ckpt
+
+    loop = Loop(tmp_path / "checkpoints")
+    loop.train(0, 6)  # keeps steps 4 and 6
+    loop.checkpoints.close()  # pruning done
+    assert ckpt.main(["list", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "       6              -         -" in listed and "would pick: step_00000006.pt" in listed
+    assert ckpt.main(["verify", str(tmp_path)]) == 0
+    assert "2 of 2 checkpoint(s) verify" in capsys.readouterr().out
+    assert ckpt.main(["show", str(step_path(tmp_path / "checkpoints", 6))]) == 0
+    shown = capsys.readouterr().out
+    assert "step 6" in shown and "objects: model, optimizer, scheduler, sampler" in shown
+    assert "2.weight" in shown and "(1, 8)" in shown and "rng streams: python, numpy, torch" in shown
+    four, six = (str(step_path(tmp_path / "checkpoints", step)) for step in (4, 6))
+    assert ckpt.main(["diff", six, six]) == 0
+    assert ckpt.main(["diff", four, six]) == 1
+    assert "objects.model.0.weight: max abs diff" in capsys.readouterr().out
+
+
+def test_the_ckpt_tool_refuses_a_corrupt_checkpointer_file_and_exporting_one(tmp_path, capsys):
+    from nanoresume import ckpt
+
+    loop = Loop(tmp_path / "checkpoints")
+    loop.train(0, 6)
+    loop.checkpoints.close()
+    six = step_path(tmp_path / "checkpoints", 6)
+    assert ckpt.main(["export", str(six), "--to", str(tmp_path / "w.pt")]) == 2
+    assert "holds your objects (model, optimizer, scheduler, sampler)" in capsys.readouterr().err
+    assert not (tmp_path / "w.pt").exists()
+    flip_a_byte(six)
+    assert ckpt.main(["list", str(tmp_path)]) == 1
+    listed = capsys.readouterr().out
+    assert "BAD: " in listed and "checksum mismatch" in listed and "would pick: step_00000004.pt" in listed
+    assert ckpt.main(["verify", str(six)]) == 1
+
+
+def test_the_gpt_tools_name_a_checkpointer_file_for_what_it_is(tmp_path):
+    from nanoresume.loading import load_valid
+
+    Loop(tmp_path).train(0, 2)
+    with pytest.raises(CheckpointError, match="written by nanoresume.Checkpointer for a loop of your own"):
+        load_valid(step_path(tmp_path, 2))
+
+
+def test_a_checkpoint_pruned_while_the_tool_lists_or_verifies_a_run_is_gone_not_bad(tmp_path, capsys, monkeypatch):
+    from nanoresume import ckpt
+
+    loop = Loop(tmp_path / "checkpoints")
+    loop.train(0, 6)
+    loop.checkpoints.close()
+    oldest = step_path(tmp_path / "checkpoints", 4)
+    read_any = ckpt.read_any
+
+    def pruned_first(path, tensors=True):  # a run still training prunes it between listing and reading
+        if path == oldest:
+            oldest.unlink(missing_ok=True)
+        return read_any(path, tensors)
+
+    monkeypatch.setattr(ckpt, "read_any", pruned_first)
+    assert ckpt.main(["list", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert "gone: removed while this command ran" in listed and "would pick: step_00000006.pt" in listed
+
+    oldest.write_bytes(step_path(tmp_path / "checkpoints", 6).read_bytes())  # back, to be pruned again
+    assert ckpt.main(["verify", str(tmp_path)]) == 0
+    verified = capsys.readouterr().out
+    assert f"gone {oldest}" in verified and "1 of 1 checkpoint(s) verify; 1 removed" in verified
+
+    oldest.write_bytes(step_path(tmp_path / "checkpoints", 6).read_bytes())
+    assert ckpt.main(["verify", str(oldest)]) == 1  # a file asked for by name must verify: gone is BAD
+    assert "BAD" in capsys.readouterr().out
