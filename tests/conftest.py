@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from nanoresume.compare import first_difference  # noqa: E402
 from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
-from tests.helpers import TINY_FLAGS, cli_flags  # noqa: E402
+from tests.helpers import TINY_FLAGS, cli_flags, kill_launched_trees  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +73,11 @@ def deterministic_flag_guard(request: pytest.FixtureRequest):
         torch.use_deterministic_algorithms(before)
         pytest.fail(f"{request.node.nodeid} left torch.use_deterministic_algorithms({after}) behind; "
                     f"close every Trainer it builds (trainer.close(), run(), or `with Trainer(...)`)")
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Whatever a test launched with ``tests.helpers.launch_tree`` (torchrun and its workers) is
+    killed when the test ends, passed or failed."""
+    yield
+    kill_launched_trees()

@@ -6,10 +6,13 @@ Fixtures live in ``tests/conftest.py``; plain functions live here and are import
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -36,6 +39,47 @@ TYPE_CONFUSED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "data-without-fingerprint": (lambda s: s["data"].pop("fingerprint"), "data.fingerprint"),
     "optimizer-without-param-groups": (lambda s: s["optimizer"].update(param_groups=[]), "optimizer.param_groups"),
 }
+
+
+_LAUNCHED: list[tuple[subprocess.Popen, bytes]] = []  # each launch and the environment entry that marks its tree
+_MARK = "NANORESUME_TEST_LAUNCH"
+
+
+def launch_tree(command: list[str], **kwargs: Any) -> subprocess.Popen:
+    """Popen ``command`` with a mark in its environment that every process it starts inherits, so that
+    :func:`kill_launched_trees` finds them all: torchrun puts its workers in sessions of their own, and
+    they outlive a killed torchrun. A test that fails on a hang must not leave workers behind, blocked
+    in a collective and holding memory, for the rest of the suite."""
+    mark = f"{_MARK}={os.getpid()}-{len(_LAUNCHED)}-{time.monotonic_ns()}"
+    env = dict(kwargs.pop("env", None) or os.environ)
+    env[_MARK] = mark.split("=", 1)[1]
+    process = subprocess.Popen(command, env=env, **kwargs)
+    _LAUNCHED.append((process, mark.encode()))
+    return process
+
+
+def run_tree(command: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
+    """:func:`subprocess.run` (text, output captured) through :func:`launch_tree`; on a timeout the
+    whole tree is killed before ``TimeoutExpired`` is raised."""
+    process = launch_tree(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_launched_trees()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def kill_launched_trees() -> None:
+    """SIGKILL every process still running that a :func:`launch_tree` launch started, at any depth."""
+    while _LAUNCHED:
+        process, mark = _LAUNCHED.pop()
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):
+                if mark in environ.read_bytes().split(b"\0"):
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
 
 
 def run_script(script: Path, *args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from nanoresume import ckpt, cli, evaluation, sampling
 from nanoresume.checkpoint import load_checkpoint, save_atomically, step_path
 from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer
-from tests.helpers import TINY_FLAGS, TYPE_CONFUSED
+from tests.helpers import TINY_FLAGS, TYPE_CONFUSED, flip_a_byte
 
 GOOD_STEP = 10
 
@@ -88,3 +88,22 @@ def test_resume_auto_falls_back_past_all_six_to_the_newest_good_checkpoint(run_c
     assert len(skipped) == len(TYPE_CONFUSED)
     for line, (_, named) in zip(reversed(skipped), TYPE_CONFUSED.values()):
         assert named in line, line
+
+
+def test_resume_auto_refuses_in_one_line_and_touches_nothing_when_no_step_file_is_usable(
+        run_copy: TrainConfig, capsys: pytest.CaptureFixture) -> None:
+    out = Path(run_copy.out_dir)
+    folder = out / "checkpoints"
+    good = step_path(folder, GOOD_STEP)
+    for offset, name in enumerate(list(TYPE_CONFUSED)[:2], start=1):
+        crafted(good, name, step_path(folder, GOOD_STEP + offset))
+    flip_a_byte(good)  # now none of the three can be resumed from
+    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.parent == folder}
+    code = cli.main(["--out-dir", str(out), "--resume", "auto", "--max-steps", "30", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    *skipped, line = err.strip().splitlines()  # a warning per file skipped, then the one error line
+    assert len(skipped) == 3 and all(s.startswith("warning: skipping") for s in skipped), err
+    assert line.startswith("error: none of the 3 checkpoint(s)") and "would delete them" in line, line
+    after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.parent == folder}
+    assert after == before  # not pruned, not overwritten, not set aside

@@ -19,7 +19,7 @@ from nanoresume import ckpt, evaluation, sampling
 from nanoresume.chaos import final_state_difference
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.probes import NAN_ENV, RECORD_ENV, STOP_ENV, read_records
-from tests.helpers import REPO, TINY_FLAGS, cli_flags
+from tests.helpers import REPO, TINY_FLAGS, cli_flags, launch_tree, run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def args(tiny_text: Path, tmp_path: Path):
 
 def run(command: list[str], train_args: list[str], env: dict[str, str], timeout: float = 120) \
         -> subprocess.CompletedProcess:
-    return subprocess.run(command + train_args, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    return run_tree(command + train_args, timeout, env=env, cwd=REPO)
 
 
 def losses(records: Path, rank: int = 0) -> dict[int, float]:
@@ -118,7 +118,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_pr
                     environment(tmp_path / "ref-records"))
     assert reference.returncode == 0, reference.stderr
     records = tmp_path / "records"
-    launcher = subprocess.Popen(launch_command(2) + train_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    launcher = launch_tree(launch_command(2) + train_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=environment(records), cwd=REPO)
     wait_for_steps(records, 20)
     launcher.send_signal(signal.SIGTERM)
@@ -140,7 +140,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_the_resume_is_bit_exact(two_pr
 
 def test_sigterm_to_one_worker_stops_both_at_the_same_step_without_a_hang(args, tmp_path):
     records = tmp_path / "records"
-    launcher = subprocess.Popen(launch_command(2) + args("one", max_steps=200), stdout=subprocess.PIPE,
+    launcher = launch_tree(launch_command(2) + args("one", max_steps=200), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=environment(records), cwd=REPO)
     wait_for_steps(records, 20)
     os.kill(worker_pid(launcher.pid, rank=1), signal.SIGTERM)
@@ -154,7 +154,7 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_without_a_hang(args, 
 def test_sigkill_of_one_worker_then_resume_auto_ends_bit_exact(two_process_reference, args, tmp_path):
     train_args = args("killed")
     records = tmp_path / "records"
-    launcher = subprocess.Popen(launch_command(2) + train_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    launcher = launch_tree(launch_command(2) + train_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=environment(records, NANORESUME_CHAOS_WRITE_DELAY="0.01"),
                                 cwd=REPO)
     deadline = time.monotonic() + 60
@@ -222,7 +222,7 @@ def test_two_nodes_on_loopback_train_stop_and_resume_like_one_machine(two_proces
 
     def both_nodes(extra_env: dict[str, str], resume: bool) -> list[subprocess.CompletedProcess]:
         port = free_port()
-        launchers = [subprocess.Popen(
+        launchers = [launch_tree(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
              "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
              f"--rdzv_id=nodes-{port}", "--monitor-interval=0.1", "-m", "nanoresume.chaos", "child",
@@ -269,3 +269,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_ckpt_minutes_is_decided_together_so_off_interval_saves_never_hang(args, tmp_path):
+    """Rank 0's clock says when --ckpt-minutes is due; a save gathers every rank's state, so a rank
+    that decided alone would hang the run (bounded here by the timeout)."""
+    out = tmp_path / "timed-saves"
+    train_args = args("timed-saves", ckpt_interval=1000, keep_last=1000) + ["--ckpt-minutes", "0.001"]
+    result = run(launch_command(2), train_args, environment(tmp_path / "records"), timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = sorted(int(p.stem.split("_")[1]) for p in (out / "checkpoints").glob("step_*.pt"))
+    assert steps[-1] == STEPS and len(steps) >= 3, steps  # the last step, and saves off any interval
+    for step in steps:
+        assert len(load_checkpoint(step_path(out / "checkpoints", step))["ranks"]) == 2
