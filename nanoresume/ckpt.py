@@ -289,7 +289,7 @@ def cmd_show(path: Path) -> int:
 def show_state_file(path: Path, state: dict[str, Any]) -> int:
     """``show`` for a Checkpointer file: its step, then every tensor and value of each named object."""
     objects = state["objects"]
-    print(f"{path}: kind 'state' (nanoresume.Checkpointer), format_version {state['format_version']}, "
+    print(f"{path}: kind 'state' (nanoresume.Checkpointer), format_version {state.get('format_version')}, "
           f"step {state['step']:,}")
     print(f"objects: {', '.join(objects) or '(none)'}")
     for name, value in objects.items():
@@ -300,7 +300,7 @@ def show_state_file(path: Path, state: dict[str, Any]) -> int:
         for key, leaf in leaves.items():
             print(tensor_line(key, leaf) if isinstance(leaf, torch.Tensor) else f"  {key:<40} {leaf!r:.60}")
     rng = state.get("rng")
-    print(f"rng streams: {', '.join(rng) if rng else 'not saved (rng=False)'}")
+    print(f"rng streams: {', '.join(map(str, rng)) if rng else 'not saved (rng=False)'}")
     return 0
 
 
