@@ -44,10 +44,6 @@ class TextCodec:
             self.kind = "token ids"
             self.start_token = GPT2_END_OF_TEXT if vocab_size in GPT2_VOCAB_SIZES else 0
 
-    @property
-    def reads_text(self) -> bool:
-        return self.kind != "token ids"
-
     def encode(self, prompt: str) -> list[int]:
         if self.kind == "bytes":
             return encode_bytes(prompt)
