@@ -1,6 +1,6 @@
 """``python -m nanoresume train|sample|evaluate|ckpt ...``: the installed ``nanoresume`` command."""
 
-from .commands import run
+from .tools.commands import run
 
 if __name__ == "__main__":
     run()

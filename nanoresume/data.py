@@ -428,7 +428,7 @@ def eval_offsets(n_tokens: int, block_size: int, n_batches: int, batch_size: int
 def iterate_in_order(tokens: np.ndarray, block_size: int,
                      batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping full windows, in order. The last ``< block_size`` targets are
-    left out; :mod:`nanoresume.evaluation` scores that tail itself."""
+    left out; :mod:`nanoresume.tools.evaluation` scores that tail itself."""
     n_windows = (len(tokens) - 1) // block_size
     starts = np.arange(n_windows, dtype=np.int64) * block_size
     for i in range(0, n_windows, batch_size):

@@ -1,4 +1,4 @@
-"""Test-only instrumentation of a training process (``python -m nanoresume.chaos child ...``).
+"""Test-only instrumentation of a training process (``python -m nanoresume.tools.chaos child ...``).
 
 Set by environment variables, so tests can drive real subprocesses (and torchrun workers)
 without any test code in the training path:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanoresume.chaos import final_state_difference, run_chaos  # noqa: E402
+from nanoresume.tools.chaos import final_state_difference, run_chaos  # noqa: E402
 from nanoresume.checkpoint import step_path  # noqa: E402
-from nanoresume.cli import main as train  # noqa: E402
+from nanoresume.tools.cli import main as train  # noqa: E402
 from nanoresume.rundir import RunDir  # noqa: E402
 
 

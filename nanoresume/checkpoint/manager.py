@@ -333,7 +333,7 @@ def resolve_resume(
             names = ", ".join(c.path.name for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
             raise CheckpointError(
                 f"none of the {len(candidates)} checkpoint(s) in {manager.folder} ({names}) can be used, and a new "
-                f"run there would delete them; see why with: python -m nanoresume.ckpt verify {manager.folder}. "
+                f"run there would delete them; see why with: python -m nanoresume.tools.ckpt verify {manager.folder}. "
                 f"Move them away to start over, or choose another --out-dir")
         return None
     path = Path(mode).expanduser()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoresume import ckpt, cli, evaluation, sampling
+from nanoresume.tools import ckpt, cli, evaluation, sampling
 from nanoresume.checkpoint import load_checkpoint, save_atomically, step_path
 from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer

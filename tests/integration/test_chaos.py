@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoresume.chaos import final_state_difference, run_chaos
+from nanoresume.tools.chaos import final_state_difference, run_chaos
 from nanoresume.checkpoint import step_path
 from tests.helpers import REPO, TINY_FLAGS, cli_flags, run_script, run_train
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoresume import ckpt
+from nanoresume.tools import ckpt
 from nanoresume.checkpoint import load_checkpoint, save_atomically
 from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer
@@ -160,7 +160,7 @@ def test_user_errors_are_one_line_with_exit_code_2(trained_run: Path, tmp_path: 
 def test_bad_flag_and_help_through_the_real_script() -> None:
     proc = run_script(CKPT_SCRIPT, "diff", "--bogus")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-    proc = subprocess.run([sys.executable, "-m", "nanoresume.ckpt", "export", "--help"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "nanoresume.tools.ckpt", "export", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--to FILE" in proc.stdout and "--force" in proc.stdout
 

@@ -57,7 +57,7 @@ def test_python_dash_m_nanoresume_lists_the_commands_and_refuses_unknown_ones():
 
 @pytest.mark.slow
 def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_cli_args, tmp_path):
-    proc = run([sys.executable, "-m", "nanoresume.cli", *tiny_cli_args(max_steps=2, eval_interval=2)])
+    proc = run([sys.executable, "-m", "nanoresume.tools.cli", *tiny_cli_args(max_steps=2, eval_interval=2)])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
 
@@ -65,7 +65,8 @@ def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_
 @pytest.mark.slow
 def test_no_module_exits_0_having_done_nothing():
     """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library."""
-    for module in sorted(m.name for m in pkgutil.iter_modules(nanoresume.__path__)):
+    for module in sorted(m.name.removeprefix("nanoresume.")
+                         for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume.")):
         proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
         output = proc.stdout + proc.stderr
         if module in nanoresume.RUNNABLE_MODULES:
@@ -75,7 +76,7 @@ def test_no_module_exits_0_having_done_nothing():
             assert proc.stderr.startswith(f"error: nanoresume.{module} is a library module"), proc.stderr
 
 
-@pytest.mark.parametrize("module", ["cli", "sampling", "evaluation", "ckpt"])
+@pytest.mark.parametrize("module", ["tools.cli", "tools.sampling", "tools.evaluation", "tools.ckpt"])
 def test_every_tool_has_a_version_flag(module, capsys):
     tool = importlib.import_module(f"nanoresume.{module}")
     with pytest.raises(SystemExit) as exited:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoresume import ckpt
-from nanoresume.chaos import final_state_difference
+from nanoresume.tools import ckpt
+from nanoresume.tools.chaos import final_state_difference
 from nanoresume.checkpoint.folders import METADATA, file_sha256, manifest_digests, write_manifest
 from nanoresume.compare import first_difference
 from nanoresume.loading import load_model, read_state

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoresume import ckpt, cli, evaluation, sampling
+from nanoresume.tools import ckpt, cli, evaluation, sampling
 from nanoresume.checkpoint import load_checkpoint
 from tests.integration.test_ckpt_tool import trained_run, trained_template  # noqa: F401 (fixtures)
 

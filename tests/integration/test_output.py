@@ -138,7 +138,7 @@ def write(self, data):
     return real_write(self, data)
 record_writer.RecordWriter.write = write
 sys.path.insert(0, sys.argv[2])
-from nanoresume.cli import main
+from nanoresume.tools.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nanoresume import checkpoint
-from nanoresume.chaos import EVAL_MARK, WRITE_DELAY_ENV, WRITE_DONE_MARK, WRITE_MARK, final_state_difference
+from nanoresume.tools.chaos import EVAL_MARK, WRITE_DELAY_ENV, WRITE_DONE_MARK, WRITE_MARK, final_state_difference
 from tests.helpers import REPO, TRAIN_SCRIPT, run_train
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ class Training:
         command = [sys.executable, str(TRAIN_SCRIPT), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if slow_writes or observed:
-            command = [sys.executable, "-m", "nanoresume.chaos", "child", *args]
+            command = [sys.executable, "-m", "nanoresume.tools.chaos", "child", *args]
             env[WRITE_DELAY_ENV] = str(slow_writes)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=env, cwd=REPO)

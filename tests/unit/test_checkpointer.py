@@ -124,7 +124,7 @@ def test_without_the_random_streams_a_resume_with_dropout_is_caught_differing(tm
 
 
 def test_the_ckpt_tool_lists_verifies_shows_and_diffs_checkpointer_files(tmp_path, capsys):
-    from nanoresume import ckpt
+    from nanoresume.tools import ckpt
 
     loop = Loop(tmp_path / "checkpoints")
     loop.train(0, 6)  # keeps steps 4 and 6
@@ -145,7 +145,7 @@ def test_the_ckpt_tool_lists_verifies_shows_and_diffs_checkpointer_files(tmp_pat
 
 
 def test_the_ckpt_tool_refuses_a_corrupt_checkpointer_file_and_exporting_one(tmp_path, capsys):
-    from nanoresume import ckpt
+    from nanoresume.tools import ckpt
 
     loop = Loop(tmp_path / "checkpoints")
     loop.train(0, 6)
@@ -170,7 +170,7 @@ def test_the_gpt_tools_name_a_checkpointer_file_for_what_it_is(tmp_path):
 
 
 def test_a_checkpoint_pruned_while_the_tool_lists_or_verifies_a_run_is_gone_not_bad(tmp_path, capsys, monkeypatch):
-    from nanoresume import ckpt
+    from nanoresume.tools import ckpt
 
     loop = Loop(tmp_path / "checkpoints")
     loop.train(0, 6)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoresume.chaos import final_state_difference
+from nanoresume.tools.chaos import final_state_difference
 from nanoresume.checkpoint import save_atomically
 from nanoresume.compare import find_difference, first_difference
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoresume import evaluation
+from nanoresume.tools import evaluation
 from nanoresume.config import ModelConfig
 from nanoresume.data import windows
 from nanoresume.model import GPT

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoresume import checkpoint, sampling
+from nanoresume import checkpoint
+from nanoresume.tools import sampling
 from nanoresume.config import ModelConfig
 from nanoresume.model import GPT
 from nanoresume.textcodec import codec_for, decode_bytes, encode_bytes

@@ -10,8 +10,8 @@ import torch
 
 from nanoresume.checkpoint import FORMAT_VERSION, save_atomically, step_path
 from nanoresume.compare import Difference
-from nanoresume.selftest import SCENARIOS, Outcome
-from nanoresume.selftest_report import compare, distinct, locate, table, verdict, where_it_began
+from nanoresume.tools.selftest import SCENARIOS, Outcome
+from nanoresume.tools.selftest_report import compare, distinct, locate, table, verdict, where_it_began
 
 
 def run_folder(root: Path, name: str, losses: list[float], weight: float) -> Outcome:
@@ -69,7 +69,7 @@ def test_where_it_began_tells_a_broken_restore_from_a_run_that_is_not_determinis
     outcome = Outcome(SCENARIOS[1], tmp_path, stopped=["11"], resumed=[11])
     found = {"outcome": outcome, "losses": (1.0, 2.0), "state": None, "reference_state": {},
              "differing": ["model"], "identical": []}
-    from nanoresume.selftest_report import Finding
+    from nanoresume.tools.selftest_report import Finding
 
     assert "first step after resuming from step 11" in where_it_began(Finding(loss_step=12, **found))
     assert "training itself is not deterministic" in where_it_began(Finding(loss_step=5, **found))

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .clitools import add_device_flag, make_parser, run_reporting_errors
-from .config import TOKEN_DTYPES, VOCAB_SIZE
-from .console import wants_bar
-from .data import iterate_in_order, read_token_file
-from .runtime import resolve_device
-from .errors import DataError, UserError
-from .loading import load_model
-from .model import GPT
+from ..config import TOKEN_DTYPES, VOCAB_SIZE
+from ..console import wants_bar
+from ..data import iterate_in_order, read_token_file
+from ..runtime import resolve_device
+from ..errors import DataError, UserError
+from ..loading import load_model
+from ..model import GPT
 
 
 @dataclass(frozen=True)
@@ -156,4 +156,4 @@ def main(argv: Optional[list[str]] = None, prog: str = "evaluate.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m nanoresume.evaluation"))
+    sys.exit(main(prog="python -m nanoresume.tools.evaluation"))

@@ -1,4 +1,4 @@
-"""``nanoresume ckpt list|verify|show|diff|export`` (or ``python -m nanoresume.ckpt``): inspect what training wrote.
+"""``nanoresume ckpt list|verify|show|diff|export`` (``python -m nanoresume ckpt ...``): inspect what training wrote.
 
 Every checkpoint, a file or a folder of shards, is read with :func:`read_any`
 (checksums first, then ``weights_only=True`` and, for a folder, DCP's index through an
@@ -22,17 +22,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import checkpoint, schema
-from .checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, load_checkpoint, resolve_resume
-from .checkpoint.folders import folder_nbytes
-from .checkpoint.manager import require_train_state
-from .checkpointer import check_state_file, is_state_file
+from .. import checkpoint, schema
+from ..checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, load_checkpoint, resolve_resume
+from ..checkpoint.folders import folder_nbytes
+from ..checkpoint.manager import require_train_state
+from ..checkpointer import check_state_file, is_state_file
 from .clitools import make_parser, run_reporting_errors
-from .compare import plain_equal, tensors_identical
-from .config import RUNTIME_FIELDS, config_from_dict
-from .errors import CheckpointError, CheckpointWriteError, UserError
-from .loading import check_model_tensors, check_schema, load_valid
-from .rundir import RunDir
+from ..compare import plain_equal, tensors_identical
+from ..config import RUNTIME_FIELDS, config_from_dict
+from ..errors import CheckpointError, CheckpointWriteError, UserError
+from ..loading import check_model_tensors, check_schema, load_valid
+from ..rundir import RunDir
 
 # Config fields that describe how a run was started, not what it computed: an
 # uninterrupted run and its resumed twin differ here (resume 'none' vs 'auto',
@@ -475,4 +475,4 @@ def main(argv: Optional[list[str]] = None, prog: str = "ckpt.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m nanoresume.ckpt"))
+    sys.exit(main(prog="python -m nanoresume.tools.ckpt"))

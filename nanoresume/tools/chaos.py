@@ -1,11 +1,11 @@
 """kill -9 chaos harness: kill a training run at random moments, resume it, and prove nothing was lost.
 
 Used by the CI test (a handful of kills), by ``scripts/chaos.py`` (hundreds) and by the
-self-test (:mod:`nanoresume.selftest`). The child process is ``python -m nanoresume.chaos
+self-test (:mod:`nanoresume.tools.selftest`). The child process is ``python -m nanoresume.tools.chaos
 child ARGS...``: scripts/train.py with :data:`nanoresume.checkpoint.files.testing_write_hook`
 set so that every checkpoint write announces itself on stderr and is slowed down, which
 lets the harness aim half of its kills inside a write (evaluations announce themselves
-too, for the signal tests). ``python -m nanoresume.chaos script PATH ARGS...`` runs any
+too, for the signal tests). ``python -m nanoresume.tools.chaos script PATH ARGS...`` runs any
 Python script (a training loop of your own that saves through :class:`nanoresume.Checkpointer`)
 with its writes announced the same way. Production runs never set that hook.
 """
@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import checkpoint
-from .checkpoint import files as checkpoint_files
-from .checkpoint import manager as checkpoint_manager
-from .compare import first_difference
-from .config import RUNTIME_FIELDS
-from .loading import read_state
-from .rundir import RunDir
+from .. import checkpoint
+from ..checkpoint import files as checkpoint_files
+from ..checkpoint import manager as checkpoint_manager
+from ..compare import first_difference
+from ..config import RUNTIME_FIELDS
+from ..loading import read_state
+from ..rundir import RunDir
 
 WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
@@ -70,7 +70,7 @@ def verified_steps(folder: Path) -> dict[int, str]:
 
 
 def _child_command(train_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "nanoresume.chaos", "child", *train_args]
+    return [sys.executable, "-m", "nanoresume.tools.chaos", "child", *train_args]
 
 
 class WatchedProcess:
@@ -261,9 +261,9 @@ def _observe_checkpoint_writes() -> None:
 
 def _child_main(argv: list[str]) -> int:
     """scripts/train.py with observable (and slowed) checkpoint writes and evaluations (tests only)."""
-    from . import probes
+    from .. import probes
     from .cli import main
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     probes.install()
     evaluate = Trainer.evaluate
@@ -293,5 +293,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "script":
         _script_main(sys.argv[2], sys.argv[3:])
         sys.exit(0)
-    sys.exit("usage: python -m nanoresume.chaos child TRAIN_ARGS... | script PATH ARGS... "
+    sys.exit("usage: python -m nanoresume.tools.chaos child TRAIN_ARGS... | script PATH ARGS... "
              "(see scripts/chaos.py for the harness)")

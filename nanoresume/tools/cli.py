@@ -1,7 +1,7 @@
 """``nanoresume train`` (also ``python scripts/train.py``): parse flags, train, turn every outcome into an exit code.
 
 With ``--self-test``, proves instead that the configuration resumes bit-exactly
-(:mod:`nanoresume.selftest`): exit 0 bit-exact, 1 not.
+(:mod:`nanoresume.tools.selftest`): exit 0 bit-exact, 1 not.
 
 Exit codes: 0 finished; 1 a save failed or the loss became NaN/inf; 2 a bad
 flag, path, data or checkpoint; 75 stopped by --time-limit; 128+N stopped by
@@ -15,10 +15,10 @@ import os
 import sys
 from typing import NoReturn, Optional
 
-from . import PROCESS_STARTED
+from .. import PROCESS_STARTED
 from .clitools import run_reporting_errors
-from .config import parse_command_line, self_test_request
-from .invocation import command_words
+from ..config import parse_command_line, self_test_request
+from ..invocation import command_words
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
@@ -31,8 +31,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
             from .selftest import test_training
 
             return test_training(cfg, explicit, processes=self_test)
-        from . import distributed  # after parsing: --help stays fast
-        from .trainer import Trainer
+        from .. import distributed  # after parsing: --help stays fast
+        from ..trainer import Trainer
 
         try:
             # The stop message's "Continue with: ..." repeats the command that started this process.
@@ -67,4 +67,4 @@ def exit_now(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    exit_now(main(prog="python -m nanoresume.cli"))
+    exit_now(main(prog="python -m nanoresume.tools.cli"))

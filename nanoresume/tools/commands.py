@@ -1,10 +1,10 @@
 """The installed ``nanoresume`` command (also ``python -m nanoresume``): one word picks the tool.
 
-    nanoresume train --out-dir runs/a          # nanoresume.cli
-    nanoresume sample --ckpt runs/a/best.pt    # nanoresume.sampling
-    nanoresume evaluate --ckpt ... --data ...  # nanoresume.evaluation
-    nanoresume ckpt list runs/a                # nanoresume.ckpt
-    nanoresume self-test my_train.py           # nanoresume.selftest
+    nanoresume train --out-dir runs/a          # nanoresume.tools.cli
+    nanoresume sample --ckpt runs/a/best.pt    # nanoresume.tools.sampling
+    nanoresume evaluate --ckpt ... --data ...  # nanoresume.tools.evaluation
+    nanoresume ckpt list runs/a                # nanoresume.tools.ckpt
+    nanoresume self-test my_train.py           # nanoresume.tools.selftest
 
 Each tool keeps its own flags and ``--help``; this module only dispatches.
 """
@@ -15,16 +15,16 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
-from .invocation import command_words, shell_command
+from .. import __version__
+from ..invocation import command_words, shell_command
 
 # command -> (module with main(argv, prog), one line for --help)
 TOOLS: dict[str, tuple[str, str]] = {
-    "train": ("nanoresume.cli", "train a model; stop it any way you like, continue with --resume auto"),
-    "sample": ("nanoresume.sampling", "generate text from a checkpoint"),
-    "evaluate": ("nanoresume.evaluation", "loss and perplexity of a checkpoint on a whole file"),
-    "ckpt": ("nanoresume.ckpt", "list, verify, show, diff and export checkpoints"),
-    "self-test": ("nanoresume.selftest", "prove that a training script of your own resumes bit-exactly"),
+    "train": ("nanoresume.tools.cli", "train a model; stop it any way you like, continue with --resume auto"),
+    "sample": ("nanoresume.tools.sampling", "generate text from a checkpoint"),
+    "evaluate": ("nanoresume.tools.evaluation", "loss and perplexity of a checkpoint on a whole file"),
+    "ckpt": ("nanoresume.tools.ckpt", "list, verify, show, diff and export checkpoints"),
+    "self-test": ("nanoresume.tools.selftest", "prove that a training script of your own resumes bit-exactly"),
 }
 
 

@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 
 from .clitools import add_device_flag, make_parser, run_reporting_errors
-from .console import log
-from .errors import UserError
-from .loading import load_model
-from .model import GPT
-from .runtime import resolve_device
-from .textcodec import TextCodec, codec_for
+from ..console import log
+from ..errors import UserError
+from ..loading import load_model
+from ..model import GPT
+from ..runtime import resolve_device
+from ..textcodec import TextCodec, codec_for
 
 
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float,
@@ -113,4 +113,4 @@ def main(argv: Optional[list[str]] = None, prog: str = "sample.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m nanoresume.sampling"))
+    sys.exit(main(prog="python -m nanoresume.tools.sampling"))

@@ -11,10 +11,10 @@ run that was never stopped (:data:`SCENARIOS`):
 - SIGKILL during a checkpoint write, then ``--resume auto``;
 - three stops in a chain (SIGINT, SIGKILL at a step, SIGUSR1), each resumed.
 
-Every process is the chaos harness's child (:mod:`nanoresume.chaos`), so checkpoint
+Every process is the chaos harness's child (:mod:`nanoresume.tools.chaos`), so checkpoint
 writes announce themselves and a kill can be aimed inside one. Progress is read from
 the run's own ``OUT/metrics.jsonl`` (or, for a script that writes none, from its
-checkpoint files); :mod:`nanoresume.selftest_report` compares and explains.
+checkpoint files); :mod:`nanoresume.tools.selftest_report` compares and explains.
 
 ``nanoresume train --self-test [flags]`` tests a training configuration
 (:func:`test_training`); ``nanoresume self-test SCRIPT [ARGS]`` tests a script of your own
@@ -37,13 +37,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from .atomic import is_temp_path
+from ..atomic import is_temp_path
 from .chaos import SLOW_LATER_ENV, SLOW_WRITES_SIGNAL, WatchedProcess, children, verified_steps
-from .checkpoint import STEP_PATTERN, step_path
+from ..checkpoint import STEP_PATTERN, step_path
 from .clitools import make_parser, run_reporting_errors
-from .config import SELF_TEST_STEPS, TrainConfig, command_line_flags, validate
-from .console import log
-from .errors import ConfigError, NanoresumeError, UserError
+from ..config import SELF_TEST_STEPS, TrainConfig, command_line_flags, validate
+from ..console import log
+from ..errors import ConfigError, NanoresumeError, UserError
 
 MIN_STEPS = 8  # three chained stops need room between them
 WRITE_DELAY = 0.002  # seconds per written chunk: a checkpoint write lasts long enough to kill inside it
@@ -320,7 +320,7 @@ def run_self_test(program: Program, describe: str, hints: list[str],
     """Run every scenario of :data:`SCENARIOS` for ``program``; print the table and the verdict.
 
     ``describe`` is the first line's account of what is tested; ``hints`` name the common causes
-    of a difference with these settings (see :mod:`nanoresume.selftest_report`); ``prepare(work)``
+    of a difference with these settings (see :mod:`nanoresume.tools.selftest_report`); ``prepare(work)``
     does, once, what every run would otherwise do first (fill a token cache), so that the
     reference run times what the others will repeat. Returns 0 if every run ended bit-exactly as
     the reference did, else 1.
@@ -367,10 +367,10 @@ def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0) -> i
     if ignored:
         log.warning(f"--self-test ignores {', '.join('--' + n.replace('_', '-') for n in ignored)}: it trains "
                     f"in a temporary folder it removes at the end")
-    prefix = [sys.executable, "-m", "nanoresume.chaos", "child"]
+    prefix = [sys.executable, "-m", "nanoresume.tools.chaos", "child"]
     if processes:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                  "--monitor-interval=0.5", "-m", "nanoresume.chaos", "child"]
+                  "--monitor-interval=0.5", "-m", "nanoresume.tools.chaos", "child"]
     values = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "resume")}
     program = Program(prefix, command_line_flags(values), Path.cwd(), torchrun=processes > 0,
                       env=_package_on_path(), own_cache=cfg.cache_dir is None)
@@ -395,7 +395,7 @@ def _self_test_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 def _token_cache_filler(cfg: TrainConfig) -> Callable[[Path], None]:
     """Tokenize the data into the self-test's own cache (``WORK/cache``, see :meth:`Program.command`)."""
     def fill(work: Path) -> None:
-        from .data import load_tokens
+        from ..data import load_tokens
 
         load_tokens(cfg.data, cfg.val_fraction, str(work / "cache"), cfg.token_dtype, cfg.vocab_size,
                     warn=log.warning)
@@ -404,7 +404,7 @@ def _token_cache_filler(cfg: TrainConfig) -> Callable[[Path], None]:
 
 
 def _package_on_path() -> dict[str, str]:
-    """``-m nanoresume.chaos`` must find this very package from any folder, installed or not."""
+    """``-m nanoresume.tools.chaos`` must find this very package from any folder, installed or not."""
     root = str(Path(__file__).resolve().parent.parent)
     existing = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": root + (os.pathsep + existing if existing else "")}
@@ -423,7 +423,7 @@ compared too. Exit 0: bit-exact; 1: not; 2: a usage error."""
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test") -> int:
-    """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.selftest``)."""
+    """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.tools.selftest``)."""
     from . import selftest_report as report
 
     parser = make_parser(prog, DESCRIPTION)
@@ -435,7 +435,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
         script = Path(options.script)
         if not script.is_file():
             raise UserError(f"{options.script}: no such script; pass the path of a Python training script")
-        program = Program([sys.executable, "-m", "nanoresume.chaos", "script", str(script)], list(options.args),
+        program = Program([sys.executable, "-m", "nanoresume.tools.chaos", "script", str(script)], list(options.args),
                           Path.cwd(), env=_package_on_path())
         return run_self_test(program, f"{' '.join([str(script), *options.args])}", report.script_hints())
 
@@ -445,4 +445,4 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
 if __name__ == "__main__":
     from .cli import exit_now
 
-    exit_now(main(prog="python -m nanoresume.selftest"))
+    exit_now(main(prog="python -m nanoresume.tools.selftest"))

@@ -11,10 +11,10 @@ import signal
 import sys
 from typing import Callable
 
-from . import __version__
-from .config import OneLineErrorParser
-from .console import configure_logging, log, silence_stdout
-from .errors import NanoresumeError
+from .. import __version__
+from ..config import OneLineErrorParser
+from ..console import configure_logging, log, silence_stdout
+from ..errors import NanoresumeError
 
 # A reader that stops early (`| head`) is not an error: exit quietly, as a tool killed by SIGPIPE does.
 BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE

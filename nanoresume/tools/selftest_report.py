@@ -11,8 +11,8 @@ import torch
 
 from .chaos import comparable_state
 from .ckpt import describe_tensor_difference
-from .compare import Difference, find_difference, plain_equal
-from .config import TrainConfig
+from ..compare import Difference, find_difference, plain_equal
+from ..config import TrainConfig
 from .selftest import Outcome, Scenario, read_losses
 
 # Top-level keys of a checkpoint, as parts a person names (other keys keep their own names), in the
@@ -170,9 +170,9 @@ def _parameter_name(state: dict[str, Any], index: int) -> str:
         return f"parameter {index}"
     from pathlib import Path
 
-    from .loading import model_config_from_state
-    from .model import GPT
-    from .optim import build_optimizer
+    from ..loading import model_config_from_state
+    from ..model import GPT
+    from ..optim import build_optimizer
 
     with torch.device("meta"):
         model = GPT(model_config_from_state(Path("checkpoint"), state))
@@ -206,7 +206,7 @@ def where_it_began(finding: Finding) -> str:
 # ---- what a self-test says before and while it runs ----------------------------------------------
 
 def describe_training(cfg: TrainConfig, processes: Optional[int]) -> str:
-    from .runtime import resolve_device, resolve_dtype
+    from ..runtime import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
