@@ -27,13 +27,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, parallel, schema
-from .config import ARCHITECTURE_FIELDS, TrainConfig, derived_fields, merge_resumed_config, validate
+from . import checkpoint, distributed, parallel, schema, startup
+from .config import TrainConfig, derived_fields
 from .console import Console, configure_logging, format_elapsed, log, wants_bar
-from .data import BatchSampler, check_block_size, eval_offsets, load_tokens, windows
+from .data import BatchSampler, eval_offsets, windows
 from .distributed import DistributedEnv, ProcessGroup, StepVotes
-from .errors import CheckpointError, CheckpointWriteError, ConfigError, NonFiniteLossError
-from .loading import load_valid
+from .errors import CheckpointError, CheckpointWriteError, NonFiniteLossError
 from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND, shell_command
 from .metrics import Metrics, MetricsCallback
@@ -42,6 +41,7 @@ from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .signals import StopFlag
+from .startup import StartMode
 from .state import Progress, capture_rng_state, restore_rng_state, seed_everything, seed_rank_streams
 
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
@@ -116,7 +116,6 @@ class Trainer:
         self.console = Console(cfg.max_steps, 0, show_bar=False, log_interval=cfg.log_interval, started=self.started,
                                quiet=not self.env.is_main)  # replaced once the start step is known
         try:
-            self._open_run_dir(cfg)
             self._build(cfg, explicit)
         except BaseException:
             self.close()
@@ -141,62 +140,22 @@ class Trainer:
 
     # ---- building ----------------------------------------------------------------------------
 
-    def _open_run_dir(self, cfg: TrainConfig) -> None:
-        """Rank 0 alone creates, checks and locks OUT; a failure there stops every rank."""
-        error = None
-        if self.env.is_main:
-            try:
-                _check_resume_path_exists(cfg)  # before OUT is created
-                self.run_dir.open(self.console.warn)
-            except Exception as e:
-                error = e
-        distributed.raise_if_any_failed(error)
-
-    def _resolve_resume(self, cfg: TrainConfig) -> tuple[Optional[tuple[Path, dict[str, Any]]],
-                                                         Optional[dict[str, Any]]]:
-        """(checkpoint to resume from, the config.json of a run killed before its first checkpoint).
-
-        Rank 0 picks and loads the checkpoint and hands it to every rank, so ranks that see a
-        shared folder differently (stale caches) cannot disagree, and the others never need to
-        read OUT at all. With ``--resume auto`` and no checkpoint, rank 0 reads ``OUT/config.json``.
-        """
-        found, error = (None, None), None
-        if self.env.is_main:
-            try:
-                manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, 1, 1)
-                resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn,
-                                                    load=lambda path: load_valid(path, tensors=False))
-                unsaved = self.run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
-                found = (resumed, unsaved)
-            except Exception as e:
-                error = e
-        distributed.raise_if_any_failed(error)
-        return distributed.broadcast_object(found)
-
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
-        env = self.env
-        resumed, unsaved_config = self._resolve_resume(cfg)
-        if resumed is not None:
-            saved_world = int(resumed[1].get("world_size", 1))
-            cfg, changes = merge_resumed_config(resumed[1]["config"], cfg, explicit, saved_world, env.world_size)
-            for change in changes:
-                self.console.log(f"changed on resume: {change}")
-        elif unsaved_config is not None:
-            # A run killed before its first checkpoint: train the run its config.json describes again,
-            # from step 0, with the flags given now applied and checked as on a resume.
-            cfg, changes = merge_resumed_config(unsaved_config, cfg, explicit,
-                                                int(unsaved_config.get("world_size", 1)), env.world_size,
-                                                source=str(self.run_dir.config),
-                                                must_match=(*ARCHITECTURE_FIELDS, "data", "token_dtype"))
-            for change in changes:
-                self.console.log(f"changed since the last start: {change}")
-        problems = validate(cfg)  # the CLI defers this when resuming: flags only make sense merged
-        if problems:
-            raise ConfigError("; ".join(problems))
-        self.cfg = cfg
+        env, warn = self.env, self.console.warn
+        startup.open_run_dir(cfg, env, self.run_dir, warn)
+        found = startup.find_resume(cfg, env, self.run_dir, warn)
+        plan = startup.plan_start(found.checkpoint[1] if found.checkpoint else None, found.unsaved_config, cfg,
+                                  explicit, env.world_size, unsaved_source=str(self.run_dir.config))
+        for change in plan.changes:
+            self.console.log(f"changed on resume: {change}" if plan.mode is StartMode.RESUME
+                             else f"changed since the last start: {change}")
+        self.cfg = cfg = plan.cfg
         check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self._choose_parallelism(cfg)
+        parallelism = startup.choose_parallelism(cfg, env.launched, self.dtype)
+        if parallelism.warning is not None:
+            warn(parallelism.warning)
+        self.sharded_model, self.folder_checkpoints = parallelism.sharded_model, parallelism.folder_checkpoints
         self.manager = checkpoint.CheckpointManager(
             self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
             every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
@@ -208,8 +167,28 @@ class Trainer:
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
-        self.data = self._load_data(cfg)
+        self.data = startup.load_data(cfg, env, warn)
+        self._build_model(cfg)
+        self._last_eval_seconds = 0.0
+        self._slowest_step = 0.0
+        self._votes: Optional[StepVotes] = None  # the last step's collective decisions
+        self._background_error: Optional[Exception] = None
 
+        if found.checkpoint is not None:
+            self._resume_from(*found.checkpoint)
+        elif plan.mode is StartMode.RERUN:
+            self.console.log(f"no checkpoint in {self.run_dir.checkpoints} yet: training the run that "
+                             f"{self.run_dir.config} describes again, from step 0")
+        elif cfg.resume == "auto":
+            self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
+        self.resumed_from = found.checkpoint[0] if found.checkpoint else None
+        if env.is_main:
+            self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
+
+    def _build_model(self, cfg: TrainConfig) -> None:
+        """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
+        the batch order and the counters: everything a step needs."""
+        env = self.env
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.raw_model = GPT(cfg.model_config()).to(self.device)
         seed_rank_streams(cfg.seed, env.rank)  # dropout differs between ranks (rank 0 keeps the plain seed)
@@ -219,53 +198,13 @@ class Trainer:
         self.model = (DistributedDataParallel(compiled, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if distributed.active() and not self.sharded_model
                       else compiled)
+        self._eval_model = compiled  # never the DDP wrapper: evaluation needs no gradient sync
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.global_batch(env.world_size), cfg.seed)
         self.val_batches = eval_offsets(len(self.data.val), cfg.block_size, cfg.eval_iters, cfg.batch_size)
         self.progress = Progress()
-        self._last_eval_seconds = 0.0
-        self._slowest_step = 0.0
-        self._votes: Optional[StepVotes] = None  # the last step's collective decisions
-        self._background_error: Optional[Exception] = None
-        self._eval_model = compiled  # never the DDP wrapper: evaluation needs no gradient sync
-
-        if resumed is not None:
-            self._resume_from(*resumed)
-        elif unsaved_config is not None:
-            self.console.log(f"no checkpoint in {self.run_dir.checkpoints} yet: training the run that "
-                             f"{self.run_dir.config} describes again, from step 0")
-        elif cfg.resume == "auto":
-            self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
-        self.resumed_from = resumed[0] if resumed else None
-        if env.is_main:
-            self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
-
-    def _choose_parallelism(self, cfg: TrainConfig) -> None:
-        """FSDP or not (``sharded_model``), and files or folders (``folder_checkpoints``)."""
-        self.sharded_model = cfg.parallel == "fsdp" and self.env.launched
-        if cfg.parallel == "fsdp" and not self.env.launched:
-            self.console.warn("--parallel fsdp: a single process has nothing to share the model with, so it "
-                              "trains the whole model (launch with torchrun to shard it)")
-        if self.sharded_model and self.dtype == torch.float16:
-            raise ConfigError("--dtype float16 with --parallel fsdp: the gradient scaler cannot see a sharded "
-                              "model's overflows; use --dtype bfloat16 or float32")
-        self.folder_checkpoints = cfg.ckpt_format == "sharded" or (cfg.ckpt_format == "auto" and self.sharded_model)
-
-    def _load_data(self, cfg: TrainConfig) -> Any:
-        """Rank 0 tokenizes (and fills the cache) first; the others then read the cache."""
-        data, error = None, None
-        for turn in ("main", "others"):
-            if (turn == "main") == self.env.is_main:
-                try:
-                    data = load_tokens(cfg.data, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype, cfg.vocab_size,
-                                       warn=self.console.warn)
-                    check_block_size(data, cfg.block_size)
-                except Exception as e:
-                    error = e
-            distributed.raise_if_any_failed(error if (turn == "main") == self.env.is_main else None)
-        return data
 
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
         self._check_same_data(path, state)
@@ -661,9 +600,3 @@ class Trainer:
         return (f"finished: {self.progress.step:,} steps, {self.progress.tokens_seen:,} tokens, {best_text}, "
                 f"wall time {format_elapsed(time.monotonic() - self.started)}")
 
-
-def _check_resume_path_exists(cfg: TrainConfig) -> None:
-    """An explicit ``--resume PATH`` that does not exist fails before OUT is created."""
-    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).expanduser().exists():
-        raise CheckpointError(f"--resume {cfg.resume}: no such checkpoint file or folder; pass an existing "
-                              f"OUT/checkpoints/step_* checkpoint, or --resume auto")

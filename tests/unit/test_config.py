@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from nanoresume.config import (PRESETS, TrainConfig, build_parser, command_line_flags, config_from_dict,
-                               explicit_fields, flag, parse_command_line, parse_config, parse_duration,
-                               resolve_config, self_test_request)
-from nanoresume.errors import ConfigError
+                               explicit_fields, flag, merge_resumed_config, parse_command_line, parse_config,
+                               parse_duration, resolve_config, self_test_request)
+from nanoresume.errors import CheckpointError, ConfigError
 
 
 def test_a_preset_fills_every_model_and_batch_field_left_unset():
@@ -251,3 +251,88 @@ def test_self_test_options_that_cannot_work_are_one_error(argv, message):
 def test_self_test_flags_are_not_config_fields():
     cfg, given = parse_command_line(["--self-test", "--max-steps", "12"])
     assert cfg.max_steps == 12 and given == {"max_steps"}
+
+
+# ---- merge_resumed_config: the config of a resumed run ------------------------------------------
+
+def _saved(**changes: object) -> dict:
+    """A resolved config as a checkpoint stores it."""
+    return dataclasses.replace(resolve_config(TrainConfig()), **changes).to_dict()
+
+
+def test_a_resume_keeps_the_saved_settings_that_were_not_given_again():
+    saved = _saved(max_steps=40, lr=1e-3)
+    merged, changes = merge_resumed_config(saved, resolve_config(TrainConfig(), check=False), explicit=set())
+    assert (merged.max_steps, merged.lr) == (40, 1e-3)
+    assert changes == []
+
+
+def test_a_flag_given_on_resume_overrides_the_saved_value_and_is_reported():
+    current = resolve_config(TrainConfig(max_steps=80), check=False)
+    merged, changes = merge_resumed_config(_saved(max_steps=40), current, explicit={"max_steps"})
+    assert merged.max_steps == 80
+    assert changes == ["--max-steps: 40 -> 80"]
+
+
+def test_runtime_fields_always_come_from_the_command_line_and_are_not_reported():
+    current = resolve_config(TrainConfig(out_dir="elsewhere", resume="auto", device="cpu"), check=False)
+    merged, changes = merge_resumed_config(_saved(out_dir="out"), current, explicit=set())
+    assert (merged.out_dir, merged.resume, merged.device) == ("elsewhere", "auto", "cpu")
+    assert changes == []
+
+
+def test_library_use_counts_every_field_as_given():
+    current = resolve_config(TrainConfig(max_steps=7), check=False)
+    merged, _ = merge_resumed_config(_saved(max_steps=40), current, explicit=None)
+    assert merged.max_steps == 7
+
+
+def test_a_changed_model_shape_is_refused_naming_every_mismatching_flag():
+    current = resolve_config(TrainConfig(n_layer=2, n_embd=32), check=False)
+    with pytest.raises(CheckpointError) as caught:
+        merge_resumed_config(_saved(), current, explicit={"n_layer", "n_embd"})
+    message = str(caught.value)
+    assert "--n-layer is 4 in the checkpoint but 2 now" in message
+    assert "--n-embd is 64 in the checkpoint but 32 now" in message
+
+
+def test_must_match_and_source_name_what_is_compared_and_where_it_came_from():
+    current = resolve_config(TrainConfig(data="other.txt"), check=False)
+    with pytest.raises(CheckpointError, match="--data is None in OUT/config.json but 'other.txt' now"):
+        merge_resumed_config(_saved(), current, explicit={"data"}, source="OUT/config.json",
+                             must_match=("data",))
+
+
+def test_a_changed_seed_is_reported_as_having_no_effect():
+    current = resolve_config(TrainConfig(seed=7), check=False)
+    _, changes = merge_resumed_config(_saved(), current, explicit={"seed"})
+    assert changes == ["--seed: 1337 -> 7 (no effect: the data order and random numbers continue from the "
+                       "checkpoint)"]
+
+
+def test_more_processes_keep_the_global_batch_by_lowering_the_accumulation():
+    saved = _saved(batch_size=4, grad_accum=4)  # 16 sequences per step on one process
+    merged, changes = merge_resumed_config(saved, resolve_config(TrainConfig(), check=False), set(),
+                                           saved_world_size=1, world_size=2)
+    assert merged.grad_accum == 2 and merged.global_batch(2) == 16
+    assert changes == ["--grad-accum: 4 -> 2", "processes: 1 -> 2 (global batch 16 sequences per step)"]
+
+
+def test_a_global_batch_no_whole_accumulation_keeps_is_refused():
+    saved = _saved(batch_size=4, grad_accum=1)
+    with pytest.raises(CheckpointError, match="cannot keep the global batch of 4 sequences"):
+        merge_resumed_config(saved, resolve_config(TrainConfig(), check=False), set(), saved_world_size=1,
+                             world_size=3)
+
+
+def test_an_accumulation_given_on_resume_sets_a_new_global_batch():
+    saved = _saved(batch_size=4, grad_accum=4)
+    current = resolve_config(TrainConfig(grad_accum=3), check=False)
+    merged, _ = merge_resumed_config(saved, current, {"grad_accum"}, saved_world_size=1, world_size=2)
+    assert merged.grad_accum == 3 and merged.global_batch(2) == 24
+
+
+def test_settings_a_newer_version_saved_are_ignored():
+    merged, _ = merge_resumed_config({**_saved(), "from_the_future": 1},
+                                     resolve_config(TrainConfig(), check=False), set())
+    assert not hasattr(merged, "from_the_future")
