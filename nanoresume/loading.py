@@ -27,6 +27,7 @@ from .errors import CheckpointError
 from .model import GPT, shapes_only
 from .optim import build_optimizer, indexed_optimizer_state, parameter_names
 from .parallel import tie_shared
+from .training_state import CONFIG, KIND, KIND_KEY, MODEL, OPTIMIZER, RANKS, from_folder
 
 _MIN_TENSORS_PER_BLOCK = 6  # ln_1, qkv, proj, ln_2, fc, mlp proj weights, even without biases
 
@@ -41,7 +42,7 @@ def check_schema(path: Path, state: dict[str, Any]) -> None:
 
 def model_config_from_state(path: Path, state: dict[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a schema-checked checkpoint of either kind, with dropout 0 (inference)."""
-    saved = state["model_config"] if state["kind"] == "weights" else state["config"]
+    saved = state[CONFIG] if state[KIND_KEY] == KIND else state[schema.MODEL_CONFIG]
     cfg = ModelConfig(**{name: saved[name] for name in schema.SHAPE_FIELDS}, dropout=0.0)
     if min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) < 1 or cfg.n_embd % cfg.n_head:
         raise CheckpointError(f"{path}: model config is invalid (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
@@ -56,7 +57,7 @@ def check_model_tensors(path: Path, state: dict[str, Any]) -> ModelConfig:
     Builds the GPT on the meta device (:func:`~nanoresume.model.shapes_only`), so no memory is allocated.
     """
     cfg = model_config_from_state(path, state)
-    found = {name: t.shape for name, t in state["model"].items()}
+    found = {name: t.shape for name, t in state[MODEL].items()}
     if _MIN_TENSORS_PER_BLOCK * cfg.n_layer > len(found):  # say so before building a huge model
         raise CheckpointError(f"{path}: model tensors do not match its config: n_layer {cfg.n_layer} needs at "
                               f"least {_MIN_TENSORS_PER_BLOCK * cfg.n_layer} tensors, the file holds {len(found)}")
@@ -70,8 +71,8 @@ def check_model_tensors(path: Path, state: dict[str, Any]) -> ModelConfig:
                [f"{n} has shape {tuple(found[n])}, config needs {tuple(expected[n])}" for n in wrong[:3]]
     if problems:
         raise CheckpointError(f"{path}: model tensors do not match its config: {'; '.join(problems)}")
-    if state["kind"] == "train":
-        problem = _optimizer_mismatch(model, state["optimizer"])
+    if state[KIND_KEY] == KIND:
+        problem = _optimizer_mismatch(model, state[OPTIMIZER])
         if problem is not None:
             raise CheckpointError(f"{path}: optimizer state does not match the model: {problem}")
     return cfg
@@ -124,30 +125,30 @@ def read_folder_state(path: Path, tensors: bool = True) -> dict[str, Any]:
     from .checkpoint import sharded  # here, not at the top: it imports torch.distributed.checkpoint
 
     sharded.verify_folder(path)
-    return file_layout(path, sharded.read_folder(path, placeholders_under=() if tensors else ("model", "optimizer")))
+    return file_layout(path, sharded.read_folder(path, placeholders_under=() if tensors else (MODEL, OPTIMIZER)))
 
 
 def file_layout(path: Path, saved: dict[str, Any]) -> dict[str, Any]:
-    """A folder's state as a file holds it: the parts stored whole unwrapped (:func:`schema.from_folder`),
+    """A folder's state as a file holds it: the parts stored whole unwrapped (:func:`training_state.from_folder`),
     the optimizer's parameters numbered rather than named, ``ranks`` a list rather than a dict keyed by
     rank, tied weights one tensor, and the optimizer state DCP does not store before the first step
     (an empty dict) put back. What cannot be converted is left for the schema check to name."""
-    state = schema.from_folder(saved)
-    ranks = state.get("ranks")
+    state = from_folder(saved)
+    ranks = state.get(RANKS)
     if isinstance(ranks, dict) and all(str(key).isdigit() for key in ranks):
-        state["ranks"] = [ranks[key] for key in sorted(ranks, key=int)]
-    config, optimizer = state.get("config"), state.get("optimizer")
+        state[RANKS] = [ranks[key] for key in sorted(ranks, key=int)]
+    config, optimizer = state.get(CONFIG), state.get(OPTIMIZER)
     if not (isinstance(config, dict) and isinstance(optimizer, dict)
             and all(isinstance(config.get(name), bool if name == "bias" else int) for name in schema.SHAPE_FIELDS)):
         return state
-    model = shapes_only(model_config_from_state(path, {"kind": "train", "config": config}))
+    model = shapes_only(model_config_from_state(path, {KIND_KEY: KIND, CONFIG: config}))
     names = parameter_names(model, build_optimizer(model, lr=1.0, weight_decay=0.0, betas=(0.9, 0.99)))
     try:
-        state["optimizer"] = indexed_optimizer_state({"state": {}, **optimizer}, names)
+        state[OPTIMIZER] = indexed_optimizer_state({"state": {}, **optimizer}, names)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from None
-    if isinstance(state.get("model"), dict):
-        state["model"] = tie_shared(dict(state["model"]), model)
+    if isinstance(state.get(MODEL), dict):
+        state[MODEL] = tie_shared(dict(state[MODEL]), model)
     return state
 
 
@@ -155,5 +156,5 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, dict[str, Any]]:
     """A GPT in eval mode on ``device`` from a checkpoint of either kind, and the loaded state."""
     state = load_valid(path)
     model = GPT(model_config_from_state(Path(path), state))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state[MODEL])
     return model.to(device).eval(), state

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .optim import indexed_optimizer_state, named_optimizer_state, parameter_names
+from .training_state import MODEL, OPTIMIZER
 
 
 def shard(model: nn.Module, blocks: nn.ModuleList, device: torch.device, world_size: int,
@@ -126,12 +127,12 @@ def load_folder(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 
     from .checkpoint.sharded import load_into, stored_keys
 
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    state: dict[str, Any] = {MODEL: get_model_state_dict(model)}
     # A folder saved before the first step holds no optimizer state; a new optimizer is that state.
-    if any(key.startswith("optimizer.state.") for key in stored_keys(folder)):
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if any(key.startswith(f"{OPTIMIZER}.state.") for key in stored_keys(folder)):
+        state[OPTIMIZER] = get_optimizer_state_dict(model, optimizer)
     load_into(folder, state, group)
-    _set_sharded(model, optimizer, state["model"], state.get("optimizer"), full=False)
+    _set_sharded(model, optimizer, state[MODEL], state.get(OPTIMIZER), full=False)
 
 
 def _set_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Any],

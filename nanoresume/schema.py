@@ -1,6 +1,6 @@
 """What a checkpoint of each kind holds, keys and types, checked in one place.
 
-Two kinds exist (see ``Trainer.state_dict`` and ``Trainer._evaluate_and_log``):
+Two kinds exist (the keys of a training state are named in :mod:`nanoresume.training_state`):
 ``"train"`` (``OUT/checkpoints/step_*.pt``, the full training state) and
 ``"weights"`` (``OUT/best.pt`` or an export). A file without :func:`problems`
 can be resumed from (train) or sampled from (either) without a crash, as far as
@@ -18,8 +18,15 @@ from typing import Any, Callable
 import torch
 
 from .config import PRESETS, ModelConfig, TrainConfig
+from .training_state import (BEST_VAL_LOSS, CONFIG, DATA, EVALUATED_STEP, FINGERPRINT, FORMAT_VERSION,
+                             FORMAT_VERSION_KEY, HEADER, KIND, KIND_KEY, MODEL, OPTIMIZER, RANK, RANKS, RNG, SAMPLER,
+                             SCALER, SCHEDULER, STEP, TOKENS_SEEN, WORLD_SIZE)
 
-KINDS = ("train", "weights")
+WEIGHTS_KIND = "weights"
+KINDS = (KIND, WEIGHTS_KIND)
+# The keys of a weights file that a training state does not have.
+VAL_LOSS = "val_loss"
+MODEL_CONFIG = "model_config"
 # ModelConfig fields a checkpoint must hold; dropout is left out on purpose (inference runs without it).
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # TrainConfig fields that a preset fills: None there (as in a config that was never resolved) cannot train.
@@ -65,47 +72,30 @@ def _check_for(hint: Any) -> Check:
 
 # One check per top-level key of each kind; nested values get their own functions below.
 _TOP_LEVEL: dict[str, dict[str, tuple[str, Check]]] = {
-    "train": {
-        "step": ("an int", _is_int),
-        "tokens_seen": ("an int", _is_int),
-        "best_val_loss": ("a number", _is_number),
-        "evaluated_step": ("an int", _is_int),
-        "config": ("a dict", lambda v: isinstance(v, dict)),
-        "data": ("a dict", lambda v: isinstance(v, dict)),
-        "model": ("a dict", lambda v: isinstance(v, dict)),
-        "optimizer": ("a dict", lambda v: isinstance(v, dict)),
-        "scheduler": ("a dict", lambda v: isinstance(v, dict)),
-        "scaler": ("a dict", lambda v: isinstance(v, dict)),
-        "sampler": ("a dict", lambda v: isinstance(v, dict)),
-        "world_size": ("a positive int", lambda v: _is_int(v) and v >= 1),
-        "ranks": ("a non-empty list", lambda v: isinstance(v, (list, tuple)) and len(v) > 0),
+    KIND: {
+        STEP: ("an int", _is_int),
+        TOKENS_SEEN: ("an int", _is_int),
+        BEST_VAL_LOSS: ("a number", _is_number),
+        EVALUATED_STEP: ("an int", _is_int),
+        CONFIG: ("a dict", lambda v: isinstance(v, dict)),
+        DATA: ("a dict", lambda v: isinstance(v, dict)),
+        MODEL: ("a dict", lambda v: isinstance(v, dict)),
+        OPTIMIZER: ("a dict", lambda v: isinstance(v, dict)),
+        SCHEDULER: ("a dict", lambda v: isinstance(v, dict)),
+        SCALER: ("a dict", lambda v: isinstance(v, dict)),
+        SAMPLER: ("a dict", lambda v: isinstance(v, dict)),
+        WORLD_SIZE: ("a positive int", lambda v: _is_int(v) and v >= 1),
+        RANKS: ("a non-empty list", lambda v: isinstance(v, (list, tuple)) and len(v) > 0),
     },
-    "weights": {
-        "step": ("an int", _is_int),
-        "tokens_seen": ("an int", _is_int),
-        "val_loss": ("a number or None", _is_optional(_is_number)),
-        "model": ("a dict", lambda v: isinstance(v, dict)),
-        "model_config": ("a dict", lambda v: isinstance(v, dict)),
+    WEIGHTS_KIND: {
+        STEP: ("an int", _is_int),
+        TOKENS_SEEN: ("an int", _is_int),
+        VAL_LOSS: ("a number or None", _is_optional(_is_number)),
+        MODEL: ("a dict", lambda v: isinstance(v, dict)),
+        MODEL_CONFIG: ("a dict", lambda v: isinstance(v, dict)),
     },
 }
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {kind: ("format_version", "kind", *keys)
-                                             for kind, keys in _TOP_LEVEL.items()}
-
-# A checkpoint folder (torch.distributed.checkpoint) stores each value of a nested dict as its own entry
-# and drops empty dicts, such as a float32 run's scaler state or the scheduler's [{}] for its lambda.
-# These parts hold no tensors, so a folder stores each whole, as a 1-tuple, which DCP keeps as one value.
-WHOLE_IN_FOLDERS = ("config", "data", "scheduler", "scaler", "sampler")
-
-
-def for_folder(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` as a checkpoint folder stores it (see :data:`WHOLE_IN_FOLDERS`)."""
-    return {key: (value,) if key in WHOLE_IN_FOLDERS else value for key, value in state.items()}
-
-
-def from_folder(state: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`for_folder`; a part that is not a 1-tuple is left for :func:`problems` to name."""
-    return {key: value[0] if key in WHOLE_IN_FOLDERS and isinstance(value, tuple) and len(value) == 1 else value
-            for key, value in state.items()}
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {kind: (*HEADER, *keys) for kind, keys in _TOP_LEVEL.items()}
 
 
 def problems(state: Any) -> list[str]:
@@ -115,7 +105,7 @@ def problems(state: Any) -> list[str]:
     found = _header_problems(state)
     if found:
         return found
-    kind = state["kind"]
+    kind = state[KIND_KEY]
     missing = [key for key in REQUIRED_KEYS[kind] if key not in state]
     if missing:
         return [f"{kind} checkpoint lacks {', '.join(missing)}; it was not written by nanoresume or is from "
@@ -125,23 +115,23 @@ def problems(state: Any) -> list[str]:
             found.append(f"{key!r} is {_describe(state[key])}, not {expected}")
     if found:
         return found
-    found += _model_problems(state["model"])
-    if kind == "weights":
-        return found + _config_problems("model_config", state["model_config"], ModelConfig, SHAPE_FIELDS)
-    return (found + _config_problems("config", state["config"], TrainConfig, SHAPE_FIELDS + _RESOLVED_FIELDS)
-            + _data_problems(state["data"]) + _optimizer_problems(state["optimizer"])
-            + _scheduler_problems(state["scheduler"]) + _scaler_problems(state["scaler"])
-            + _sampler_problems(state["sampler"]) + _ranks_problems(state["ranks"], state["world_size"]))
+    found += _model_problems(state[MODEL])
+    if kind == WEIGHTS_KIND:
+        return found + _config_problems(MODEL_CONFIG, state[MODEL_CONFIG], ModelConfig, SHAPE_FIELDS)
+    return (found + _config_problems(CONFIG, state[CONFIG], TrainConfig, SHAPE_FIELDS + _RESOLVED_FIELDS)
+            + _data_problems(state[DATA]) + _optimizer_problems(state[OPTIMIZER])
+            + _scheduler_problems(state[SCHEDULER]) + _scaler_problems(state[SCALER])
+            + _sampler_problems(state[SAMPLER]) + _ranks_problems(state[RANKS], state[WORLD_SIZE]))
 
 
 def _header_problems(state: dict[str, Any]) -> list[str]:
     found = []
-    version = state.get("format_version")
+    version = state.get(FORMAT_VERSION_KEY)
     if not _is_int(version):
-        found.append(f"'format_version' is {_describe(version)}, not an int")
-    kind = state.get("kind")
+        found.append(f"{FORMAT_VERSION_KEY!r} is {_describe(version)}, not an int")
+    kind = state.get(KIND_KEY)
     if not isinstance(kind, str):
-        found.append(f"'kind' is {_describe(kind)}, not a str")
+        found.append(f"{KIND_KEY!r} is {_describe(kind)}, not a str")
     elif kind == "state":
         found.append("written by nanoresume.Checkpointer for a loop of your own, not by the GPT trainer; "
                      "resume it with that loop (nanoresume ckpt verify/show/diff read it too)")
@@ -175,8 +165,8 @@ def _config_problems(key: str, config: dict[str, Any], schema: type, required: t
 
 
 def _data_problems(data: dict[str, Any]) -> list[str]:
-    return [] if isinstance(data.get("fingerprint"), str) else \
-        [f"data.fingerprint is {_describe(data.get('fingerprint'))}, not the SHA-256 string of the training data"]
+    return [] if isinstance(data.get(FINGERPRINT), str) else \
+        [f"{DATA}.{FINGERPRINT} is {_describe(data.get(FINGERPRINT))}, not the SHA-256 string of the training data"]
 
 
 def _optimizer_problems(optimizer: dict[str, Any]) -> list[str]:
@@ -221,15 +211,15 @@ def _ranks_problems(ranks: Any, world_size: int) -> list[str]:
 
 
 def _rank_problems(index: int, rank: Any) -> list[str]:
-    where = f"ranks[{index}]"
+    where = f"{RANKS}[{index}]"
     if not isinstance(rank, dict):
         return [f"{where} is {_describe(rank)}, not a dict"]
     found = []
-    if rank.get("rank") != index:
-        found.append(f"{where}.rank is {_describe(rank.get('rank'))}, not {index}")
-    rng = rank.get("rng")
+    if rank.get(RANK) != index:
+        found.append(f"{where}.{RANK} is {_describe(rank.get(RANK))}, not {index}")
+    rng = rank.get(RNG)
     if not isinstance(rng, dict):
-        return found + [f"{where}.rng is {_describe(rng)}, not a dict"]
+        return found + [f"{where}.{RNG} is {_describe(rng)}, not a dict"]
     python, numpy = rng.get("python"), rng.get("numpy")
     if not (isinstance(python, dict) and _is_int(python.get("version")) and _is_vector(python.get("keys"), 625)
             and _is_optional(_is_number)(python.get("gauss"))):
@@ -275,8 +265,5 @@ def weights_state(model: dict[str, Any], model_config: dict[str, Any], step: int
     ``val_loss`` is the validation loss of these weights, or None when it is not known (an
     export of a step checkpoint, which records only the best loss seen so far).
     """
-    from .checkpoint import FORMAT_VERSION
-
-    return {"format_version": FORMAT_VERSION, "kind": "weights", "model": model,
-            "model_config": model_config, "step": step, "tokens_seen": tokens_seen,
-            "val_loss": val_loss}
+    return {FORMAT_VERSION_KEY: FORMAT_VERSION, KIND_KEY: WEIGHTS_KIND, MODEL: model, MODEL_CONFIG: model_config,
+            STEP: step, TOKENS_SEEN: tokens_seen, VAL_LOSS: val_loss}

@@ -24,6 +24,7 @@ from .distributed import DistributedEnv
 from .errors import CheckpointError, ConfigError
 from .loading import load_valid
 from .rundir import RunDir
+from .training_state import CONFIG, WORLD_SIZE
 
 Warn = Callable[[str], None]
 
@@ -72,8 +73,8 @@ def plan_start(checkpoint_state: Optional[dict[str, Any]], unsaved_config: Optio
     found (the model's shape, the data), ConfigError when the merged config is invalid.
     """
     if checkpoint_state is not None:
-        cfg, changes = merge_resumed_config(checkpoint_state["config"], asked, explicit,
-                                            int(checkpoint_state.get("world_size", 1)), world_size)
+        cfg, changes = merge_resumed_config(checkpoint_state[CONFIG], asked, explicit,
+                                            int(checkpoint_state.get(WORLD_SIZE, 1)), world_size)
         mode = StartMode.RESUME
     elif unsaved_config is not None:
         # Train the run config.json describes again, from step 0, with the flags given now applied

@@ -1,4 +1,4 @@
-"""Training counters and RNG capture/restore, as plain values and tensors.
+"""RNG capture/restore and seeding, as plain values and tensors.
 
 Everything here loads under ``torch.load(weights_only=True)``: numpy's legacy
 state tuple holds an ndarray, which the safe loader refuses, so it is stored as a
@@ -7,32 +7,11 @@ tensor plus plain fields.
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
-
-
-@dataclass
-class Progress:
-    """Counters that a resumed run continues from."""
-
-    step: int = 0  # optimizer steps completed
-    tokens_seen: int = 0  # training tokens consumed, summed over ranks
-    best_val_loss: float = math.inf
-    evaluated_step: int = -1  # last step whose evaluation completed (a stop can cut one short)
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.best_val_loss = float(state["best_val_loss"])
-        self.evaluated_step = int(state["evaluated_step"])
 
 
 def capture_rng_state() -> dict[str, Any]:

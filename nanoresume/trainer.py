@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, parallel, schema, startup
+from . import checkpoint, distributed, parallel, schema, startup, training_state
 from .config import TrainConfig, derived_fields
 from .console import Console, configure_logging, format_elapsed, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
@@ -42,7 +42,9 @@ from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .signals import StopFlag
 from .startup import StartMode
-from .state import Progress, capture_rng_state, restore_rng_state, seed_everything, seed_rank_streams
+from .state import capture_rng_state, restore_rng_state, seed_everything, seed_rank_streams
+from .training_state import (DATA, FINGERPRINT, MODEL, OPTIMIZER, RANKS, RNG, SAMPLER, SCALER, SCHEDULER, SOURCE,
+                             Counters)
 
 TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
 # A stop is honoured between optimizer steps; a step longer than this would outlast the ~30 s
@@ -204,7 +206,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.global_batch(env.world_size), cfg.seed)
         self.val_batches = eval_offsets(len(self.data.val), cfg.block_size, cfg.eval_iters, cfg.batch_size)
-        self.progress = Progress()
+        self.progress = Counters()
 
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
         self._check_same_data(path, state)
@@ -232,7 +234,7 @@ class Trainer:
 
         Holds references to live tensors: save or copy it before the next step.
         """
-        rank_states = distributed.gather_objects({"rank": self.env.rank, "rng": capture_rng_state()})
+        rank_states = distributed.gather_objects(training_state.rank_entry(self.env.rank, capture_rng_state()))
         model, optimizer = parallel.file_state(self.raw_model, self.optimizer, self.sharded_model)
         return self._training_state(model, optimizer, rank_states)
 
@@ -241,45 +243,39 @@ class Trainer:
         model and optimizer, its own RNG streams, and what every rank holds alike. Gathers nothing."""
         model, optimizer = parallel.sharded_state(self.raw_model, self.optimizer)
         # A key per rank: DCP keeps one copy of a key that every rank saves.
-        return schema.for_folder(self._training_state(
-            model, optimizer, {str(self.env.rank): {"rank": self.env.rank, "rng": capture_rng_state()}}))
+        return training_state.for_folder(self._training_state(
+            model, optimizer, {str(self.env.rank): training_state.rank_entry(self.env.rank, capture_rng_state())}))
 
     def _training_state(self, model: dict[str, Any], optimizer: dict[str, Any], ranks: Any) -> dict[str, Any]:
-        return {
-            "format_version": checkpoint.FORMAT_VERSION,
-            "kind": "train",
-            **self.progress.state_dict(),
-            "world_size": self.env.world_size,
-            "config": self.cfg.to_dict(),
-            "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
-            "model": model,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(),  # the same on every rank: batches depend on the step only
-            "ranks": ranks,  # one entry per rank: its own random number streams
-        }
+        # The sampler is the same on every rank: batches depend on the step only.
+        return training_state.build(
+            self.progress, self.cfg.to_dict(), {FINGERPRINT: self.data.fingerprint, SOURCE: self.data.source},
+            self.env.world_size, model, optimizer, self._parts(), ranks)
+
+    def _parts(self) -> dict[str, training_state.Stateful]:
+        """The stateful parts of a checkpoint besides the model and optimizer, by name."""
+        return {SCHEDULER: self.scheduler, SCALER: self.scaler, SAMPLER: self.sampler}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a state in the file layout (every rank passes all of it; under FSDP each keeps its shards)."""
-        parallel.load_file_state(self.raw_model, self.optimizer, state["model"], state["optimizer"],
+        parallel.load_file_state(self.raw_model, self.optimizer, state[MODEL], state[OPTIMIZER],
                                  self.sharded_model)
         self._load_training_state(state)
 
     def _load_training_state(self, state: dict[str, Any]) -> None:
         """Everything but the model and the optimizer's tensors."""
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and not state["scaler"]:
+        self.scheduler.load_state_dict(state[SCHEDULER])
+        if self.scaler.is_enabled() and not state[SCALER]:
             self.console.warn("the checkpoint was not trained in float16: starting a new gradient scaler")
         else:
-            self.scaler.load_state_dict(state["scaler"])
+            self.scaler.load_state_dict(state[SCALER])
         self.progress.load_state_dict(state)
         apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.lr, (self.cfg.beta1, self.cfg.beta2),
                               self.cfg.weight_decay)
-        self.sampler.load_state_dict(state["sampler"])
-        ranks = state["ranks"]
+        self.sampler.load_state_dict(state[SAMPLER])
+        ranks = state[RANKS]
         if len(ranks) == self.env.world_size:
-            for warning in restore_rng_state(ranks[self.env.rank]["rng"]):
+            for warning in restore_rng_state(ranks[self.env.rank][RNG]):
                 self.console.warn(warning)
         else:
             seed_rank_streams(self.cfg.seed, self.env.rank, self.progress.step)
@@ -288,7 +284,7 @@ class Trainer:
                               f"each rank's random numbers (dropout) start new streams")
 
     def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
-        saved = state["data"]["fingerprint"]
+        saved = state[DATA][FINGERPRINT]
         if saved != self.data.fingerprint:
             raise CheckpointError(
                 f"cannot resume from {path}: the training data differs (fingerprint {saved[:12]} in the "

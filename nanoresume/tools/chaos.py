@@ -32,6 +32,7 @@ from ..compare import first_difference
 from ..config import RUNTIME_FIELDS
 from ..loading import read_state
 from ..rundir import RunDir
+from ..training_state import CONFIG
 
 WRITE_MARK = "chaos: checkpoint write started"
 WRITE_DONE_MARK = "chaos: checkpoint write committed"
@@ -216,7 +217,7 @@ def comparable_state(path: Path) -> dict[str, Any]:
     by design. A checkpoint folder is read whole (all its shards, in the layout of a file)."""
     state = read_state(Path(path)) if Path(path).is_dir() else checkpoint.load_checkpoint(path)
     for name in RUNTIME_FIELDS:
-        state.get("config", {}).pop(name, None)
+        state.get(CONFIG, {}).pop(name, None)
     return state
 
 

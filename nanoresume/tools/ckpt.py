@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import checkpoint, schema
+from .. import training_state as ts
 from ..checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, load_checkpoint, resolve_resume
 from ..checkpoint.folders import folder_nbytes
 from ..checkpoint.manager import require_train_state
@@ -101,8 +102,8 @@ def problem(path: Path, load: Callable[[Path], dict[str, Any]]) -> Optional[str]
         state = load(path)
     except CheckpointError as e:
         return str(e)
-    if is_step_name(path.name) and state["kind"] not in ("train", "state"):
-        return (f"{path}: holds {state['kind']!r} weights under a step checkpoint's name, not a training "
+    if is_step_name(path.name) and state[ts.KIND_KEY] not in (ts.KIND, "state"):
+        return (f"{path}: holds {state[ts.KIND_KEY]!r} weights under a step checkpoint's name, not a training "
                 f"state; --resume auto skips it. Rename or remove it")
     return None
 
@@ -151,7 +152,7 @@ def cmd_list(out: Path) -> int:
         reason = problem(best, load)
         if reason is None:
             state = load(best)
-            print(f"best.pt: step {state['step']:,}, val loss {format_loss(state['val_loss'])}")
+            print(f"best.pt: step {state[ts.STEP]:,}, val loss {format_loss(state[schema.VAL_LOSS])}")
         else:
             print(f"best.pt: BAD: {reason}")
             bad += 1
@@ -174,8 +175,8 @@ def list_row(step_file: StepFile, load: CachedLoader) -> bool:
     if is_state_file(state):  # a loop of the user's own counts no tokens and keeps no best loss here
         tokens, best = "-", "-"
     else:
-        tokens, best = f"{state['tokens_seen']:,}", format_loss(state["best_val_loss"])
-    print(f"  {state['step']:>8}  {tokens:>13}  {best:>8}  {size:>8}  {when:19}  ok")
+        tokens, best = f"{state[ts.TOKENS_SEEN]:,}", format_loss(state[ts.BEST_VAL_LOSS])
+    print(f"  {state[ts.STEP]:>8}  {tokens:>13}  {best:>8}  {size:>8}  {when:19}  ok")
     return False
 
 
@@ -253,36 +254,38 @@ def cmd_show(path: Path) -> int:
     state = read_any(path)
     if is_state_file(state):
         return show_state_file(path, state)
-    config = state["config"] if state["kind"] == "train" else state["model_config"]
-    print(f"{path}: kind {state['kind']!r}, format_version {state['format_version']}, step {state['step']:,}, "
-          f"tokens seen {state['tokens_seen']:,}")
-    loss_key = "best_val_loss" if state["kind"] == "train" else "val_loss"
+    train = state[ts.KIND_KEY] == ts.KIND
+    config = state[ts.CONFIG] if train else state[schema.MODEL_CONFIG]
+    print(f"{path}: kind {state[ts.KIND_KEY]!r}, format_version {state[ts.FORMAT_VERSION_KEY]}, "
+          f"step {state[ts.STEP]:,}, tokens seen {state[ts.TOKENS_SEEN]:,}")
+    loss_key = ts.BEST_VAL_LOSS if train else schema.VAL_LOSS
     print(f"{loss_key}: {format_loss(state[loss_key])}")
     print(f"state keys: {', '.join(state)}")
     if path.is_dir():
         files = sorted(p.name for p in path.iterdir() if p.is_file())
         print(f"stored as a folder of shards: {', '.join(files)} ({human_size(folder_nbytes(path))})")
-    print("config:" if state["kind"] == "train" else "model_config:")
+    print(f"{ts.CONFIG if train else schema.MODEL_CONFIG}:")
     for key in sorted(config):
         print(f"  {key} = {config[key]!r}")
-    if "data" in state:
-        print(f"data: {state['data'].get('source')} (fingerprint {str(state['data'].get('fingerprint'))[:12]})")
-    model = state["model"]
+    if ts.DATA in state:
+        data = state[ts.DATA]
+        print(f"data: {data.get(ts.SOURCE)} (fingerprint {str(data.get(ts.FINGERPRINT))[:12]})")
+    model = state[ts.MODEL]
     print(f"model: {len(model)} tensors, {unique_parameters(model):,} parameters (tied tensors counted once)")
     for name, t in model.items():
         print(tensor_line(name, t))
-    if "optimizer" in state:
+    if ts.OPTIMIZER in state:
         print("optimizer:")
-        print("\n".join(optimizer_summary(state["optimizer"])))
-    if "scheduler" in state:
-        print(f"scheduler: last_epoch {state['scheduler'].get('last_epoch')}, "
-              f"last lr {state['scheduler'].get('_last_lr')}")
-    if "scaler" in state:
-        print(f"scaler: {state['scaler'] or 'disabled (float32/bfloat16 run)'}")
-    if "sampler" in state:
-        print(f"sampler: {state['sampler']} (written by {state.get('world_size', 1)} process(es))")
-    for rank in state.get("ranks", []):
-        print(f"rank {rank.get('rank')}: rng streams {', '.join(rank.get('rng', {}))}")
+        print("\n".join(optimizer_summary(state[ts.OPTIMIZER])))
+    if ts.SCHEDULER in state:
+        print(f"scheduler: last_epoch {state[ts.SCHEDULER].get('last_epoch')}, "
+              f"last lr {state[ts.SCHEDULER].get('_last_lr')}")
+    if ts.SCALER in state:
+        print(f"scaler: {state[ts.SCALER] or 'disabled (float32/bfloat16 run)'}")
+    if ts.SAMPLER in state:
+        print(f"sampler: {state[ts.SAMPLER]} (written by {state.get(ts.WORLD_SIZE, 1)} process(es))")
+    for rank in state.get(ts.RANKS, []):
+        print(f"rank {rank.get(ts.RANK)}: rng streams {', '.join(rank.get(ts.RNG, {}))}")
     return 0
 
 
@@ -385,11 +388,11 @@ def weights_from(state: dict[str, Any]) -> dict[str, Any]:
     A step checkpoint records only the best validation loss seen so far, not the loss of
     these weights, so ``val_loss`` is None unless the source already was a weights file.
     """
-    if state["kind"] == "weights":
-        model_config, val_loss = state["model_config"], state["val_loss"]
+    if state[ts.KIND_KEY] == schema.WEIGHTS_KIND:
+        model_config, val_loss = state[schema.MODEL_CONFIG], state[schema.VAL_LOSS]
     else:
-        model_config, val_loss = dataclasses.asdict(config_from_dict(state["config"]).model_config()), None
-    return schema.weights_state(state["model"], model_config, state["step"], state["tokens_seen"], val_loss)
+        model_config, val_loss = dataclasses.asdict(config_from_dict(state[ts.CONFIG]).model_config()), None
+    return schema.weights_state(state[ts.MODEL], model_config, state[ts.STEP], state[ts.TOKENS_SEEN], val_loss)
 
 
 def check_export_target(source: Path, target: Path, force: bool) -> None:
@@ -416,7 +419,7 @@ def cmd_export(source: Path, target: Path, force: bool) -> int:
         digest = checkpoint.write_checksum_file(target)
     except CheckpointWriteError as e:  # its advice speaks of training; give the export's own
         raise UserError(f"--to {target}: {e.problem}; choose a writable folder with free space") from None
-    print(f"wrote {target} (step {state['step']:,}, sha256 {digest[:12]}) and "
+    print(f"wrote {target} (step {state[ts.STEP]:,}, sha256 {digest[:12]}) and "
           f"{checkpoint.checksum_path(target).name}")
     return 0
 

@@ -13,15 +13,17 @@ from .chaos import comparable_state
 from .ckpt import describe_tensor_difference
 from ..compare import Difference, find_difference, plain_equal
 from ..config import TrainConfig
+from ..training_state import (COUNTERS, HEADER, KIND, KIND_KEY, MODEL, OPTIMIZER, RANKS, RNG, SAMPLER, SCALER,
+                              SCHEDULER, SETTINGS)
 from .selftest import Outcome, Scenario, read_losses
 
 # Top-level keys of a checkpoint, as parts a person names (other keys keep their own names), in the
 # order a difference is looked for: the weights and what updates them first, bookkeeping last.
-PART_NAMES = {"model": "model", "optimizer": "optimizer", "scheduler": "scheduler", "scaler": "gradient scaler",
-              "ranks": "RNG streams", "rng": "RNG streams", "sampler": "data position",
-              "step": "counters", "tokens_seen": "counters", "best_val_loss": "counters", "evaluated_step": "counters",
-              "config": "settings", "data": "settings", "world_size": "settings"}
-_HEADER = ("format_version", "kind")
+# "rng" is a Checkpointer file's key for its random streams.
+PART_NAMES = {MODEL: "model", OPTIMIZER: "optimizer", SCHEDULER: "scheduler", SCALER: "gradient scaler",
+              RANKS: "RNG streams", "rng": "RNG streams", SAMPLER: "data position",
+              **dict.fromkeys(COUNTERS, "counters"), **dict.fromkeys(SETTINGS, "settings")}
+_HEADER = HEADER
 
 
 @dataclass
@@ -150,15 +152,15 @@ def locate(difference: Difference, state: dict[str, Any]) -> str:
     path = difference.path
     if state.get("kind") == "state" and path[:1] == ("objects",):
         path = path[1:]
-    if len(path) == 2 and path[0] == "model":
+    if len(path) == 2 and path[0] == MODEL:
         return f"model weight {path[1]}"
-    if len(path) == 4 and path[:2] == ("optimizer", "state"):
+    if len(path) == 4 and path[:2] == (OPTIMIZER, "state"):
         return f"optimizer {path[3]} of {_parameter_name(state, path[2])}"
-    if len(path) >= 4 and path[0] == "ranks" and path[2] == "rng":
+    if len(path) >= 4 and path[0] == RANKS and path[2] == RNG:
         return f"the {path[3]} random number stream of rank {path[1]}"
     if len(path) >= 2 and path[0] == "rng":
         return f"the {path[1]} random number stream"
-    if path[:1] == ("sampler",):
+    if path[:1] == (SAMPLER,):
         return "the data position (sampler)"
     return difference.where("checkpoint")
 
@@ -166,7 +168,7 @@ def locate(difference: Difference, state: dict[str, Any]) -> str:
 def _parameter_name(state: dict[str, Any], index: int) -> str:
     """The name of the parameter an optimizer state entry belongs to, for a nanoresume GPT's optimizer
     (parameter ids count through the groups, as ``Optimizer.state_dict`` numbers them)."""
-    if state.get("kind") != "train":
+    if state.get(KIND_KEY) != KIND:
         return f"parameter {index}"
     from pathlib import Path
 

@@ -1,15 +1,14 @@
-"""Progress counters and RNG capture/restore."""
+"""RNG capture/restore and seeding."""
 
 from __future__ import annotations
 
 import io
-import math
 import random
 
 import numpy as np
 import torch
 
-from nanoresume.state import Progress, capture_rng_state, restore_rng_state, seed_everything
+from nanoresume.state import capture_rng_state, restore_rng_state, seed_everything
 
 
 def draws() -> tuple:
@@ -68,14 +67,3 @@ def test_seed_everything_makes_all_three_rngs_repeatable_and_seeds_differ():
     seed_everything(4)
     b = draws()
     assert a[0] != b[0] and a[1] != b[1] and not torch.equal(a[2], b[2])
-
-
-def test_progress_round_trips_through_its_state_dict_including_infinity():
-    fresh = Progress()
-    assert fresh.best_val_loss == math.inf
-    done = Progress(step=12, tokens_seen=3456, best_val_loss=1.25)
-    restored = Progress()
-    restored.load_state_dict(done.state_dict())
-    assert restored == done
-    restored.load_state_dict(fresh.state_dict())
-    assert restored == fresh
