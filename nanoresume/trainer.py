@@ -27,14 +27,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, parallel, schema, startup, training_state
+from . import checkpoint, distributed, messages, parallel, schema, startup, training_state
 from .config import TrainConfig, derived_fields
-from .console import Console, configure_logging, format_elapsed, log, wants_bar
+from .console import Console, configure_logging, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
 from .distributed import DistributedEnv, ProcessGroup, StepVotes
 from .errors import CheckpointError, CheckpointWriteError, NonFiniteLossError
 from .memory import check_fits
-from .invocation import DEFAULT_TRAIN_COMMAND, shell_command
+from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
 from .model import GPT
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
@@ -149,8 +149,7 @@ class Trainer:
         plan = startup.plan_start(found.checkpoint[1] if found.checkpoint else None, found.unsaved_config, cfg,
                                   explicit, env.world_size, unsaved_source=str(self.run_dir.config))
         for change in plan.changes:
-            self.console.log(f"changed on resume: {change}" if plan.mode is StartMode.RESUME
-                             else f"changed since the last start: {change}")
+            self.console.log(messages.config_change(change, resumed=plan.mode is StartMode.RESUME))
         self.cfg = cfg = plan.cfg
         check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -179,10 +178,9 @@ class Trainer:
         if found.checkpoint is not None:
             self._resume_from(*found.checkpoint)
         elif plan.mode is StartMode.RERUN:
-            self.console.log(f"no checkpoint in {self.run_dir.checkpoints} yet: training the run that "
-                             f"{self.run_dir.config} describes again, from step 0")
+            self.console.log(messages.training_unsaved_run_again(self.run_dir.checkpoints, self.run_dir.config))
         elif cfg.resume == "auto":
-            self.console.log(f"no checkpoint in {self.run_dir.checkpoints}; starting a new run")
+            self.console.log(messages.new_run(self.run_dir.checkpoints))
         self.resumed_from = found.checkpoint[0] if found.checkpoint else None
         if env.is_main:
             self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
@@ -216,15 +214,14 @@ class Trainer:
         else:
             self.load_state_dict(state)
         self.stop.last_committed_step = self._newest_checkpoint = self.progress.step
-        self.console.log(f"resumed from {path} at step {self.progress.step:,}")
+        self.console.log(messages.resumed(path, self.progress.step))
         if not self.env.is_main:
             return
         if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
             self.manager.staged_step = self.manager.committed_step = self.progress.step
             self.manager.committed_path = path
         for moved in self.manager.set_aside_after(self.progress.step):
-            self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
-                              f"run resumed from, so it belongs to a timeline the run left")
+            self.console.warn(messages.set_aside(moved))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -266,7 +263,7 @@ class Trainer:
         """Everything but the model and the optimizer's tensors."""
         self.scheduler.load_state_dict(state[SCHEDULER])
         if self.scaler.is_enabled() and not state[SCALER]:
-            self.console.warn("the checkpoint was not trained in float16: starting a new gradient scaler")
+            self.console.warn(messages.new_scaler())
         else:
             self.scaler.load_state_dict(state[SCALER])
         self.progress.load_state_dict(state)
@@ -279,17 +276,12 @@ class Trainer:
                 self.console.warn(warning)
         else:
             seed_rank_streams(self.cfg.seed, self.env.rank, self.progress.step)
-            self.console.warn(f"the checkpoint was written by {len(ranks)} process(es), this run has "
-                              f"{self.env.world_size}: model, optimizer and data order continue exactly, but "
-                              f"each rank's random numbers (dropout) start new streams")
+            self.console.warn(messages.new_rank_streams(len(ranks), self.env.world_size))
 
     def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
         saved = state[DATA][FINGERPRINT]
         if saved != self.data.fingerprint:
-            raise CheckpointError(
-                f"cannot resume from {path}: the training data differs (fingerprint {saved[:12]} in the "
-                f"checkpoint, {self.data.fingerprint[:12]} for {self.data.source}); pass the same --data, "
-                f"or choose another --out-dir for a new run")
+            raise CheckpointError(messages.other_data(path, saved, self.data.fingerprint, self.data.source))
 
     # ---- one step, one evaluation ------------------------------------------------------------
 
@@ -325,10 +317,8 @@ class Trainer:
         if votes.save_failed:
             raise self._save_failure()
         if votes.any_nonfinite_loss:
-            raise NonFiniteLossError(
-                f"training loss is {votes.loss} at step {self.progress.step + 1}; nothing from that step was "
-                f"saved ({self._newest_saved()}). Lower --lr, raise --warmup-steps or use --dtype "
-                f"bfloat16/float32, then rerun with --resume auto")
+            raise NonFiniteLossError(messages.nonfinite_loss(votes.loss, self.progress.step + 1,
+                                                             self._newest_checkpoint))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -403,7 +393,7 @@ class Trainer:
         self.console = Console(cfg.max_steps, progress.step, show_bar=wants_bar(cfg.progress),
                                log_interval=cfg.log_interval, started=self.started, quiet=not self.env.is_main)
         if not self.stop.can_install():
-            self.console.warn("not in the main thread: signals will not stop training gracefully")
+            self.console.warn(messages.not_main_thread())
         # Handlers stay installed through teardown, where a signal forces an immediate exit.
         with self.stop.installed(), contextlib.ExitStack() as cleanup:  # every close runs, even if one fails
             cleanup.callback(self.close)
@@ -412,10 +402,9 @@ class Trainer:
                               enabled=self.env.is_main)  # creates no file before start()
             cleanup.callback(metrics.close)
             cleanup.callback(setattr, self.stop, "exit_on_signal", True)  # runs first: nothing left to save
-            self.console.log(self._start_message())
+            self.console.log(self._start_line())
             if progress.step >= cfg.max_steps and not self._evaluation_due():
-                self.console.log(f"already at step {progress.step:,} of --max-steps {cfg.max_steps:,}; "
-                                 f"nothing to do (raise --max-steps to train longer)")
+                self.console.log(messages.nothing_to_do(progress.step, cfg.max_steps))
                 if self.env.is_main:
                     self.run_dir.write_exit_code(0)
                 return result
@@ -428,11 +417,9 @@ class Trainer:
         run (or one killed before its first checkpoint) at 0, dropping what earlier starts logged there."""
         first_logged = self.progress.step + 1 if self.resumed_from else 0
         last_lost = metrics.start(first_logged, self.cfg.to_dict())
-        first_trained = self.progress.step + 1
-        if last_lost is not None and last_lost >= first_trained:
-            steps = f"step {first_trained:,}" if last_lost == first_trained else \
-                f"steps {first_trained:,}-{last_lost:,}"
-            self.console.log(f"{steps} trained before the last stop were never saved: lost, training again")
+        lost = messages.lost_steps(self.progress.step + 1, last_lost)
+        if lost is not None:
+            self.console.log(lost)
 
     def _loop(self, metrics: Metrics, result: RunResult) -> None:
         cfg, progress = self.cfg, self.progress
@@ -467,9 +454,11 @@ class Trainer:
         unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
         if self._stop_agreed() and unfinished:
             result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
-            self.console.log(self._stopped_message(result.last_checkpoint))
+            self.console.log(messages.stopped(self.stop.reason, progress.step, result.last_checkpoint, self.command,
+                                              cfg.out_dir))
         elif not unfinished:
-            self.console.log(self._finished_message())
+            self.console.log(messages.finished(progress.step, progress.tokens_seen, progress.best_val_loss,
+                                               self.run_dir.best, time.monotonic() - self.started))
         if self.env.is_main:
             self.run_dir.write_exit_code(result.exit_code)
 
@@ -492,9 +481,7 @@ class Trainer:
     def _warn_if_slow(self, seconds: float) -> None:
         if seconds > SLOW_STEP_SECONDS and not self._warned_slow_step:
             self._warned_slow_step = True
-            self.console.warn(f"step {self.progress.step:,} took {seconds:.0f} s; a stop signal waits for the "
-                              f"step to end, so it may outlast a ~30 s preemption grace period. Lower "
-                              f"--grad-accum (or --batch-size) for shorter steps")
+            self.console.warn(messages.slow_step(self.progress.step, seconds))
 
     def _evaluation_due(self) -> bool:
         step = self.progress.step
@@ -529,9 +516,7 @@ class Trainer:
         """This step's checkpoint (or this rank's part of it); never one holding NaN/inf weights."""
         bad = next((name for name, p in self.raw_model.named_parameters()
                     if not torch.isfinite(parallel.local(p)).all()), None)
-        error = None if bad is None else NonFiniteLossError(
-            f"parameter {bad} holds NaN/inf at step {self.progress.step}; not saving it. Lower --lr, then rerun "
-            f"with --resume auto")
+        error = None if bad is None else NonFiniteLossError(messages.nonfinite_weights(bad, self.progress.step))
         if self.sharded_model:
             distributed.raise_if_any_failed(error)  # each rank sees only its shards
         elif error is not None:
@@ -549,10 +534,7 @@ class Trainer:
         self.progress.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
         metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
-        train = f"{train_loss:.4f}" if train_loss is not None else "-"
-        rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
-        self.console.log(f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | "
-                         f"val ppl {ppl:.2f} | {rate}")
+        self.console.log(messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second))
         window.reset()
         if val_loss < self.progress.best_val_loss:
             self.progress.best_val_loss = val_loss
@@ -569,30 +551,9 @@ class Trainer:
         needed = 2 * self._slowest_step + self._last_eval_seconds + 2 * self.manager.last_commit_seconds + 1.0
         return time.monotonic() - self.started + needed >= self.cfg.time_limit
 
-    def _newest_saved(self) -> str:
-        step = self._newest_checkpoint
-        return "no checkpoint yet" if step is None else f"newest checkpoint: step {step}"
-
-    def _start_message(self) -> str:
-        params = self.raw_model.num_parameters()
+    def _start_line(self) -> str:
         cfg, world = self.cfg, self.env.world_size
-        processes = (f", {world} processes x batch {cfg.batch_size} x accumulation {cfg.grad_accum} = "
-                     f"global batch {cfg.global_batch(world):,}" if world > 1 else "")
-        if self.sharded_model:
-            processes += f", sharded over {world} process{'es' if world > 1 else ''} (FSDP2)"
-        return (f"training steps {self.progress.step:,} -> {cfg.max_steps:,} on {self.device.type} "
-                f"({str(self.dtype).removeprefix('torch.')}), {params / 1e6:.2f}M parameters, "
-                f"{cfg.tokens_per_step(world):,} tokens/step{processes}; data {self.data.describe()}")
-
-    def _stopped_message(self, saved: Optional[Path]) -> str:
-        where = f"saved {saved}" if saved is not None else "nothing new to save"
-        again = shell_command([*self.command, "--out-dir", self.cfg.out_dir, "--resume", "auto"])
-        return f"stopped by {self.stop.reason} after step {self.progress.step:,}; {where}. Continue with: {again}"
-
-    def _finished_message(self) -> str:
-        best = self.progress.best_val_loss
-        best_text = f"best val loss {best:.4f} in {self.run_dir.best}" if math.isfinite(best) else \
-            "no validation loss yet"
-        return (f"finished: {self.progress.step:,} steps, {self.progress.tokens_seen:,} tokens, {best_text}, "
-                f"wall time {format_elapsed(time.monotonic() - self.started)}")
-
+        return messages.start(self.progress.step, cfg.max_steps, self.device.type,
+                              str(self.dtype).removeprefix("torch."), self.raw_model.num_parameters(),
+                              cfg.tokens_per_step(world), world, cfg.batch_size, cfg.grad_accum,
+                              cfg.global_batch(world), self.sharded_model, self.data.describe())
