@@ -142,7 +142,7 @@ def resume_times(trainer, folder: Path, repeats: int, sync: Callable[[], None]) 
     paths = {}
     manager = CheckpointManager(folder / "counters", 1, 10)
     for step in (100, 100_000):
-        trainer.progress.step = step
+        trainer.counters.step = step
         trainer.scheduler.last_epoch = step
         paths[step] = manager.save(step, trainer.state_dict())
     results = {step: [] for step in paths}

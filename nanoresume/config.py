@@ -42,9 +42,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu10m": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, lr=1e-3),
 }
 
-# Fields that define the model's shape or the data it sees. A resumed run must
-# match the checkpoint on these; everything else may change across a resume.
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "val_fraction")
+# Fields that define the model's shape (dropout does not: inference runs without it).
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+# Fields that decide which tokens are trained on and which are held out.
+DATA_SPLIT_FIELDS = ("val_fraction",)
+# A resumed run must match the checkpoint on these; everything else may change across a resume.
+MUST_MATCH_ON_RESUME = ARCHITECTURE_FIELDS + DATA_SPLIT_FIELDS
 # Fields always taken from the current command line, never from a resumed checkpoint. The
 # numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
 # the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
@@ -318,57 +321,76 @@ def _base_type(kind: Any) -> Any:
     return typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
 
 
-def parse_command_line(argv: Optional[list[str]] = None, prog: str = "train.py") -> tuple[TrainConfig, set[str]]:
-    """The config for ``argv`` (a ``--config`` file underneath, flags on top) and the names of the
-    fields the user set, in the file or as flags (see :func:`explicit_fields`).
+@dataclass(frozen=True)
+class CommandLine:
+    """A ``train`` command line, parsed once: the config, the fields the user set (in a ``--config``
+    file or as flags; a preset counts as setting every field it fills), and the self-test request
+    (None: train; else the processes each run starts under torchrun, 0 for none)."""
 
-    Exits 2 on unknown flags; raises ConfigError on bad values.
+    cfg: TrainConfig
+    explicit: set[str]
+    self_test: Optional[int]
+
+
+def read_command_line(argv: Optional[list[str]] = None, prog: str = "train.py") -> CommandLine:
+    """Parse ``argv`` (a ``--config`` file underneath, flags on top) into a :class:`CommandLine`.
+
+    Exits 2 on unknown flags; raises ConfigError on bad values, then on a bad self-test request.
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(prog)
-    from_file: dict[str, Any] = {}
-    config_file = parser.parse_args(argv).config
-    if config_file is not None:
-        from_file = fields_from_file(config_file)
-        parser.set_defaults(**from_file)
-    values = vars(parser.parse_args(argv))
-    for name in COMMAND_OPTIONS:
-        values.pop(name)
+    typed = vars(_typed_only(build_parser(prog)).parse_args(argv))  # only what argv sets
+    from_file = fields_from_file(typed["config"]) if typed.get("config") is not None else {}
+    given = {name: value for name, value in typed.items() if name not in COMMAND_OPTIONS}
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | from_file | given
     cfg = resolve_config(TrainConfig(**values), check=values["resume"] == "none")
-    given = explicit_fields(argv, prog) | set(from_file)
-    if "preset" in from_file:
-        given |= set(PRESETS[from_file["preset"]])
-    return cfg, given
+    explicit = set(given) | set(from_file)
+    for preset in (from_file.get("preset"), given.get("preset")):
+        if preset is not None:
+            explicit |= set(PRESETS[preset])
+    return CommandLine(cfg, explicit, _self_test(typed.get("self_test", False), typed.get("self_test_nproc")))
 
 
-def self_test_request(argv: list[str], prog: str = "train.py") -> Optional[int]:
-    """None without ``--self-test``; with it, the processes each run starts under torchrun (0: no torchrun).
+def _typed_only(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser``, leaving out of its result every option argv does not set (--help still shows defaults)."""
+    for action in parser._actions:
+        if action.help and action.default is not argparse.SUPPRESS:
+            action.help = action.help.replace("%(default)s", str(action.default).replace("%", "%%"))
+        action.default = argparse.SUPPRESS
+    return parser
 
-    Raises ConfigError for ``--self-test-nproc`` without ``--self-test``, or below 1.
-    """
-    options = build_parser(prog).parse_args(argv)
-    nproc = options.self_test_nproc
-    if nproc is not None and not options.self_test:
+
+def _self_test(requested: bool, nproc: Optional[int]) -> Optional[int]:
+    if nproc is not None and not requested:
         raise ConfigError("--self-test-nproc only applies to --self-test; add --self-test, or leave it out")
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--self-test-nproc {nproc} must be at least 1")
-    return (nproc or 0) if options.self_test else None
+    return (nproc or 0) if requested else None
+
+
+def parse_command_line(argv: Optional[list[str]] = None, prog: str = "train.py") -> tuple[TrainConfig, set[str]]:
+    """The config for ``argv`` and the fields the user set (see :class:`CommandLine`)."""
+    line = read_command_line(argv, prog)
+    return line.cfg, line.explicit
+
+
+def self_test_request(argv: list[str], prog: str = "train.py") -> Optional[int]:
+    """:attr:`CommandLine.self_test` of ``argv``: None without ``--self-test``, else the processes each
+    run starts under torchrun (0: no torchrun). Raises ConfigError for ``--self-test-nproc`` without
+    ``--self-test``, or below 1."""
+    typed = vars(_typed_only(build_parser(prog)).parse_args(argv))
+    return _self_test(typed.get("self_test", False), typed.get("self_test_nproc"))
 
 
 def parse_config(argv: Optional[list[str]] = None, prog: str = "train.py") -> TrainConfig:
     """Parse and resolve CLI arguments; exits 2 on unknown flags, raises ConfigError on bad values."""
-    return parse_command_line(argv, prog)[0]
+    return read_command_line(argv, prog).cfg
 
 
 def explicit_fields(argv: list[str], prog: str = "train.py") -> set[str]:
     """Names of the fields the user typed (a preset counts as typing every field it fills)."""
-    parser = build_parser(prog)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv))) - set(COMMAND_OPTIONS)
-    if "preset" in given:
-        given |= set(PRESETS[vars(parser.parse_args(argv))["preset"]])
-    return given
+    typed = vars(_typed_only(build_parser(prog)).parse_args(argv))
+    given = set(typed) - set(COMMAND_OPTIONS)
+    return given | set(PRESETS[typed["preset"]]) if "preset" in typed else given
 
 
 def fields_from_file(path: str) -> dict[str, Any]:
@@ -441,7 +463,7 @@ DERIVED_FIELDS = ("world_size", "global_batch_size", "tokens_per_step")
 
 def merge_resumed_config(saved: dict[str, Any], current: TrainConfig, explicit: Optional[set[str]],
                          saved_world_size: int = 1, world_size: int = 1, source: str = "the checkpoint",
-                         must_match: Sequence[str] = ARCHITECTURE_FIELDS) -> tuple[TrainConfig, list[str]]:
+                         must_match: Sequence[str] = MUST_MATCH_ON_RESUME) -> tuple[TrainConfig, list[str]]:
     """The config of a resumed run: the saved one (``source``), overridden by flags given now.
 
     ``explicit`` names the flags the user typed (None: every field counts as given, as in

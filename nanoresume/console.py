@@ -181,3 +181,24 @@ class Console:
             self.bar.close()
         except (OSError, ValueError):
             self.bar.disable = True  # the stream is gone; nothing left to tidy on it
+
+
+class TrainWindow:
+    """Train losses and throughput since the last evaluation line (display only, not state)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+
+    def summary(self) -> tuple[Optional[float], Optional[float]]:
+        """(mean train loss, tokens/s) since the last reset; (None, None) before any step."""
+        if not self.losses:
+            return None, None
+        return sum(self.losses) / len(self.losses), self.tokens / (time.perf_counter() - self.started)

@@ -48,7 +48,7 @@ def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
 
 def install() -> None:
     """Patch the trainer and sampler as the environment asks; a no-op when it asks for nothing."""
-    from . import distributed, trainer
+    from . import distributed, training_parts
     from .data import BatchSampler
     from .model import GPT
     from .trainer import Trainer
@@ -76,7 +76,7 @@ def install() -> None:
     step = Trainer.train_step
 
     def probed_step(self: Trainer) -> tuple[float, float]:
-        upcoming = self.progress.step + 1
+        upcoming = self.counters.step + 1
         if stop_at and stop_at[0] == upcoming and stop_at[1] in (None, rank):
             self.stop.request("SIGTERM", 143)
         if signal_at and signal_at[0] == upcoming and signal_at[1] in (None, rank):
@@ -99,7 +99,7 @@ def install() -> None:
 
     _install_save_and_resume_probes(rank)
     if os.environ.get(FORGET_RNG_ENV):
-        trainer.restore_rng_state = lambda state: []  # type: ignore[assignment]
+        training_parts.restore_rng_state = lambda state: []  # type: ignore[assignment]
     BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
     Trainer.train_step = probed_step  # type: ignore[method-assign]
     GPT.forward = poisoned_forward  # type: ignore[method-assign]

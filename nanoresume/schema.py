@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import PRESETS, ModelConfig, TrainConfig
+from .config import ARCHITECTURE_FIELDS, PRESETS, ModelConfig, TrainConfig
 from .training_state import (BEST_VAL_LOSS, CONFIG, DATA, EVALUATED_STEP, FINGERPRINT, FORMAT_VERSION,
                              FORMAT_VERSION_KEY, HEADER, KIND, KIND_KEY, MODEL, OPTIMIZER, RANK, RANKS, RNG, SAMPLER,
                              SCALER, SCHEDULER, STEP, TOKENS_SEEN, WORLD_SIZE)
@@ -28,7 +28,7 @@ KINDS = (KIND, WEIGHTS_KIND)
 VAL_LOSS = "val_loss"
 MODEL_CONFIG = "model_config"
 # ModelConfig fields a checkpoint must hold; dropout is left out on purpose (inference runs without it).
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+SHAPE_FIELDS = ARCHITECTURE_FIELDS
 # TrainConfig fields that a preset fills: None there (as in a config that was never resolved) cannot train.
 _RESOLVED_FIELDS = tuple(PRESETS["cpu"])
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")

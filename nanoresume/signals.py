@@ -25,6 +25,8 @@ from typing import Iterator, Optional
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
                      if hasattr(signal, name))
 DUPLICATE_WINDOW = 0.25  # seconds; forwarding takes milliseconds, a person's second Ctrl-C longer
+TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
+TIME_LIMIT_REASON = "time limit"
 
 
 class StopFlag:
@@ -64,7 +66,9 @@ class StopFlag:
                 return signal.Signals(exit_code - 128).name, exit_code
             except ValueError:
                 pass
-        return ("time limit" if exit_code == 75 else f"another rank (exit code {exit_code})"), exit_code
+        if exit_code == TIME_LIMIT_EXIT_CODE:
+            return TIME_LIMIT_REASON, exit_code
+        return f"another rank (exit code {exit_code})", exit_code
 
     def _on_signal(self, signum: int, frame: object) -> None:
         now = time.monotonic()

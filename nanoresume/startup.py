@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint, distributed
-from .config import ARCHITECTURE_FIELDS, TrainConfig, merge_resumed_config, validate
+from .config import MUST_MATCH_ON_RESUME, TrainConfig, merge_resumed_config, validate
 from .data import check_block_size, load_tokens
 from .distributed import DistributedEnv
 from .errors import CheckpointError, ConfigError
@@ -81,7 +81,7 @@ def plan_start(checkpoint_state: Optional[dict[str, Any]], unsaved_config: Optio
         # and checked as on a resume.
         cfg, changes = merge_resumed_config(unsaved_config, asked, explicit, int(unsaved_config.get("world_size", 1)),
                                             world_size, source=unsaved_source,
-                                            must_match=(*ARCHITECTURE_FIELDS, "data", "token_dtype"))
+                                            must_match=(*MUST_MATCH_ON_RESUME, "data", "token_dtype"))
         mode = StartMode.RERUN
     else:
         cfg, changes, mode = asked, [], StartMode.FRESH

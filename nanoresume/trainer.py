@@ -10,7 +10,7 @@ Under torchrun every rank runs this same loop on its share of each global batch,
 model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
 :mod:`nanoresume.parallel`); rank 0 alone writes files and logs, every rank writes its part
 of a checkpoint folder, and every decision that could differ between ranks is taken
-together, once per step (:func:`nanoresume.distributed.agree`).
+together, once per step (:class:`nanoresume.stopping.StepDecisions`).
 """
 
 from __future__ import annotations
@@ -20,59 +20,40 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, messages, parallel, schema, startup, training_state
+from . import checkpoint, distributed, messages, parallel, schema, startup
 from .config import TrainConfig, derived_fields
-from .console import Console, configure_logging, log, wants_bar
+from .console import Console, TrainWindow, configure_logging, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
-from .distributed import DistributedEnv, ProcessGroup, StepVotes
-from .errors import CheckpointError, CheckpointWriteError, NonFiniteLossError
+from .distributed import DistributedEnv, ProcessGroup
+from .errors import NonFiniteLossError
 from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
 from .model import GPT
-from .optim import apply_hyperparameters, build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .signals import StopFlag
 from .startup import StartMode
-from .state import capture_rng_state, restore_rng_state, seed_everything, seed_rank_streams
-from .training_state import (DATA, FINGERPRINT, MODEL, OPTIMIZER, RANKS, RNG, SAMPLER, SCALER, SCHEDULER, SOURCE,
-                             Counters)
+from .state import seed_everything, seed_rank_streams
+from .stopping import CONTINUE, FINISHED, Outcome, StepDecisions
+from .training_parts import TrainingParts
 
-TIME_LIMIT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, run again to continue"
 # A stop is honoured between optimizer steps; a step longer than this would outlast the ~30 s
 # grace period that preemption usually gives (Kubernetes, many schedulers) before its SIGKILL.
 SLOW_STEP_SECONDS = 20.0
 
 
-class _Window:
-    """Train losses and throughput since the last evaluation line (display only, not state)."""
-
-    def __init__(self) -> None:
-        self.slowest_step = 0.0
-        self.reset()
-
-    def reset(self) -> None:
-        self.losses: list[float] = []
-        self.tokens, self.started = 0, time.perf_counter()
-
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
-        self.losses.append(loss)
-        self.tokens += tokens
-        self.slowest_step = max(self.slowest_step, seconds)
-
-    def summary(self) -> tuple[Optional[float], Optional[float]]:
-        """(mean train loss, tokens/s) since the last reset; (None, None) before any step."""
-        if not self.losses:
-            return None, None
-        return sum(self.losses) / len(self.losses), self.tokens / (time.perf_counter() - self.started)
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A parameter holds NaN/inf, so the weights are not saved. A NonFiniteLossError for callers that
+    already catch that one (a NaN loss comes first as a rule; weights can go bad without one)."""
 
 
 @dataclass
@@ -82,7 +63,6 @@ class RunResult:
     step: int
     stop_reason: Optional[str]  # None when training reached max_steps
     exit_code: int
-    step_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss over all ranks)
     last_checkpoint: Optional[Path] = None
 
 
@@ -170,10 +150,7 @@ class Trainer:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = startup.load_data(cfg, env, warn)
         self._build_model(cfg)
-        self._last_eval_seconds = 0.0
-        self._slowest_step = 0.0
-        self._votes: Optional[StepVotes] = None  # the last step's collective decisions
-        self._background_error: Optional[Exception] = None
+        self.decisions = StepDecisions(self.stop, env, self.manager, cfg.time_limit, self.started)
 
         if found.checkpoint is not None:
             self._resume_from(*found.checkpoint)
@@ -204,84 +181,31 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.global_batch(env.world_size), cfg.seed)
         self.val_batches = eval_offsets(len(self.data.val), cfg.block_size, cfg.eval_iters, cfg.batch_size)
-        self.progress = Counters()
+        self.parts = TrainingParts(cfg, env, self.data, self.raw_model, self.optimizer, self.scheduler, self.scaler,
+                                   self.sampler, self.sharded_model, warn=lambda text: self.console.warn(text))
+        self.counters = self.parts.counters
 
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
-        self._check_same_data(path, state)
-        if path.is_dir():  # a folder: every rank reads the shards it needs (state holds no tensors of them)
-            parallel.load_folder(path, self.raw_model, self.optimizer, distributed.default_group())
-            self._load_training_state(state)
-        else:
-            self.load_state_dict(state)
-        self.stop.last_committed_step = self._newest_checkpoint = self.progress.step
-        self.console.log(messages.resumed(path, self.progress.step))
+        self.parts.load(path, state)
+        self.stop.last_committed_step = self._newest_checkpoint = self.counters.step
+        self.console.log(messages.resumed(path, self.counters.step))
         if not self.env.is_main:
             return
         if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
-            self.manager.staged_step = self.manager.committed_step = self.progress.step
+            self.manager.staged_step = self.manager.committed_step = self.counters.step
             self.manager.committed_path = path
-        for moved in self.manager.set_aside_after(self.progress.step):
+        for moved in self.manager.set_aside_after(self.counters.step):
             self.console.warn(messages.set_aside(moved))
 
     # ---- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The full training state in the file layout: rank 0 gets every rank's RNG streams, and under
-        FSDP the whole model and optimizer on its CPU (a collective under torchrun).
-
-        Holds references to live tensors: save or copy it before the next step.
-        """
-        rank_states = distributed.gather_objects(training_state.rank_entry(self.env.rank, capture_rng_state()))
-        model, optimizer = parallel.file_state(self.raw_model, self.optimizer, self.sharded_model)
-        return self._training_state(model, optimizer, rank_states)
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """This rank's part of a checkpoint folder (see :mod:`nanoresume.parallel`): its shards of the
-        model and optimizer, its own RNG streams, and what every rank holds alike. Gathers nothing."""
-        model, optimizer = parallel.sharded_state(self.raw_model, self.optimizer)
-        # A key per rank: DCP keeps one copy of a key that every rank saves.
-        return training_state.for_folder(self._training_state(
-            model, optimizer, {str(self.env.rank): training_state.rank_entry(self.env.rank, capture_rng_state())}))
-
-    def _training_state(self, model: dict[str, Any], optimizer: dict[str, Any], ranks: Any) -> dict[str, Any]:
-        # The sampler is the same on every rank: batches depend on the step only.
-        return training_state.build(
-            self.progress, self.cfg.to_dict(), {FINGERPRINT: self.data.fingerprint, SOURCE: self.data.source},
-            self.env.world_size, model, optimizer, self._parts(), ranks)
-
-    def _parts(self) -> dict[str, training_state.Stateful]:
-        """The stateful parts of a checkpoint besides the model and optimizer, by name."""
-        return {SCHEDULER: self.scheduler, SCALER: self.scaler, SAMPLER: self.sampler}
+        """The full training state in the file layout (see :meth:`TrainingParts.state_dict`)."""
+        return self.parts.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a state in the file layout (every rank passes all of it; under FSDP each keeps its shards)."""
-        parallel.load_file_state(self.raw_model, self.optimizer, state[MODEL], state[OPTIMIZER],
-                                 self.sharded_model)
-        self._load_training_state(state)
-
-    def _load_training_state(self, state: dict[str, Any]) -> None:
-        """Everything but the model and the optimizer's tensors."""
-        self.scheduler.load_state_dict(state[SCHEDULER])
-        if self.scaler.is_enabled() and not state[SCALER]:
-            self.console.warn(messages.new_scaler())
-        else:
-            self.scaler.load_state_dict(state[SCALER])
-        self.progress.load_state_dict(state)
-        apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.lr, (self.cfg.beta1, self.cfg.beta2),
-                              self.cfg.weight_decay)
-        self.sampler.load_state_dict(state[SAMPLER])
-        ranks = state[RANKS]
-        if len(ranks) == self.env.world_size:
-            for warning in restore_rng_state(ranks[self.env.rank][RNG]):
-                self.console.warn(warning)
-        else:
-            seed_rank_streams(self.cfg.seed, self.env.rank, self.progress.step)
-            self.console.warn(messages.new_rank_streams(len(ranks), self.env.world_size))
-
-    def _check_same_data(self, path: Path, state: dict[str, Any]) -> None:
-        saved = state[DATA][FINGERPRINT]
-        if saved != self.data.fingerprint:
-            raise CheckpointError(messages.other_data(path, saved, self.data.fingerprint, self.data.source))
+        self.parts.load_state_dict(state)
 
     # ---- one step, one evaluation ------------------------------------------------------------
 
@@ -293,7 +217,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss over all ranks, grad norm).
 
-        Also takes this step's collective decisions (:meth:`_agree`) before the weights change.
+        Also takes this step's collective decisions (:meth:`StepDecisions.vote`) before the weights change.
         """
         total_loss = torch.zeros((), device=self.device)
         micro_batches = self.sampler.next_micro_batches(self.env.rank, self.env.world_size, self.cfg.grad_accum)
@@ -313,44 +237,15 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = parallel.replicated(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm))
-        votes = self._agree(total_loss / self.cfg.grad_accum, grad_norm)
-        if votes.save_failed:
-            raise self._save_failure()
+        votes = self.decisions.vote(total_loss / self.cfg.grad_accum, grad_norm)
         if votes.any_nonfinite_loss:
-            raise NonFiniteLossError(messages.nonfinite_loss(votes.loss, self.progress.step + 1,
+            raise NonFiniteLossError(messages.nonfinite_loss(votes.loss, self.counters.step + 1,
                                                              self._newest_checkpoint))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return votes.loss, votes.grad_norm
-
-    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> StepVotes:
-        """This step's decisions, the same on every rank: one small collective and one device sync.
-
-        A background save that failed is found here (rank 0 polls its writer) and stops every rank
-        at this step, as a synchronous failure would have.
-        """
-        failed = False
-        if self.env.is_main:
-            try:
-                self.manager.poll()
-            except CheckpointWriteError as e:
-                self._background_error, failed = e, True
-        self._votes = distributed.agree(
-            loss, grad_norm, stop_code=self.stop.exit_code if self.stop.is_set() else 0,
-            time_up=self.env.is_main and self._time_is_up(),
-            save_time_due=self.env.is_main and self.manager.time_due(), save_failed=failed)
-        if self._votes.stop_code and not self.stop.is_set():
-            self.stop.request(*StopFlag.describe(self._votes.stop_code))  # a signal another rank received
-        if self._votes.time_up:
-            self.stop.request("time limit", TIME_LIMIT_EXIT_CODE)
-        return self._votes
-
-    def _save_failure(self) -> Exception:
-        if self.env.is_main:
-            return self._background_error
-        return distributed.PeerError("rank 0 could not write a checkpoint; see its error", 1)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -388,9 +283,9 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train until ``max_steps`` or a stop request; always save before returning."""
-        cfg, progress = self.cfg, self.progress
-        result = RunResult(step=progress.step, stop_reason=None, exit_code=0)
-        self.console = Console(cfg.max_steps, progress.step, show_bar=wants_bar(cfg.progress),
+        cfg, counters = self.cfg, self.counters
+        result = RunResult(step=counters.step, stop_reason=None, exit_code=0)
+        self.console = Console(cfg.max_steps, counters.step, show_bar=wants_bar(cfg.progress),
                                log_interval=cfg.log_interval, started=self.started, quiet=not self.env.is_main)
         if not self.stop.can_install():
             self.console.warn(messages.not_main_thread())
@@ -403,90 +298,96 @@ class Trainer:
             cleanup.callback(metrics.close)
             cleanup.callback(setattr, self.stop, "exit_on_signal", True)  # runs first: nothing left to save
             self.console.log(self._start_line())
-            if progress.step >= cfg.max_steps and not self._evaluation_due():
-                self.console.log(messages.nothing_to_do(progress.step, cfg.max_steps))
+            if self._outcome() is FINISHED:  # nothing to train, nothing to evaluate
+                self.console.log(messages.nothing_to_do(counters.step, cfg.max_steps))
                 if self.env.is_main:
                     self.run_dir.write_exit_code(0)
                 return result
             self._start_metrics(metrics)
-            self._loop(metrics, result)
+            self._finish(self._loop(metrics), result)
         return result
 
     def _start_metrics(self, metrics: Metrics) -> None:
         """Log from the first step this start trains: a resume from step R continues at R + 1, a new
         run (or one killed before its first checkpoint) at 0, dropping what earlier starts logged there."""
-        first_logged = self.progress.step + 1 if self.resumed_from else 0
+        first_logged = self.counters.step + 1 if self.resumed_from else 0
         last_lost = metrics.start(first_logged, self.cfg.to_dict())
-        lost = messages.lost_steps(self.progress.step + 1, last_lost)
+        lost = messages.lost_steps(self.counters.step + 1, last_lost)
         if lost is not None:
             self.console.log(lost)
 
-    def _loop(self, metrics: Metrics, result: RunResult) -> None:
-        cfg, progress = self.cfg, self.progress
-        window = _Window()
-        if self._evaluation_due():  # step 0 of a new run, or one a stop cut short before the restart
+    def _loop(self, metrics: Metrics) -> Outcome:
+        """Train step by step while the outcome is CONTINUE; each step ends with its save, if due."""
+        cfg, counters, window = self.cfg, self.counters, TrainWindow()
+        evaluated = self._evaluation_due()  # step 0 of a new run, or one a stop cut short before the restart
+        if evaluated:
             self._evaluate_and_log(metrics, window)
-            self._save_if_due(force=False)
-        while progress.step < cfg.max_steps and not self._stop_agreed():
-            step_start = time.perf_counter()
+        # The step resumed from is saved already; after its evaluation, best.pt may not be.
+        outcome = self._end_of_step(time_due=False, save=evaluated)
+        while outcome is CONTINUE:
+            started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # the step's own: train_step moves the schedule on
-            loss, grad_norm = self.train_step()
-            seconds = time.perf_counter() - step_start
-            progress.step += 1
-            progress.tokens_seen += cfg.tokens_per_step(self.env.world_size)
+            loss, grad_norm = self.train_step()  # also takes this step's collective decisions
+            seconds = time.perf_counter() - started
+            counters.step += 1
+            counters.tokens_seen += cfg.tokens_per_step(self.env.world_size)
             self._log_step(metrics, window, loss, lr, grad_norm, seconds)
-            self._warn_if_slow(seconds)
-            result.step_losses.append((progress.step, loss))
             if self.on_step is not None:
-                self.on_step(self, progress.step, loss)
+                self.on_step(self, counters.step, loss)
             if self._evaluation_due():
                 self._evaluate_and_log(metrics, window)
-            self._save_if_due(force=progress.step == cfg.max_steps or self._stop_agreed(),
-                              time_due=self._votes.save_time_due)
-        result.step = progress.step
-        # Covers a stop before the first step, and a final evaluation redone after a restart;
-        # a no-op when this step is already saved.
-        self._save_if_due(force=self._stop_agreed() or progress.step == cfg.max_steps)
+            outcome = self._end_of_step(time_due=self.decisions.votes.save_time_due)
+        return outcome
+
+    def _end_of_step(self, time_due: bool, save: bool = True) -> Outcome:
+        """What follows the step just taken, and its save: when due (and ``save``), always when it is the
+        last (a stop before the first step saves too). A stop that arrives during a save that was not
+        forced ends the run at this step, saved, rather than after one more."""
+        outcome = self._outcome()
+        if save or outcome is not CONTINUE:
+            self._save_if_due(force=outcome is not CONTINUE, time_due=time_due)
+        if outcome is CONTINUE and self._outcome() is not CONTINUE:
+            outcome = self._outcome()
+            self._save_if_due(force=True)  # a no-op when this step is saved already
+        return outcome
+
+    def _outcome(self) -> Outcome:
+        """What follows the step just taken: the one place a stop is decided."""
+        return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self._evaluation_due())
+
+    def _finish(self, outcome: Outcome, result: RunResult) -> None:
+        """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
         if self.env.is_main or self.folder_checkpoints:
             self.manager.wait()  # the stop message names a committed checkpoint, never one still in flight
         distributed.barrier()  # no rank exits (and makes torchrun stop the others) before that commit
-        result.last_checkpoint = self.manager.committed_path
-        unfinished = progress.step < cfg.max_steps or self._evaluation_due()  # e.g. a cut-short final eval
-        if self._stop_agreed() and unfinished:
-            result.stop_reason, result.exit_code = self.stop.reason, self.stop.exit_code
-            self.console.log(messages.stopped(self.stop.reason, progress.step, result.last_checkpoint, self.command,
-                                              cfg.out_dir))
-        elif not unfinished:
-            self.console.log(messages.finished(progress.step, progress.tokens_seen, progress.best_val_loss,
+        counters = self.counters
+        result.step, result.last_checkpoint = counters.step, self.manager.committed_path
+        if outcome.kind == "stop":
+            result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
+            self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint, self.command,
+                                              self.cfg.out_dir))
+        else:
+            self.console.log(messages.finished(counters.step, counters.tokens_seen, counters.best_val_loss,
                                                self.run_dir.best, time.monotonic() - self.started))
         if self.env.is_main:
             self.run_dir.write_exit_code(result.exit_code)
 
-    def _stop_agreed(self) -> bool:
-        """Single process: the stop flag. Under torchrun: what the ranks agreed on at the last step
-        (so all of them stop after the same step)."""
-        if not distributed.active():
-            return self.stop.is_set()
-        return self._votes is not None and bool(self._votes.stop_code or self._votes.time_up)
-
-    def _log_step(self, metrics: Metrics, window: "_Window", loss: float, lr: float, grad_norm: float,
+    def _log_step(self, metrics: Metrics, window: TrainWindow, loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:
         tokens = self.cfg.tokens_per_step(self.env.world_size)
-        window.add(loss, tokens, seconds)
-        self._slowest_step = max(self._slowest_step, seconds)
-        metrics.log(self.progress.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+        window.add(loss, tokens)
+        self.decisions.slowest_step = max(self.decisions.slowest_step, seconds)
+        metrics.log(self.counters.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                          "train/tokens_per_s": tokens / seconds})
-        self.console.advance(self.progress.step, loss, lr, tokens, seconds)
-
-    def _warn_if_slow(self, seconds: float) -> None:
+        self.console.advance(self.counters.step, loss, lr, tokens, seconds)
         if seconds > SLOW_STEP_SECONDS and not self._warned_slow_step:
             self._warned_slow_step = True
-            self.console.warn(messages.slow_step(self.progress.step, seconds))
+            self.console.warn(messages.slow_step(self.counters.step, seconds))
 
     def _evaluation_due(self) -> bool:
-        step = self.progress.step
+        step = self.counters.step
         due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
-        return due and self.progress.evaluated_step != step
+        return due and self.counters.evaluated_step != step
 
     def _save_if_due(self, force: bool, time_due: bool = False) -> None:
         """Save this step's checkpoint when it is due (or forced), and best.pt when the evaluation of
@@ -496,7 +397,7 @@ class Trainer:
         FSDP its shards), and rank 0 alone writes. A folder: every rank writes its own part. In
         synchronous mode every rank waits for the commit.
         """
-        step = self.progress.step
+        step = self.counters.step
         due = (step > 0 or force) and self.manager.is_due(step, force, time_due=time_due)
         state = self._checkpoint_state() if due else None
         best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
@@ -516,44 +417,36 @@ class Trainer:
         """This step's checkpoint (or this rank's part of it); never one holding NaN/inf weights."""
         bad = next((name for name, p in self.raw_model.named_parameters()
                     if not torch.isfinite(parallel.local(p)).all()), None)
-        error = None if bad is None else NonFiniteLossError(messages.nonfinite_weights(bad, self.progress.step))
+        error = None if bad is None else NonFiniteWeightsError(messages.nonfinite_weights(bad, self.counters.step))
         if self.sharded_model:
             distributed.raise_if_any_failed(error)  # each rank sees only its shards
         elif error is not None:
             raise error
-        return self.sharded_state_dict() if self.folder_checkpoints else self.state_dict()
+        return self.parts.sharded_state_dict() if self.folder_checkpoints else self.state_dict()
 
-    def _evaluate_and_log(self, metrics: Metrics, window: "_Window") -> None:
+    def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
         train_loss, tokens_per_second = window.summary()
         started = time.perf_counter()
         val_loss = self.evaluate()
-        self._last_eval_seconds = time.perf_counter() - started
+        self.decisions.last_eval_seconds = time.perf_counter() - started
         if val_loss is None:
             return  # cut short by a stop request: an incomplete eval must not touch best.pt
-        step = self.progress.step
-        self.progress.evaluated_step = step
+        step = self.counters.step
+        self.counters.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
         metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
         self.console.log(messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second))
         window.reset()
-        if val_loss < self.progress.best_val_loss:
-            self.progress.best_val_loss = val_loss
+        if val_loss < self.counters.best_val_loss:
+            self.counters.best_val_loss = val_loss
             weights = parallel.full_weights(self.raw_model, self.sharded_model)  # under FSDP a collective
             if self.env.is_main:
                 self._pending_best = schema.weights_state(
-                    weights, dataclasses.asdict(self.cfg.model_config()), step, self.progress.tokens_seen, val_loss)
-
-    def _time_is_up(self) -> bool:
-        """Whether to stop after this step, while there is still time for one more step, an
-        evaluation and a save (with room to spare). Rank 0's clock decides for every rank."""
-        if self.cfg.time_limit is None:
-            return False
-        needed = 2 * self._slowest_step + self._last_eval_seconds + 2 * self.manager.last_commit_seconds + 1.0
-        return time.monotonic() - self.started + needed >= self.cfg.time_limit
+                    weights, dataclasses.asdict(self.cfg.model_config()), step, self.counters.tokens_seen, val_loss)
 
     def _start_line(self) -> str:
         cfg, world = self.cfg, self.env.world_size
-        return messages.start(self.progress.step, cfg.max_steps, self.device.type,
+        return messages.start(self.counters.step, cfg.max_steps, self.device.type,
                               str(self.dtype).removeprefix("torch."), self.raw_model.num_parameters(),
                               cfg.tokens_per_step(world), world, cfg.batch_size, cfg.grad_accum,
                               cfg.global_batch(world), self.sharded_model, self.data.describe())

@@ -122,12 +122,34 @@ def stop_after(step: int) -> Callable[[Trainer, int, float], None]:
     return hook
 
 
-def train(cfg: TrainConfig, stop_at: Optional[int] = None) -> tuple[Trainer, RunResult]:
-    """Train ``cfg`` (stopping right after ``stop_at`` if given); returns (trainer, result)."""
+class LossRecorder:
+    """An ``on_step`` hook that keeps every step's (step, train loss), then calls ``then`` if given."""
+
+    def __init__(self, then: Optional[Callable[[Trainer, int, float], None]] = None) -> None:
+        self.losses: list[tuple[int, float]] = []
+        self.then = then
+
+    def __call__(self, trainer: Trainer, step: int, loss: float) -> None:
+        self.losses.append((step, loss))
+        if self.then is not None:
+            self.then(trainer, step, loss)
+
+
+class Recorded:
+    """A :class:`RunResult`'s fields, and ``step_losses``: every step's (step, train loss) in order."""
+
+    def __init__(self, result: RunResult, step_losses: list[tuple[int, float]]) -> None:
+        self.__dict__.update(vars(result))
+        self.step_losses = step_losses
+
+
+def train(cfg: TrainConfig, stop_at: Optional[int] = None) -> tuple[Trainer, Recorded]:
+    """Train ``cfg`` (stopping right after ``stop_at`` if given); returns (trainer, result with step_losses)."""
     from nanoresume.trainer import Trainer
 
-    trainer = Trainer(cfg, on_step=stop_after(stop_at) if stop_at is not None else None)
-    result = trainer.run()
+    recorder = LossRecorder(then=stop_after(stop_at) if stop_at is not None else None)
+    trainer = Trainer(cfg, on_step=recorder)
+    result = Recorded(trainer.run(), recorder.losses)
     if stop_at is not None and stop_at < cfg.max_steps:
         assert (result.step, result.stop_reason, result.exit_code) == (stop_at, "test", 99)
     return trainer, result

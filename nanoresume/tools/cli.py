@@ -17,7 +17,7 @@ from typing import NoReturn, Optional
 
 from .. import PROCESS_STARTED
 from .clitools import run_reporting_errors
-from ..config import parse_command_line, self_test_request
+from ..config import read_command_line
 from ..invocation import command_words
 
 
@@ -25,18 +25,17 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def train() -> int:
-        cfg, explicit = parse_command_line(argv, prog)
-        self_test = self_test_request(argv, prog)
-        if self_test is not None:
+        line = read_command_line(argv, prog)  # the one parse of argv
+        if line.self_test is not None:
             from .selftest import test_training
 
-            return test_training(cfg, explicit, processes=self_test)
+            return test_training(line.cfg, line.explicit, processes=line.self_test)
         from .. import distributed  # after parsing: --help stays fast
         from ..trainer import Trainer
 
         try:
             # The stop message's "Continue with: ..." repeats the command that started this process.
-            return Trainer(cfg, explicit=explicit, command=command_words(argv),
+            return Trainer(line.cfg, explicit=line.explicit, command=command_words(argv),
                            started=PROCESS_STARTED).run().exit_code
         except RuntimeError as e:
             lost = distributed.lost_peer_error(e)

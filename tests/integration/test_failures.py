@@ -49,7 +49,7 @@ def test_a_failed_save_stops_the_run_with_one_line_and_keeps_earlier_checkpoints
     assert "MB needed" in message and "MB free" in message and "--out-dir" in message
     out = Path(cfg.out_dir)
     # Stopped instead of training on with nothing saved: at once, or (in the background) at a later step.
-    assert trainer.progress.step == 10 if not async_save else 10 <= trainer.progress.step < 15
+    assert trainer.counters.step == 10 if not async_save else 10 <= trainer.counters.step < 15
     assert not step_path(out / "checkpoints", 10).exists()
     assert load_checkpoint(step_path(out / "checkpoints", 5))["step"] == 5
     assert load_checkpoint(out / "best.pt")["step"] == 0

@@ -11,7 +11,7 @@ import torch
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.errors import CheckpointError
 from nanoresume.trainer import Trainer
-from tests.helpers import flip_a_byte, run_train, stop_after
+from tests.helpers import LossRecorder, flip_a_byte, run_train, stop_after, train
 
 
 @pytest.fixture
@@ -46,16 +46,17 @@ def test_the_same_data_under_another_path_resumes(finished, tmp_path):
 
 
 def test_a_larger_max_steps_continues_training_from_where_it_stopped(finished):
-    trainer = Trainer(dataclasses.replace(finished, resume="auto", max_steps=15))
-    assert trainer.progress.step == 10
+    recorder = LossRecorder()
+    trainer = Trainer(dataclasses.replace(finished, resume="auto", max_steps=15), on_step=recorder)
+    assert trainer.counters.step == 10
     result = trainer.run()
-    assert [s for s, _ in result.step_losses] == list(range(11, 16))
+    assert [s for s, _ in recorder.losses] == list(range(11, 16))
     assert result.exit_code == 0 and result.step == 15
     assert sorted(p.name for p in (Path(finished.out_dir) / "checkpoints").glob("*.pt"))[-1] == "step_00000015.pt"
 
 
 def test_resuming_a_finished_run_without_raising_max_steps_trains_nothing(finished, capsys):
-    result = Trainer(dataclasses.replace(finished, resume="auto")).run()
+    _, result = train(dataclasses.replace(finished, resume="auto"))
     assert result.step == 10 and result.step_losses == []
     assert "nothing to do" in capsys.readouterr().out
 
@@ -109,7 +110,7 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_retention_never_deletes_th
     flip_a_byte(step_path(folder, 20))
 
     resumed = Trainer(dataclasses.replace(cfg, resume="auto"))
-    assert resumed.progress.step == 10
+    assert resumed.counters.step == 10
     assert resumed.run().step == 30
     warnings = capsys.readouterr().err
     assert "skipping" in warnings and "step_00000020.pt" in warnings and "abandoned" in warnings

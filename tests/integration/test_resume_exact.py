@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import nanoresume.trainer as trainer_module
+import nanoresume.training_parts as training_parts
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.data import BatchSampler
 from nanoresume.trainer import Trainer
@@ -108,7 +109,7 @@ def test_the_checkpoint_written_at_a_stop_equals_the_one_an_uninterrupted_run_wr
 def test_a_resume_that_skips_restoring_the_rngs_is_detected(configs, monkeypatch, assert_same_state):
     base_cfg, cut_cfg = configs()
     baseline, base_result = train(base_cfg)
-    monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: [])
+    monkeypatch.setattr(training_parts, "restore_rng_state", lambda state: [])
     resumed, losses = train_in_pieces(cut_cfg, [6])
     assert losses[:6] == base_result.step_losses[:6]
     assert losses[6] != base_result.step_losses[6]  # dropout masks differ from the first resumed step
@@ -145,7 +146,7 @@ def test_a_stop_during_the_final_evaluation_is_a_stop_and_the_restart_redoes_it(
     real_windows = trainer_module.windows
 
     def windows_that_signal_in_the_final_eval(tokens, offsets, block_size):
-        if tokens is trainer.data.val and trainer.progress.step == N:
+        if tokens is trainer.data.val and trainer.counters.step == N:
             trainer.stop.request("test", 99)
         return real_windows(tokens, offsets, block_size)
 
@@ -156,5 +157,5 @@ def test_a_stop_during_the_final_evaluation_is_a_stop_and_the_restart_redoes_it(
 
     resumed = Trainer(dataclasses.replace(cut_cfg, resume="auto"))
     assert resumed.run().exit_code == 0
-    assert resumed.progress.evaluated_step == N
+    assert resumed.counters.evaluated_step == N
     assert_same_state(final_state(baseline), final_state(resumed))

@@ -19,7 +19,7 @@ import pytest
 from nanoresume.checkpoint import step_path
 from nanoresume.trainer import Trainer
 
-from tests.helpers import REPO, TRAIN_SCRIPT, run_train
+from tests.helpers import REPO, TRAIN_SCRIPT, LossRecorder, run_train
 
 
 def read_jsonl(out: Path) -> list[dict]:
@@ -39,11 +39,12 @@ def crash_at(step: int):
 
 def test_metrics_jsonl_has_a_line_per_step_and_per_evaluation(make_config):
     cfg = make_config(max_steps=6, eval_interval=3)
-    result = Trainer(cfg).run()
+    recorder = LossRecorder()
+    Trainer(cfg, on_step=recorder).run()
     records = read_jsonl(Path(cfg.out_dir))
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    assert [r["train/loss"] for r in train] == [loss for _, loss in result.step_losses]
+    assert [r["train/loss"] for r in train] == [loss for _, loss in recorder.losses]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "time"} <= set(train[0])
     assert [(r["step"], sorted(r)) for r in records if "val/loss" in r] == \
         [(s, ["step", "time", "val/loss", "val/perplexity"]) for s in (0, 3, 6)]
@@ -56,13 +57,14 @@ def test_after_a_kill_the_lost_steps_are_named_and_metrics_jsonl_reads_as_one_ru
     with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
         f.write('{"step": 14, "train/lo')  # and a line torn by the kill
     capsys.readouterr()
-    resumed = Trainer(dataclasses.replace(cfg, resume="auto")).run()
+    recorder = LossRecorder()
+    Trainer(dataclasses.replace(cfg, resume="auto"), on_step=recorder).run()
     assert "steps 11-13 trained before the last stop were never saved: lost, training again" in \
         capsys.readouterr().out
     records = read_jsonl(Path(cfg.out_dir))
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(1, 21))
-    assert [r["train/loss"] for r in train[10:]] == [loss for _, loss in resumed.step_losses]
+    assert [r["train/loss"] for r in train[10:]] == [loss for _, loss in recorder.losses]
     assert [r["step"] for r in records if "val/loss" in r] == [0, 5, 10, 15, 20]
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import nanoresume.trainer as trainer_module
 from nanoresume.metrics import TensorBoardLog
-from nanoresume.trainer import TIME_LIMIT_EXIT_CODE, Trainer
+from nanoresume.signals import TIME_LIMIT_EXIT_CODE
+from nanoresume.trainer import Trainer
 
 
 class ForcedExit(Exception):

@@ -13,7 +13,7 @@ import pytest
 
 from nanoresume.config import (PRESETS, TrainConfig, build_parser, command_line_flags, config_from_dict,
                                explicit_fields, flag, merge_resumed_config, parse_command_line, parse_config,
-                               parse_duration, resolve_config, self_test_request)
+                               parse_duration, read_command_line, resolve_config, self_test_request)
 from nanoresume.errors import CheckpointError, ConfigError
 
 
@@ -336,3 +336,15 @@ def test_settings_a_newer_version_saved_are_ignored():
     merged, _ = merge_resumed_config({**_saved(), "from_the_future": 1},
                                      resolve_config(TrainConfig(), check=False), set())
     assert not hasattr(merged, "from_the_future")
+
+
+def test_a_command_line_is_parsed_once_into_config_explicit_fields_and_self_test(monkeypatch, tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"eval_interval": 7}))
+    parses = []
+    parse = argparse.ArgumentParser.parse_known_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args",
+                        lambda self, *args, **kwargs: parses.append(1) or parse(self, *args, **kwargs))
+    line = read_command_line(["--config", str(tmp_path / "run.json"), "--max-steps", "9", "--self-test"])
+    assert len(parses) == 1
+    assert (line.cfg.max_steps, line.cfg.eval_interval, line.self_test) == (9, 7, 0)
+    assert line.explicit == {"max_steps", "eval_interval"}

@@ -7,7 +7,7 @@ import re
 import sys
 
 from nanoresume import console
-from nanoresume.console import Console, configure_logging, log, wants_bar, write_line
+from nanoresume.console import Console, TrainWindow, configure_logging, log, wants_bar, write_line
 
 
 def test_the_bar_shows_the_loss_of_the_step_it_counts():
@@ -77,3 +77,13 @@ def test_the_bar_is_on_only_for_a_terminal_unless_a_flag_decides():
 
     assert wants_bar(None, Terminal()) and not wants_bar(None, io.StringIO())
     assert wants_bar(True, io.StringIO()) and not wants_bar(False, Terminal())
+
+
+def test_the_train_window_averages_the_losses_since_its_last_reset():
+    window = TrainWindow()
+    assert window.summary() == (None, None)
+    window.add(1.0, 10)
+    window.add(3.0, 10)
+    assert window.summary()[0] == 2.0 and window.tokens == 20
+    window.reset()
+    assert window.summary() == (None, None)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nanoresume.signals import DUPLICATE_WINDOW, STOP_SIGNALS, StopFlag
+from nanoresume.signals import DUPLICATE_WINDOW, STOP_SIGNALS, TIME_LIMIT_EXIT_CODE, StopFlag
 
 
 class ForcedExit(Exception):
@@ -82,3 +82,9 @@ def test_once_nothing_is_left_to_save_the_first_signal_already_exits(no_exit, ca
         flag._on_signal(signal.SIGTERM, None)
     assert forced.value.args == (143,)
     assert capfd.readouterr().err == "forced exit; last committed checkpoint: step 7\n"
+
+
+def test_a_stop_another_rank_asked_for_is_described_from_its_exit_code_alone():
+    assert StopFlag.describe(143) == ("SIGTERM", 143)
+    assert StopFlag.describe(TIME_LIMIT_EXIT_CODE) == ("time limit", 75)
+    assert StopFlag.describe(99) == ("another rank (exit code 99)", 99)
