@@ -1,16 +1,18 @@
-"""The training loop: wires config, data, model, optimizer, checkpoints, signals and metrics.
+"""The training loop, and the wiring of everything it uses.
 
-``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving a
-checkpoint on the interval, at the end, and whenever it stops. Everything that
-must survive a restart goes through :meth:`Trainer.state_dict` /
-:meth:`Trainer.load_state_dict`, so a resumed run is bit-for-bit the one that
-never stopped.
+``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving a checkpoint on the
+interval, at the end, and whenever it stops. Start-up decisions (resume or not, which config,
+which parallelism) come from :mod:`nanoresume.startup`; everything that must survive a restart
+lives in :class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the
+one that never stopped; whether to go on after a step is decided once per step by
+:class:`~nanoresume.stopping.StepDecisions`; every line the run prints comes from
+:mod:`nanoresume.messages`.
 
 Under torchrun every rank runs this same loop on its share of each global batch, with the
 model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
 :mod:`nanoresume.parallel`); rank 0 alone writes files and logs, every rank writes its part
 of a checkpoint folder, and every decision that could differ between ranks is taken
-together, once per step (:class:`nanoresume.stopping.StepDecisions`).
+together, once per step.
 """
 
 from __future__ import annotations
@@ -49,11 +51,6 @@ from .training_parts import TrainingParts
 # A stop is honoured between optimizer steps; a step longer than this would outlast the ~30 s
 # grace period that preemption usually gives (Kubernetes, many schedulers) before its SIGKILL.
 SLOW_STEP_SECONDS = 20.0
-
-
-class NonFiniteWeightsError(NonFiniteLossError):
-    """A parameter holds NaN/inf, so the weights are not saved. A NonFiniteLossError for callers that
-    already catch that one (a NaN loss comes first as a rule; weights can go bad without one)."""
 
 
 @dataclass
@@ -399,7 +396,7 @@ class Trainer:
         """
         step = self.counters.step
         due = (step > 0 or force) and self.manager.is_due(step, force, time_due=time_due)
-        state = self._checkpoint_state() if due else None
+        state = self.parts.checkpoint(self.folder_checkpoints) if due else None
         best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
         self._pending_best = None
         if state is not None:
@@ -412,17 +409,6 @@ class Trainer:
             self.manager.staged_step = step  # the decision is shared; the file is rank 0's
         if due and not self.manager.background:
             distributed.barrier()
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        """This step's checkpoint (or this rank's part of it); never one holding NaN/inf weights."""
-        bad = next((name for name, p in self.raw_model.named_parameters()
-                    if not torch.isfinite(parallel.local(p)).all()), None)
-        error = None if bad is None else NonFiniteWeightsError(messages.nonfinite_weights(bad, self.counters.step))
-        if self.sharded_model:
-            distributed.raise_if_any_failed(error)  # each rank sees only its shards
-        elif error is not None:
-            raise error
-        return self.parts.sharded_state_dict() if self.folder_checkpoints else self.state_dict()
 
     def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
         train_loss, tokens_per_second = window.summary()

@@ -16,11 +16,16 @@ import torch
 from . import distributed, messages, parallel
 from .config import TrainConfig
 from .distributed import DistributedEnv
-from .errors import CheckpointError
+from .errors import CheckpointError, NonFiniteLossError
 from .optim import apply_hyperparameters
 from .state import capture_rng_state, restore_rng_state, seed_rank_streams
 from .training_state import (DATA, FINGERPRINT, MODEL, OPTIMIZER, RANKS, RNG, SAMPLER, SCALER, SCHEDULER, SOURCE,
                              Counters, Stateful, build, for_folder, rank_entry)
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A parameter holds NaN/inf, so the weights are not saved. A NonFiniteLossError for callers that
+    already catch that one (a NaN loss comes first as a rule; weights can go bad without one)."""
 
 
 class TrainingParts:
@@ -63,6 +68,18 @@ class TrainingParts:
         # The sampler is the same on every rank: batches depend on the step only.
         return build(self.counters, self.cfg.to_dict(), {FINGERPRINT: self.data.fingerprint, SOURCE: self.data.source},
                      self.env.world_size, model, optimizer, self.named(), ranks)
+
+    def checkpoint(self, folder: bool) -> dict[str, Any]:
+        """This step's checkpoint: :meth:`sharded_state_dict` for a ``folder``, else :meth:`state_dict`.
+        Raises NonFiniteWeightsError, on every rank, rather than save NaN/inf weights."""
+        bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(parallel.local(p)).all()),
+                   None)
+        error = None if bad is None else NonFiniteWeightsError(messages.nonfinite_weights(bad, self.counters.step))
+        if self.sharded:
+            distributed.raise_if_any_failed(error)  # each rank sees only its shards
+        elif error is not None:
+            raise error
+        return self.sharded_state_dict() if folder else self.state_dict()
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
         """Resume from the checkpoint at ``path``: a file's ``state`` holds everything; a folder's holds

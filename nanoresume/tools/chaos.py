@@ -262,11 +262,9 @@ def _observe_checkpoint_writes() -> None:
 
 def _child_main(argv: list[str]) -> int:
     """scripts/train.py with observable (and slowed) checkpoint writes and evaluations (tests only)."""
-    from .. import probes
     from .cli import main
     from ..trainer import Trainer
 
-    probes.install()
     evaluate = Trainer.evaluate
 
     def announced_evaluate(self: Trainer) -> object:

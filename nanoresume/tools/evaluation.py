@@ -29,6 +29,7 @@ from ..runtime import resolve_device
 from ..errors import DataError, UserError
 from ..loading import load_model
 from ..model import GPT
+from ..training_state import STEP
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "evaluate.py") -> int:
         tokens = read_eval_tokens(Path(args.data), args.token_dtype, vocab_size)
         result = evaluate_tokens(model, tokens, args.batch_size, device, progress=wants_bar(args.progress))
         unit = "bits/byte" if vocab_size == VOCAB_SIZE else "bits/token"
-        print(f"{args.ckpt} (step {state['step']:,}) on {args.data}: {result.tokens:,} tokens | "
+        print(f"{args.ckpt} (step {state[STEP]:,}) on {args.data}: {result.tokens:,} tokens | "
               f"loss {result.loss:.4f} | perplexity {result.perplexity:.2f} | {result.bits_per_token:.3f} {unit}")
         return 0
 

@@ -18,12 +18,13 @@ import pytest
 from nanoresume.tools import ckpt, evaluation, sampling
 from nanoresume.tools.chaos import final_state_difference
 from nanoresume.checkpoint import load_checkpoint, step_path
-from nanoresume.probes import NAN_ENV, RECORD_ENV, STOP_ENV, read_records
+from tests.harness.probes import NAN_ENV, RECORD_ENV, STOP_ENV, read_records
 from tests.helpers import REPO, TINY_FLAGS, cli_flags, launch_tree, run_tree
 
 pytestmark = pytest.mark.slow
 
 AUDIT = Path(__file__).resolve().parent / "audit"
+HARNESS = REPO / "tests" / "harness"  # its sitecustomize installs the probes in every process started
 STEPS = 30
 # dropout 0: with no random numbers in the step, runs on different world sizes differ only by rounding.
 FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=STEPS, eval_interval=10, ckpt_interval=10,
@@ -38,8 +39,11 @@ def launch_command(nproc: int, extra: list[str] = ()) -> list[str]:
 
 
 def environment(records: Path, **extra: str) -> dict[str, str]:
+    """The probes' harness first on PYTHONPATH (before ``extra``'s or this process's), recording to ``records``."""
     records.mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **{RECORD_ENV: str(records)}, **extra)
+    path = os.pathsep.join(p for p in (str(HARNESS), extra.pop("PYTHONPATH", os.environ.get("PYTHONPATH"))) if p)
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **{RECORD_ENV: str(records)}, **extra,
+                PYTHONPATH=path)
 
 
 @pytest.fixture

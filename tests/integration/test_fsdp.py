@@ -23,7 +23,7 @@ from nanoresume.tools.chaos import final_state_difference
 from nanoresume.checkpoint.folders import METADATA, file_sha256, manifest_digests, write_manifest
 from nanoresume.compare import first_difference
 from nanoresume.loading import load_model, read_state
-from nanoresume.probes import DUMP_RESUMED_ENV, KILL_IN_SAVE_ENV, SIGTERM_ENV, STOP_ENV, read_records
+from tests.harness.probes import DUMP_RESUMED_ENV, KILL_IN_SAVE_ENV, SIGTERM_ENV, STOP_ENV, read_records
 from tests.helpers import TINY_FLAGS, cli_flags
 from tests.integration.test_distributed import AUDIT, environment, launch_command, losses, run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoresume.probes import FORGET_RNG_ENV
+from tests.harness.probes import FORGET_RNG_ENV
 from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_train
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,9 @@ def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(t
 
 
 def test_self_test_catches_a_resume_that_forgets_its_random_numbers(tiny_text, tmp_path):
-    result, temp = self_test(cli_flags(dict(FLAGS, data=str(tiny_text))), tmp_path, **{FORGET_RNG_ENV: "1"})
+    harness = os.pathsep.join(p for p in (str(REPO / "tests" / "harness"), os.environ.get("PYTHONPATH")) if p)
+    result, temp = self_test(cli_flags(dict(FLAGS, data=str(tiny_text))), tmp_path, **{FORGET_RNG_ENV: "1"},
+                             PYTHONPATH=harness)
     assert result.returncode == 1, result.stdout + result.stderr
     out = result.stdout
     for row in ROWS[1:]:

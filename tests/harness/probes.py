@@ -1,7 +1,7 @@
-"""Test-only instrumentation of a training process (``python -m nanoresume.tools.chaos child ...``).
+"""Test-only instrumentation of a training process, installed by this folder's ``sitecustomize``.
 
-Set by environment variables, so tests can drive real subprocesses (and torchrun workers)
-without any test code in the training path:
+A test puts ``tests/harness`` on the ``PYTHONPATH`` of the processes it starts (torchrun's workers
+inherit it) and sets these variables; the nanoresume package itself knows nothing of them:
 
 - ``NANORESUME_PROBE_RECORD=DIR``: each rank appends JSON lines to ``DIR/rank<r>.jsonl``:
   ``{"step", "loss"}`` after every optimizer step and ``{"index", "offsets"}`` for the
@@ -17,7 +17,7 @@ without any test code in the training path:
 - ``NANORESUME_PROBE_FORGET_RNG=1``: a resumed run leaves its random number streams as they are
   instead of restoring them: a deliberately broken resume, which must be caught.
 
-Production runs never import this module.
+Production runs never import this module: it is not part of the package.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
 
 def install() -> None:
     """Patch the trainer and sampler as the environment asks; a no-op when it asks for nothing."""
-    from . import distributed, training_parts
-    from .data import BatchSampler
-    from .model import GPT
-    from .trainer import Trainer
+    from nanoresume import distributed, training_parts
+    from nanoresume.data import BatchSampler
+    from nanoresume.model import GPT
+    from nanoresume.trainer import Trainer
 
     rank = distributed.detect().rank
     record_dir = os.environ.get(RECORD_ENV)
@@ -106,11 +106,11 @@ def install() -> None:
 
 
 def _install_save_and_resume_probes(rank: int) -> None:
-    from .trainer import Trainer
+    from nanoresume.trainer import Trainer
 
     kill_at = _step_and_rank(os.environ.get(KILL_IN_SAVE_ENV))
     if kill_at is not None and kill_at[1] == rank:
-        from .checkpoint import sharded
+        from nanoresume.checkpoint import sharded
 
         def kill_inside_write(stage: str, target: Path) -> None:
             if target.name == f"step_{kill_at[0]:08d}":
