@@ -54,7 +54,8 @@ class RunDir:
                             f"choose a folder you can write to") from None
         self._lock()
         self.exit_code.unlink(missing_ok=True)  # from an earlier start; a crash of this one leaves none
-        leftovers = checkpoint.remove_leftovers(self.root) + checkpoint.remove_leftovers(self.checkpoints)
+        leftovers = checkpoint.remove_leftovers(self.root, owned=(self.best.name, self.config.name)) + \
+            checkpoint.remove_leftovers(self.checkpoints)
         for leftover in leftovers + checkpoint.remove_unfinished(self.checkpoints):
             warn(f"removed {leftover}, left by an interrupted write")
 

@@ -28,9 +28,7 @@ and every value in the shards is read with ``weights_only=True``, whatever the m
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -42,9 +40,10 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from ..atomic import fsync_folder
 from ..errors import CheckpointError, CheckpointWriteError
-from .folders import MANIFEST, METADATA, check_digests, file_sha256, is_plain_name, write_manifest
+from .files import describe_write_failure, file_sha256
+from .folders import MANIFEST, METADATA, check_digests, is_plain_name, write_manifest
+from .storage import LOCAL, FolderWriting
 
 # What a DCP index may be built from: its own dataclasses, and the torch and pathlib values they hold.
 _ALLOWED_GLOBALS = {
@@ -78,7 +77,8 @@ def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = No
     removed and earlier checkpoints are intact.
     """
     rank, world = _rank_and_world(group)
-    tmp = target.with_name(f".{target.name}.tmp.{token}")
+    new = LOCAL.create_folder(target, token)  # DCP's FileSystemWriter writes to a local folder
+    tmp = Path(new.path)
     failure: Optional[str] = None
     digests: dict[str, str] = {}
     try:
@@ -93,34 +93,27 @@ def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = No
     everyone = _gather(group, (digests, failure))
     outcome = None
     if rank == 0:
-        outcome = _commit(tmp, target, everyone)
+        outcome = _commit(new, target, everyone)
     outcome = _broadcast(group, outcome)
     if outcome is not None:
         raise CheckpointWriteError(outcome, "earlier checkpoints are intact; free some space or choose another "
                                             "--out-dir, then rerun with --resume auto")
 
 
-def _commit(tmp: Path, target: Path, everyone: list[tuple[dict[str, str], Optional[str]]]) -> Optional[str]:
-    """Rank 0: write the manifest and rename the folder; the failure in one line, or None."""
+def _commit(new: FolderWriting, target: Path, everyone: list[tuple[dict[str, str], Optional[str]]]) -> Optional[str]:
+    """Rank 0: write the manifest and publish the folder; the failure in one line, or None."""
     failures = [f"rank {rank}: {failure}" for rank, (_, failure) in enumerate(everyone) if failure]
     if not failures:
         try:
-            write_manifest(tmp, {name: digest for part, _ in everyone for name, digest in part.items()})
-            if target.exists() and not _is_empty_folder(target):
-                raise CheckpointWriteError(f"cannot write checkpoint {target}: it already exists", "")
-            os.replace(tmp, target)
-            fsync_folder(target.parent)
+            write_manifest(Path(new.path), {name: digest for part, _ in everyone for name, digest in part.items()})
+            new.publish()
             return None
-        except CheckpointWriteError as e:
-            failures.append(e.problem)
+        except FileExistsError:
+            failures.append(f"cannot write checkpoint {target}: it already exists")
         except OSError as e:
             failures.append(f"could not commit checkpoint {target.name} in {target.parent}: {e.strerror or e}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    new.discard()
     return failures[0] if len(failures) == 1 else f"{failures[0]} (and {len(failures) - 1} more)"
-
-
-def _is_empty_folder(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
 
 
 def _describe_failure(target: Path, error: BaseException) -> str:
@@ -129,11 +122,7 @@ def _describe_failure(target: Path, error: BaseException) -> str:
     if failures:
         error = next(iter(failures.values()))[0]
     if isinstance(error, OSError):
-        try:
-            free = f"{shutil.disk_usage(target.parent).free / 1e6:,.1f} MB free"
-        except OSError:
-            free = "free space unknown"
-        return f"could not write checkpoint {target.name} in {target.parent}: {error.strerror or error} ({free})"
+        return describe_write_failure(target, error)
     return f"could not write checkpoint {target.name} in {target.parent}: {type(error).__name__}: {error}"
 
 

@@ -215,7 +215,7 @@ def test_remove_leftovers_deletes_temp_files_and_orphan_sidecars_but_nothing_els
                  ".other.pt.tmp.1", "config.json"]
     for name in leftovers + unrelated:
         (tmp_path / name).write_text("x")
-    removed = remove_leftovers(tmp_path)
+    removed = remove_leftovers(tmp_path, owned=("best.pt", "config.json"))
     assert sorted(p.name for p in removed) == sorted(leftovers)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         unrelated + ["step_00000010.pt", "step_00000010.pt.sha256"])
