@@ -70,9 +70,7 @@ class Checkpointer:
         self.stop = stop
         self.warn = warn
         self.manager = CheckpointManager(self.folder, every, keep_last, background=background,
-                                         every_seconds=every_seconds)
-        if stop is not None:
-            self.manager.on_commit = lambda step, path: setattr(stop, "last_committed_step", step)
+                                         every_seconds=every_seconds, on_commit=self._committed)
 
     def resume(self, mode: str = "auto") -> int:
         """Load every object (and the random streams) from a checkpoint; returns its step, 0 for a fresh start.
@@ -82,7 +80,7 @@ class Checkpointer:
         ``"none"`` a fresh start, refused if the folder already holds checkpoints; anything else the
         path of one checkpoint. Raises :class:`~nanoresume.CheckpointError` with a one-line reason.
         """
-        found = resolve_resume(mode, self.manager, self.warn, accept=self._check)
+        found = resolve_resume(mode, self.manager.dir, self.warn, accept=self._check)
         if found is None:
             return 0
         path, state = found
@@ -92,12 +90,7 @@ class Checkpointer:
             for warning in restore_rng_state(state["rng"]):
                 self.warn(warning)
         step = state["step"]
-        if path.resolve().parent == self.folder.resolve():  # already saved: a save of this step writes nothing
-            self.manager.staged_step = self.manager.committed_step = step
-            self.manager.committed_path = path
-        for moved in self.manager.set_aside_after(step):
-            self.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this run resumed "
-                      f"from, so it belongs to a timeline the run left")
+        self.manager.adopt(path, step, self.warn)
         if self.stop is not None:
             self.stop.last_committed_step = step
         return step
@@ -143,6 +136,10 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _committed(self, step: int, path: Path) -> None:
+        if self.stop is not None:
+            self.stop.last_committed_step = step
 
     def _check(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` if it is a Checkpointer file holding every object this run has, else CheckpointError."""

@@ -163,8 +163,8 @@ class Trainer:
         found, error = (None, None), None
         if self.env.is_main:
             try:
-                manager = checkpoint.CheckpointManager(self.run_dir.checkpoints, 1, 1)
-                resumed = checkpoint.resolve_resume(cfg.resume, manager, self.console.warn,
+                resumed = checkpoint.resolve_resume(cfg.resume, checkpoint.CheckpointDir(self.run_dir.checkpoints),
+                                                    self.console.warn,
                                                     load=lambda path: load_valid(path, tensors=False))
                 unsaved = self.run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
                 found = (resumed, unsaved)
@@ -202,8 +202,8 @@ class Trainer:
             every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
             # a folder's writes coordinate over a group of their own: they may run on the writer thread
             group=distributed.new_group() if self.folder_checkpoints else None,
-            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main)
-        self.manager.on_commit = lambda step, path: setattr(self.stop, "last_committed_step", step)
+            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
+            on_commit=lambda step, path: setattr(self.stop, "last_committed_step", step))
         self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         if cfg.deterministic:
@@ -278,12 +278,7 @@ class Trainer:
         self.console.log(f"resumed from {path} at step {self.progress.step:,}")
         if not self.env.is_main:
             return
-        if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
-            self.manager.staged_step = self.manager.committed_step = self.progress.step
-            self.manager.committed_path = path
-        for moved in self.manager.set_aside_after(self.progress.step):
-            self.console.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this "
-                              f"run resumed from, so it belongs to a timeline the run left")
+        self.manager.adopt(path, self.progress.step, self.console.warn)  # a stop now writes nothing
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -586,7 +581,7 @@ class Trainer:
         elif self.env.is_main and (state is not None or best):
             self.manager.save(step, state, also=best)
         elif state is not None:
-            self.manager.staged_step = step  # the decision is shared; the file is rank 0's
+            self.manager.mark_staged(step)  # the decision is shared; the file is rank 0's
         if due and not self.manager.background:
             distributed.barrier()
 

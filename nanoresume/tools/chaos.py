@@ -58,9 +58,8 @@ class ChaosReport:
 
 def verified_steps(folder: Path) -> dict[int, str]:
     """Step -> digest of every step checkpoint in ``folder`` whose checksum verifies."""
-    manager = checkpoint.CheckpointManager(folder, interval=1, keep_last=1)
     good = {}
-    for item in manager.list():
+    for item in checkpoint.CheckpointDir(folder).list():
         try:
             payload = checkpoint.read_verified(item.path)
         except checkpoint.CheckpointError:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanoresume import checkpoint
-from nanoresume.checkpoint import (CheckpointManager, checksum_path, load_checkpoint, resolve_resume,
+from nanoresume.checkpoint import (CheckpointDir, CheckpointManager, checksum_path, load_checkpoint, resolve_resume,
                                    save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
 
@@ -34,7 +34,7 @@ def manager_with_steps(folder: Path, steps: list[int], keep_last: int = 10) -> C
 def test_auto_resumes_from_the_newest_checkpoint(tmp_path):
     manager = manager_with_steps(tmp_path, [1, 2, 3])
     warnings: list[str] = []
-    path, state = resolve_resume("auto", manager, warnings.append)
+    path, state = resolve_resume("auto", manager.dir, warnings.append)
     assert path == step_path(tmp_path, 3) and state["step"] == 3
     assert warnings == []
 
@@ -44,16 +44,16 @@ def test_auto_falls_back_past_a_corrupt_newest_file_with_one_warning_naming_it(t
     newest = step_path(tmp_path, 3)
     newest.write_bytes(newest.read_bytes()[:50])
     warnings: list[str] = []
-    path, state = resolve_resume("auto", manager, warnings.append)
+    path, state = resolve_resume("auto", manager.dir, warnings.append)
     assert path == step_path(tmp_path, 2) and state["step"] == 2
     assert len(warnings) == 1 and str(newest) in warnings[0]
 
 
 def test_auto_returns_none_on_an_empty_or_missing_folder(tmp_path):
     warnings: list[str] = []
-    assert resolve_resume("auto", CheckpointManager(tmp_path / "missing", 1, 3), warnings.append) is None
+    assert resolve_resume("auto", CheckpointDir(tmp_path / "missing"), warnings.append) is None
     (tmp_path / "empty").mkdir()
-    assert resolve_resume("auto", CheckpointManager(tmp_path / "empty", 1, 3), warnings.append) is None
+    assert resolve_resume("auto", CheckpointDir(tmp_path / "empty"), warnings.append) is None
     assert warnings == []
 
 
@@ -65,7 +65,7 @@ def test_auto_refuses_and_touches_nothing_when_checkpoints_exist_but_none_can_be
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     warnings: list[str] = []
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager, warnings.append)
+        resolve_resume("auto", manager.dir, warnings.append)
     message = str(info.value)
     assert "\n" not in message and "step_00000001.pt" in message and "step_00000002.pt" in message
     assert "verify" in message and "--out-dir" in message
@@ -77,7 +77,7 @@ def test_step_files_copied_without_their_sidecars_are_resumed_not_destroyed(tmp_
     manager = manager_with_steps(tmp_path, [1, 2, 3])
     for sidecar in tmp_path.glob("*.sha256"):
         sidecar.unlink()
-    path, state = resolve_resume("auto", manager, print)
+    path, state = resolve_resume("auto", manager.dir, print)
     assert path == step_path(tmp_path, 3) and state["step"] == 3
 
 
@@ -85,24 +85,24 @@ def test_a_folder_named_like_a_step_checkpoint_is_refused_at_start_naming_it(tmp
     manager = manager_with_steps(tmp_path, [10])
     (tmp_path / "step_00000025.pt").mkdir()
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager, print)
+        resolve_resume("auto", manager.dir, print)
     assert "step_00000025.pt is a folder" in str(info.value) and "move it out" in str(info.value)
 
 
 def test_none_refuses_when_checkpoints_exist_pointing_at_resume_auto_and_out_dir(tmp_path):
     manager = manager_with_steps(tmp_path, [4])
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("none", manager, print)
+        resolve_resume("none", manager.dir, print)
     message = str(info.value)
     assert "--resume auto" in message and "--out-dir" in message and "step_00000004.pt" in message
-    assert resolve_resume("none", CheckpointManager(tmp_path / "fresh", 1, 3), print) is None
+    assert resolve_resume("none", CheckpointDir(tmp_path / "fresh"), print) is None
 
 
 def test_an_explicit_path_must_exist_and_load(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        resolve_resume(str(tmp_path / "missing.pt"), CheckpointManager(tmp_path, 1, 3), print)
+        resolve_resume(str(tmp_path / "missing.pt"), CheckpointDir(tmp_path), print)
     manager = manager_with_steps(tmp_path, [1, 2])
-    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager, print)
+    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager.dir, print)
     assert state["step"] == 1
 
 
@@ -110,7 +110,7 @@ def test_an_explicit_path_to_inference_weights_is_refused(tmp_path):
     best = tmp_path / "best.pt"
     save_atomically({"format_version": 1, "kind": "weights", "model": {}}, best)
     with pytest.raises(CheckpointError, match="not a full training state"):
-        resolve_resume(str(best), CheckpointManager(tmp_path, 1, 3), print)
+        resolve_resume(str(best), CheckpointDir(tmp_path), print)
 
 
 # ---- retention and leftovers --------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_an_explicit_path_to_inference_weights_is_refused(tmp_path):
 def test_keep_last_keeps_exactly_the_newest_k_step_files_and_never_best_pt(tmp_path):
     save_atomically(small_state(0), tmp_path / "best.pt")
     manager = manager_with_steps(tmp_path, [10, 20, 30, 40, 50], keep_last=2)
-    assert [s.step for s in manager.list()] == [40, 50]
+    assert [s.step for s in manager.dir.list()] == [40, 50]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "best.pt", "best.pt.sha256",
         "step_00000040.pt", "step_00000040.pt.sha256", "step_00000050.pt", "step_00000050.pt.sha256"]
@@ -127,8 +127,8 @@ def test_keep_last_keeps_exactly_the_newest_k_step_files_and_never_best_pt(tmp_p
 
 def test_step_names_are_zero_padded_so_name_order_is_step_order(tmp_path):
     manager = manager_with_steps(tmp_path, [9, 10, 100000000])
-    assert [s.step for s in manager.list()] == [9, 10, 100000000]
-    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == [s.path.name for s in manager.list()]
+    assert [s.step for s in manager.dir.list()] == [9, 10, 100000000]
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == [s.path.name for s in manager.dir.list()]
 
 
 
@@ -138,14 +138,14 @@ def test_step_names_are_zero_padded_so_name_order_is_step_order(tmp_path):
 
 def test_a_second_abandoned_timeline_never_overwrites_the_first(tmp_path):
     manager = manager_with_steps(tmp_path, [1, 2])
-    first = manager.set_aside_after(1)
+    first = manager.dir.set_aside_after(1)
     first_bytes = first[0].read_bytes()
     manager.save(2, small_state(2) | {"other": torch.ones(3)})  # a different step 2 on the new timeline
-    second = manager.set_aside_after(1)
+    second = manager.dir.set_aside_after(1)
     assert first[0].parent != second[0].parent
     assert first[0].read_bytes() == first_bytes and load_checkpoint(first[0])["step"] == 2
     assert "other" in load_checkpoint(second[0])
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 @pytest.mark.parametrize("killed_after", ["link the file", "link the sidecar", "remove the file"])
@@ -167,14 +167,14 @@ def test_a_kill_at_any_point_of_a_set_aside_leaves_every_pair_verifiable(tmp_pat
     monkeypatch.setattr(os, "link", lambda a, b: (count(), real_link(a, b)))
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (count(), real_unlink(self, missing_ok)))
     with pytest.raises(Killed):
-        manager.set_aside_after(1)
+        manager.dir.set_aside_after(1)
     monkeypatch.undo()
     checkpoint.remove_leftovers(tmp_path)  # what the next start does first
-    manager.set_aside_after(1)
+    manager.dir.set_aside_after(1)
     copies = list((tmp_path / "abandoned").rglob("step_00000002.pt"))
     assert copies and all(load_checkpoint(c)["step"] == 2 for c in copies)
     assert all(checksum_path(c).exists() for c in copies if c.parent.name == "2")
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 # ---- decide, stage, commit ----------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_the_next_save_waits_for_the_one_in_flight_so_at_most_one_runs(tmp_path,
         manager.save(step, small_state(step))
     manager.close()
     assert most[0] == 1
-    assert [s.step for s in manager.list()] == [4, 5]
+    assert [s.step for s in manager.dir.list()] == [4, 5]
 
 
 def test_pruning_happens_only_after_the_new_commit(tmp_path, monkeypatch):
@@ -292,7 +292,7 @@ def test_pruning_happens_only_after_the_new_commit(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.files, "testing_write_hook", disk_full)
     with pytest.raises(CheckpointWriteError):
         manager.save(2, small_state(2))
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["synchronous", "background"])
@@ -312,7 +312,7 @@ def test_sidecar_and_pruning_trouble_after_a_commit_neither_crash_nor_fail_the_s
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(checkpoint.manager, "write_checksum_file", empty_then_sidecar)
-    monkeypatch.setattr(manager, "list", unreadable_folder)
+    monkeypatch.setattr(manager.dir, "list", unreadable_folder)
     crashed: list = []
     monkeypatch.setattr(threading, "excepthook", crashed.append)
     manager.save(2, small_state(2))
