@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
-from .checkpoint import FORMAT_VERSION, CheckpointManager, remove_leftovers, resolve_resume
+from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
 from .errors import CheckpointError
 from .signals import StopFlag
 from .state import capture_rng_state, restore_rng_state
@@ -53,12 +53,14 @@ class Checkpointer:
     the checksum passes, and with ``weights_only=True``. ``background`` writes on a thread: the
     training loop waits only for a copy of the state in memory. The newest ``keep_last`` files are
     kept. ``stop`` (a :class:`~nanoresume.StopFlag`) learns of every commit, so that a forced exit
-    (a second Ctrl-C) can name the last one.
+    (a second Ctrl-C) can name the last one. ``observer`` (a
+    :class:`~nanoresume.checkpoint.CheckpointObserver`) watches every write.
     """
 
     def __init__(self, folder: Union[str, Path], objects: Mapping[str, Stateful], every: int = 100,
                  keep_last: int = 3, background: bool = True, every_seconds: Optional[float] = None,
-                 rng: bool = True, stop: Optional[StopFlag] = None, warn: Callable[[str], None] = _warn) -> None:
+                 rng: bool = True, stop: Optional[StopFlag] = None, warn: Callable[[str], None] = _warn,
+                 observer: Optional[CheckpointObserver] = None) -> None:
         if every < 1 or keep_last < 1:
             raise ValueError(f"every ({every}) and keep_last ({keep_last}) must be at least 1")
         self.folder = Path(folder)
@@ -70,7 +72,7 @@ class Checkpointer:
         self.stop = stop
         self.warn = warn
         self.manager = CheckpointManager(self.folder, every, keep_last, background=background,
-                                         every_seconds=every_seconds, on_commit=self._committed)
+                                         every_seconds=every_seconds, on_commit=self._committed, observer=observer)
 
     def resume(self, mode: str = "auto") -> int:
         """Load every object (and the random streams) from a checkpoint; returns its step, 0 for a fresh start.

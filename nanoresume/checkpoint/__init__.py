@@ -10,6 +10,7 @@ Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 - :mod:`.sharded`: writing and reading a folder through torch.distributed.checkpoint (DCP), which
   this package imports only when a folder is written or read;
 - :mod:`.snapshot`: a CPU copy of a state for a background write;
+- :mod:`.observe`: observers of checkpoint writes (tests and the chaos harness watch through them);
 - :mod:`.storage`: the few filesystem operations the rest needs, and the local disk's implementation;
 - :mod:`.stepdir`: the folder of a run's step checkpoints (list, obstacles, prune, set aside, leftovers);
 - :mod:`.writer`: one commit at a time, now or on a writer thread;
@@ -22,14 +23,15 @@ from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_P
                     step_folder_path, step_of, step_path, verify_file, write_checksum_file)
 from .folders import is_checkpoint_folder, remove_unfinished
 from .manager import CheckpointManager, require_train_state, resolve_resume
+from .observe import CheckpointObserver, observe
 from .stepdir import ABANDONED, CheckpointDir, StepCheckpoint
 from .storage import LOCAL, LocalStorage, Storage
 
 __all__ = [
     "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "LOCAL", "STEP_FOLDER_PATTERN", "STEP_PATTERN",
-    "CheckpointDir", "CheckpointError", "CheckpointManager", "CheckpointWriteError", "LocalStorage",
-    "StepCheckpoint", "Storage", "accepted_digests", "checksum_path",
-    "is_checkpoint_folder", "load_checkpoint", "read_verified", "remove_leftovers", "remove_unfinished",
-    "require_train_state", "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of",
-    "step_path", "verify_file", "write_checksum_file",
+    "CheckpointDir", "CheckpointError", "CheckpointManager", "CheckpointObserver", "CheckpointWriteError",
+    "LocalStorage", "StepCheckpoint", "Storage", "accepted_digests", "checksum_path", "is_checkpoint_folder",
+    "load_checkpoint", "observe", "read_verified", "remove_leftovers", "remove_unfinished", "require_train_state",
+    "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of", "step_path", "verify_file",
+    "write_checksum_file"
 ]

@@ -34,13 +34,14 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional
 
 import torch
 
 from ..atomic import temp_target
 from ..errors import CheckpointError, CheckpointWriteError
 from .fileformat import DigestingWriter, Digests, digests
+from .observe import CheckpointObserver, observers
 from .storage import FILE, LOCAL, FOLDER, NotAFileError, Reading, Storage, Writing
 
 # 2: the data position is one sampler for all ranks (batches depend on the step only) and ranks
@@ -52,11 +53,6 @@ STEP_FOLDER_PATTERN = re.compile(r"^step_(\d{8,})$")  # a sharded checkpoint (se
 # torch words a refused global differently across versions ("Unsupported global: GLOBAL os.system",
 # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"); both name it after GLOBAL.
 _UNSAFE_GLOBAL = re.compile(r"\bGLOBAL\s+([\w.]+)")
-
-# Test-only: called with the number of bytes written so far after every chunk of a
-# checkpoint write. Tests use it to slow writes down (to land a kill inside one) or to
-# raise OSError (disk full). Production code never sets it.
-testing_write_hook: Optional[Callable[[int], None]] = None
 
 
 def step_path(folder: Path, step: int) -> Path:
@@ -81,21 +77,24 @@ def checksum_path(path: Path) -> Path:
 
 # ---- writing -------------------------------------------------------------------------------------
 
-def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True,
-                   storage: Storage = LOCAL) -> str:
+def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True, storage: Storage = LOCAL,
+                   observer: Optional[CheckpointObserver] = None) -> str:
     """Write ``obj`` to ``path`` by the commit protocol above; returns the digest the file carries.
 
     ``checksum_file=False`` leaves step 3 (the ``.sha256``) to the caller (:func:`write_checksum_file`).
+    ``observer`` (and every observer registered with :func:`~.observe.observe`) sees the write.
 
     Raises :class:`CheckpointWriteError` on any failure (disk full, I/O error, a value that
     cannot be serialized); the temp file is removed and earlier files stay intact.
     """
     path = Path(path)
     _refuse_non_file_in_the_way(path, storage)
+    watcher = observers(observer)
     new: Optional[Writing] = None
     try:
         new = storage.create(path)
-        writer = DigestingWriter(new.file, on_progress=_progress_hook())
+        progress = None if watcher is None else (lambda written: watcher.on_write_progress(path, written))
+        writer = DigestingWriter(new.file, on_progress=progress)
         try:
             with _zip_crc_skipped():
                 torch.save(obj, writer)
@@ -106,8 +105,12 @@ def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True,
             raise
         finally:
             writer.close()
+        if watcher is not None:
+            watcher.before_commit(path)
         storage.remove(checksum_path(path))  # a stale .sha256 must not outlive the file it was for
         new.publish()
+        if watcher is not None:
+            watcher.after_commit(path)
         if checksum_file:
             write_checksum_file(path, storage)
         return digest
@@ -144,11 +147,6 @@ def _zip_crc_skipped() -> Iterator[None]:
         return
     with config.patch({"save.compute_crc32": False}):
         yield
-
-
-def _progress_hook() -> Optional[Callable[[int], None]]:
-    hook = testing_write_hook
-    return None if hook is None else (lambda written: hook(written))
 
 
 def _refuse_non_file_in_the_way(path: Path, storage: Storage) -> None:

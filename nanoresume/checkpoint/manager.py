@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..errors import CheckpointError
 from .files import (FORMAT_VERSION, load_checkpoint, save_atomically, step_folder_path, step_of, step_path,
                     write_checksum_file)
+from .observe import CheckpointObserver
 from .snapshot import Snapshotter
 from .stepdir import CheckpointDir
 from .writer import CommitRunner
@@ -47,13 +48,14 @@ class CheckpointManager:
     only the ``coordinator`` (rank 0) writes files beside the folder and prunes.
 
     ``on_commit(step, path)`` is called (on the writer thread, in background mode) once each step
-    checkpoint is committed.
+    checkpoint is committed; ``observer`` watches every write (see :mod:`.observe`).
     """
 
     def __init__(self, folder: Path, interval: int, keep_last: int, background: bool = False,
                  every_seconds: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
                  group: Any = None, token: str = "0", coordinator: bool = True,
-                 on_commit: Optional[Callable[[int, Path], None]] = None) -> None:
+                 on_commit: Optional[Callable[[int, Path], None]] = None,
+                 observer: Optional[CheckpointObserver] = None) -> None:
         self.dir = CheckpointDir(folder)
         self.folder = self.dir.path
         self.group, self.token, self.coordinator = group, token, coordinator
@@ -62,6 +64,7 @@ class CheckpointManager:
         self.every_seconds = every_seconds
         self.clock = clock
         self.on_commit = on_commit
+        self.observer = observer
         self._committed_step: Optional[int] = None
         self._committed_path: Optional[Path] = None
         self._staged_step: Optional[int] = None
@@ -162,9 +165,9 @@ class CheckpointManager:
                 if target == path and sharded:
                     from .sharded import save_folder  # here, not at the top: it imports DCP (see folders.py)
 
-                    save_folder(snapshot, target, self.token, self.group)
+                    save_folder(snapshot, target, self.token, self.group, observer=self.observer)
                 else:
-                    save_atomically(snapshot, target, checksum_file=False)
+                    save_atomically(snapshot, target, checksum_file=False, observer=self.observer)
                     files.append(target)
             if path is not None:
                 self._committed_step, self._committed_path = step, path

@@ -31,7 +31,7 @@ import io
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from ..errors import CheckpointError, CheckpointWriteError
 from .files import describe_write_failure, file_sha256
 from .folders import MANIFEST, METADATA, check_digests, is_plain_name, write_manifest
+from .observe import CheckpointObserver, observers
 from .storage import LOCAL, FolderWriting
 
 # What a DCP index may be built from: its own dataclasses, and the torch and pathlib values they hold.
@@ -61,22 +62,22 @@ _ALLOWED_GLOBALS = {
 # DCP warns on every save or load without a process group; a single process is a case we intend.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-# Test-only: called with ("written", target) once every rank's files are in the temp folder and
-# before the manifest exists. Tests use it to kill a rank inside a sharded write. Never set otherwise.
-testing_hook: Optional[Callable[[str, Path], None]] = None
-
 
 # ---- writing -------------------------------------------------------------------------------------
 
-def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = None) -> None:
+def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = None,
+                observer: Optional[CheckpointObserver] = None) -> None:
     """Write ``state`` as the checkpoint folder ``target`` by the protocol above; a collective: every
     rank of ``group`` calls it with its own state (None: a single process without a process group).
+    ``observer`` (and every registered one) hears of it on each rank: ``before_commit`` once this
+    rank's files are written, ``after_commit`` once the folder is committed.
 
     ``token`` names the temp folder and must be the same on every rank. Raises
     :class:`CheckpointWriteError` on every rank if any rank failed; the temp folder is then
     removed and earlier checkpoints are intact.
     """
     rank, world = _rank_and_world(group)
+    watcher = observers(observer)
     new = LOCAL.create_folder(target, token)  # DCP's FileSystemWriter writes to a local folder
     tmp = Path(new.path)
     failure: Optional[str] = None
@@ -85,8 +86,8 @@ def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = No
         writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
         metadata = dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
         names = sorted({info.relative_path for info in metadata.storage_data.values()} | {METADATA})
-        if testing_hook is not None:
-            testing_hook("written", target)
+        if watcher is not None:
+            watcher.before_commit(target)
         digests = {name: file_sha256(tmp / name) for name in names[rank::world]}
     except (Exception, dcp.api.CheckpointException) as e:  # DCP's exception is a BaseException
         failure = _describe_failure(target, e)
@@ -98,6 +99,8 @@ def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = No
     if outcome is not None:
         raise CheckpointWriteError(outcome, "earlier checkpoints are intact; free some space or choose another "
                                             "--out-dir, then rerun with --resume auto")
+    if watcher is not None:
+        watcher.after_commit(target)
 
 
 def _commit(new: FolderWriting, target: Path, everyone: list[tuple[dict[str, str], Optional[str]]]) -> Optional[str]:

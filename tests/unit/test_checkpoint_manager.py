@@ -17,7 +17,7 @@ from nanoresume.checkpoint import (CheckpointDir, CheckpointManager, checksum_pa
                                    save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
 
-from tests.unit.test_checkpoint import small_state
+from tests.unit.test_checkpoint import WriteProgress, small_state
 
 
 # ---- resume resolution --------------------------------------------------------------------------
@@ -230,8 +230,8 @@ def test_a_background_file_is_byte_identical_to_a_synchronous_one(tmp_path):
 
 def test_a_background_save_returns_before_its_commit_and_wait_returns_after_it(tmp_path, monkeypatch):
     release = threading.Event()
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", lambda written: release.wait(10))
-    manager = CheckpointManager(tmp_path, interval=1, keep_last=3, background=True)
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=3, background=True,
+                                observer=WriteProgress(lambda written: release.wait(10)))
     manager.save(1, small_state(1))
     assert manager.in_flight and manager.staged_step == 1 and manager.committed_step is None
     assert not step_path(tmp_path, 1).exists()
@@ -243,14 +243,13 @@ def test_a_background_save_returns_before_its_commit_and_wait_returns_after_it(t
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
 def test_a_background_write_error_reaches_the_training_thread_and_keeps_earlier_files(tmp_path, monkeypatch,
                                                                                        error):
-    manager = manager_with_steps(tmp_path, [1], keep_last=1)
-    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, background=True)
+    manager_with_steps(tmp_path, [1], keep_last=1)
 
     def fail(written: int) -> None:
         if written > 100:
             raise OSError(error, os.strerror(error))
 
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", fail)
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, background=True, observer=WriteProgress(fail))
     manager.save(2, small_state(2))
     with pytest.raises(CheckpointWriteError, match=os.strerror(error)):
         manager.wait()
@@ -283,13 +282,13 @@ def test_the_next_save_waits_for_the_one_in_flight_so_at_most_one_runs(tmp_path,
     assert [s.step for s in manager.dir.list()] == [4, 5]
 
 
-def test_pruning_happens_only_after_the_new_commit(tmp_path, monkeypatch):
-    manager = manager_with_steps(tmp_path, [1], keep_last=1)
+def test_pruning_happens_only_after_the_new_commit(tmp_path):
+    manager_with_steps(tmp_path, [1], keep_last=1)
 
     def disk_full(written: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", disk_full)
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, observer=WriteProgress(disk_full))
     with pytest.raises(CheckpointWriteError):
         manager.save(2, small_state(2))
     assert [s.step for s in manager.dir.list()] == [1]

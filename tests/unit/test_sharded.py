@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from nanoresume.checkpoint import (ABANDONED, CheckpointManager, remove_unfinished, resolve_resume,
+from nanoresume.checkpoint import (ABANDONED, CheckpointManager, CheckpointObserver, remove_unfinished, resolve_resume,
                                    step_folder_path)
 from nanoresume.checkpoint import sharded
 from nanoresume.checkpoint.folders import MANIFEST, METADATA, file_sha256, manifest_digests, write_manifest
@@ -77,15 +77,15 @@ def test_placeholders_give_shapes_and_dtypes_without_reading_the_tensors(tmp_pat
     assert back["ranks"]["0"]["rng"]["torch"].device.type == "cpu"
 
 
-def test_a_failed_folder_write_leaves_no_temp_folder_and_the_earlier_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_failed_folder_write_leaves_no_temp_folder_and_the_earlier_checkpoint_intact(tmp_path):
     earlier = saved_folder(tmp_path, 1)
 
-    def disk_full(stage: str, target: Path) -> None:
-        raise OSError(28, "No space left on device")
+    class DiskFull(CheckpointObserver):
+        def before_commit(self, target: Path) -> None:
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sharded, "testing_hook", disk_full)
     with pytest.raises(CheckpointWriteError) as info:
-        sharded.save_folder(nested_state(2), step_folder_path(tmp_path, 2), token="1")
+        sharded.save_folder(nested_state(2), step_folder_path(tmp_path, 2), token="1", observer=DiskFull())
     assert "No space left on device" in str(info.value) and "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
     sharded.verify_folder(earlier)
