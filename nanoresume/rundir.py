@@ -25,12 +25,23 @@ from typing import Any, Callable, Optional
 
 from . import checkpoint
 from .atomic import write_file_atomically
-from .errors import CheckpointWriteError, ConfigError, UserError
+from .errors import (REMEDY_FREE_SPACE, REMEDY_MOVE_OBSTACLE, REMEDY_NONE_USABLE, REMEDY_RESUME_OR_ELSEWHERE,
+                     CheckpointWriteError, ConfigError, UserError)
 
 
 class RunDir:
     """``RunDir(out)``: the paths of one run's folder (``.checkpoints``, ``.best``, ``.config``, ``.metrics``,
     ``.tensorboard``, ``.exit_code``, ``.lock_file``); :meth:`open` and :meth:`close` for the run that trains there."""
+
+    # How the training command words the fixes the checkpoint package suggests (see nanoresume.errors).
+    checkpoint_advice = {
+        REMEDY_FREE_SPACE: "free some space or choose another --out-dir, then rerun with --resume auto. "
+                           "Earlier checkpoints are intact",
+        REMEDY_MOVE_OBSTACLE: "move it out of {folder}, then rerun with --resume auto",
+        REMEDY_RESUME_OR_ELSEWHERE: "pass --resume auto to continue that run, or choose another --out-dir",
+        REMEDY_NONE_USABLE: "see why with: python -m nanoresume.tools.ckpt verify {folder}. Move them away to "
+                            "start over, or choose another --out-dir",
+    }
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

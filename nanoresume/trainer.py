@@ -164,7 +164,7 @@ class Trainer:
         if self.env.is_main:
             try:
                 resumed = checkpoint.resolve_resume(cfg.resume, checkpoint.CheckpointDir(self.run_dir.checkpoints),
-                                                    self.console.warn,
+                                                    self.console.warn, advice=self.run_dir.checkpoint_advice,
                                                     load=lambda path: load_valid(path, tensors=False))
                 unsaved = self.run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
                 found = (resumed, unsaved)
@@ -203,7 +203,8 @@ class Trainer:
             # a folder's writes coordinate over a group of their own: they may run on the writer thread
             group=distributed.new_group() if self.folder_checkpoints else None,
             token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
-            on_commit=lambda step, path: setattr(self.stop, "last_committed_step", step))
+            on_commit=lambda step, path: setattr(self.stop, "last_committed_step", step),
+            advice=self.run_dir.checkpoint_advice)
         self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         if cfg.deterministic:

@@ -39,7 +39,7 @@ from typing import Any, Collection, Iterator, Optional
 import torch
 
 from ..atomic import temp_target
-from ..errors import CheckpointError, CheckpointWriteError
+from ..errors import REMEDY_FREE_SPACE, REMEDY_MOVE_OBSTACLE, CheckpointError, CheckpointWriteError
 from .fileformat import DigestingWriter, Digests, digests
 from .observe import CheckpointObserver, observers
 from .storage import FILE, LOCAL, FOLDER, NotAFileError, Reading, Storage, Writing
@@ -50,6 +50,7 @@ FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
 STEP_FOLDER_PATTERN = re.compile(r"^step_(\d{8,})$")  # a sharded checkpoint (see sharded.py)
+FREE_SPACE_ADVICE = "free some space or save elsewhere, then resume; earlier checkpoints are intact"
 # torch words a refused global differently across versions ("Unsupported global: GLOBAL os.system",
 # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"); both name it after GLOBAL.
 _UNSAFE_GLOBAL = re.compile(r"\bGLOBAL\s+([\w.]+)")
@@ -116,9 +117,8 @@ def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True,
         return digest
     except OSError as e:
         _discard(new)
-        raise CheckpointWriteError(describe_write_failure(path, e, state_nbytes(obj)),
-                                   "free some space or choose another --out-dir, then rerun with --resume auto. "
-                                   "Earlier checkpoints are intact") from None
+        raise CheckpointWriteError(describe_write_failure(path, e, state_nbytes(obj)), FREE_SPACE_ADVICE,
+                                   REMEDY_FREE_SPACE, folder=path.parent) from None
     except Exception as e:
         _discard(new)
         raise CheckpointWriteError(f"could not serialize checkpoint {path.name} in {path.parent}: "
@@ -154,7 +154,7 @@ def _refuse_non_file_in_the_way(path: Path, storage: Storage) -> None:
     if kind not in (None, FILE):
         what = "a folder" if kind == FOLDER else "not a regular file"
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {path.name} there is {what}",
-                                   f"move it out of {path.parent}, then rerun with --resume auto")
+                                   f"move it out of {path.parent}", REMEDY_MOVE_OBSTACLE, folder=path.parent)
 
 
 def _describe(error: BaseException) -> str:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ..errors import CheckpointError
+from ..errors import REMEDY_NONE_USABLE, REMEDY_RESUME_OR_ELSEWHERE, CheckpointError, CheckpointWriteError
 from .files import (FORMAT_VERSION, load_checkpoint, save_atomically, step_folder_path, step_of, step_path,
                     write_checksum_file)
 from .observe import CheckpointObserver
@@ -48,14 +48,15 @@ class CheckpointManager:
     only the ``coordinator`` (rank 0) writes files beside the folder and prunes.
 
     ``on_commit(step, path)`` is called (on the writer thread, in background mode) once each step
-    checkpoint is committed; ``observer`` watches every write (see :mod:`.observe`).
+    checkpoint is committed; ``observer`` watches every write (see :mod:`.observe`). ``advice`` words
+    the fix of a failed write in the caller's terms (:meth:`~nanoresume.errors.CheckpointError.reworded`).
     """
 
     def __init__(self, folder: Path, interval: int, keep_last: int, background: bool = False,
                  every_seconds: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
                  group: Any = None, token: str = "0", coordinator: bool = True,
                  on_commit: Optional[Callable[[int, Path], None]] = None,
-                 observer: Optional[CheckpointObserver] = None) -> None:
+                 observer: Optional[CheckpointObserver] = None, advice: Optional[Mapping[str, str]] = None) -> None:
         self.dir = CheckpointDir(folder)
         self.folder = self.dir.path
         self.group, self.token, self.coordinator = group, token, coordinator
@@ -65,6 +66,7 @@ class CheckpointManager:
         self.clock = clock
         self.on_commit = on_commit
         self.observer = observer
+        self.advice = dict(advice or {})
         self._committed_step: Optional[int] = None
         self._committed_path: Optional[Path] = None
         self._staged_step: Optional[int] = None
@@ -158,6 +160,12 @@ class CheckpointManager:
         paths = [p for p, _ in targets]
 
         def commit() -> None:
+            try:
+                write()
+            except CheckpointWriteError as e:
+                raise e.reworded(self.advice) from None
+
+        def write() -> None:
             commit_started = time.perf_counter()
             files = []
             for target, snapshot in zip(paths, staged):
@@ -228,11 +236,13 @@ def resolve_resume(
     warn: Callable[[str], None],
     load: Callable[[Path], dict[str, Any]] = load_checkpoint,
     accept: Optional[Callable[[Path, dict[str, Any]], dict[str, Any]]] = None,
+    advice: Optional[Mapping[str, str]] = None,
 ) -> Optional[tuple[Path, dict[str, Any]]]:
     """Which checkpoint a run starts from, as ``(path, state)``, or None for a fresh start.
 
     ``accept(path, state)`` returns the state if a run can resume from it, else raises
     CheckpointError (default: :func:`require_train_state`, a nanoresume training state).
+    ``advice`` words the fixes of refusals in the caller's terms (see :mod:`nanoresume.errors`).
 
     - ``"auto"``: the newest step checkpoint that verifies; each newer one that does not is
       skipped with a warning. None if the folder holds no step checkpoints. If it holds some
@@ -242,7 +252,14 @@ def resolve_resume(
       finished run is never clobbered by accident.
     - anything else: a path that must load, or CheckpointError.
     """
-    accept = accept or require_train_state
+    try:
+        return _resolve(mode, folder, warn, load, accept or require_train_state)
+    except CheckpointError as e:
+        raise e.reworded(advice or {}) from None
+
+
+def _resolve(mode: str, folder: CheckpointDir, warn: Callable[[str], None], load: Callable[[Path], dict[str, Any]],
+             accept: Callable[[Path, dict[str, Any]], dict[str, Any]]) -> Optional[tuple[Path, dict[str, Any]]]:
     obstacles = folder.obstacles()
     if obstacles:
         kind = "a folder" if obstacles[0].is_dir() else "a file" if obstacles[0].is_file() else "no file or folder"
@@ -251,9 +268,9 @@ def resolve_resume(
     if mode == "none":
         existing = folder.list()
         if existing:
-            raise CheckpointError(
-                f"{folder.path} already holds {len(existing)} checkpoint(s) (newest {existing[-1].path.name}); "
-                f"pass --resume auto to continue that run, or choose another --out-dir")
+            raise CheckpointError(f"{folder.path} already holds {len(existing)} checkpoint(s) (newest "
+                                  f"{existing[-1].path.name})", "resume from them (mode 'auto') or use another folder",
+                                  REMEDY_RESUME_OR_ELSEWHERE, folder=folder.path)
         return None
     if mode == "auto":
         candidates = folder.list()
@@ -264,10 +281,10 @@ def resolve_resume(
                 warn(f"skipping {e}")
         if candidates:
             names = ", ".join(c.path.name for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
-            raise CheckpointError(
-                f"none of the {len(candidates)} checkpoint(s) in {folder.path} ({names}) can be used, and a new "
-                f"run there would delete them; see why with: python -m nanoresume.tools.ckpt verify {folder.path}. "
-                f"Move them away to start over, or choose another --out-dir")
+            raise CheckpointError(f"none of the {len(candidates)} checkpoint(s) in {folder.path} ({names}) can be "
+                                  f"used, and a new run there would delete them",
+                                  "move them away to start over, or use another folder", REMEDY_NONE_USABLE,
+                                  folder=folder.path)
         return None
     path = Path(mode).expanduser()
     return path, accept(path, load(path))

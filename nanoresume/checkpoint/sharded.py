@@ -40,8 +40,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from ..errors import CheckpointError, CheckpointWriteError
-from .files import describe_write_failure, file_sha256
+from ..errors import REMEDY_FREE_SPACE, CheckpointError, CheckpointWriteError
+from .files import FREE_SPACE_ADVICE, describe_write_failure, file_sha256
 from .folders import MANIFEST, METADATA, check_digests, is_plain_name, write_manifest
 from .observe import CheckpointObserver, observers
 from .storage import LOCAL, FolderWriting
@@ -97,8 +97,7 @@ def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = No
         outcome = _commit(new, target, everyone)
     outcome = _broadcast(group, outcome)
     if outcome is not None:
-        raise CheckpointWriteError(outcome, "earlier checkpoints are intact; free some space or choose another "
-                                            "--out-dir, then rerun with --resume auto")
+        raise CheckpointWriteError(outcome, FREE_SPACE_ADVICE, REMEDY_FREE_SPACE, folder=target.parent)
     if watcher is not None:
         watcher.after_commit(target)
 

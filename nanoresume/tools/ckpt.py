@@ -144,7 +144,8 @@ def cmd_list(out: Path) -> int:
     if not files:
         print("  (none)")
     skipped: list[str] = []
-    picked = resolve_resume("auto", checkpoints, skipped.append, load=load, accept=accept_any)
+    picked = resolve_resume("auto", checkpoints, skipped.append, load=load, accept=accept_any,
+                            advice=RunDir.checkpoint_advice)
     print(f"--resume auto would pick: {picked[0].name if picked else 'nothing (a new run would start)'}")
     best = RunDir(out).best
     if best.is_file():

@@ -16,6 +16,7 @@ from nanoresume import checkpoint
 from nanoresume.checkpoint import (CheckpointDir, CheckpointManager, checksum_path, load_checkpoint, resolve_resume,
                                    save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
+from nanoresume.rundir import RunDir
 
 from tests.unit.test_checkpoint import WriteProgress, small_state
 
@@ -68,8 +69,12 @@ def test_auto_refuses_and_touches_nothing_when_checkpoints_exist_but_none_can_be
         resolve_resume("auto", manager.dir, warnings.append)
     message = str(info.value)
     assert "\n" not in message and "step_00000001.pt" in message and "step_00000002.pt" in message
-    assert "verify" in message and "--out-dir" in message
+    assert "move them away" in message and "--" not in message  # library terms: no command-line flags
     assert len(warnings) == 2
+    with pytest.raises(CheckpointError) as info:
+        resolve_resume("auto", manager.dir, warnings.append, advice=RunDir.checkpoint_advice)
+    message = str(info.value)  # the training command's words: how to see why, and its flags
+    assert f"ckpt verify {tmp_path}" in message and "--out-dir" in message and "step_00000002.pt" in message
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -93,6 +98,10 @@ def test_none_refuses_when_checkpoints_exist_pointing_at_resume_auto_and_out_dir
     manager = manager_with_steps(tmp_path, [4])
     with pytest.raises(CheckpointError) as info:
         resolve_resume("none", manager.dir, print)
+    message = str(info.value)
+    assert "mode 'auto'" in message and "--" not in message and "step_00000004.pt" in message
+    with pytest.raises(CheckpointError) as info:
+        resolve_resume("none", manager.dir, print, advice=RunDir.checkpoint_advice)
     message = str(info.value)
     assert "--resume auto" in message and "--out-dir" in message and "step_00000004.pt" in message
     assert resolve_resume("none", CheckpointDir(tmp_path / "fresh"), print) is None
@@ -319,3 +328,24 @@ def test_sidecar_and_pruning_trouble_after_a_commit_neither_crash_nor_fail_the_s
     manager.close()
     assert crashed == [] and manager.committed_step == 2
     assert step_path(tmp_path, 1).exists()  # the prune that could not list waits for the next save
+
+
+# ---- errors in library terms --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "background"])
+def test_a_failed_write_speaks_library_terms_unless_the_caller_words_the_fix(tmp_path, background):
+    def disk_full(written: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for advice, expected in [(None, "save elsewhere"), (RunDir.checkpoint_advice, "choose another --out-dir")]:
+        folder = tmp_path / str(advice is None)
+        manager = CheckpointManager(folder, interval=1, keep_last=1, background=background, advice=advice,
+                                    observer=WriteProgress(disk_full))
+        with pytest.raises(CheckpointWriteError) as info:
+            manager.save(1, small_state(1))
+            manager.wait()
+        message = str(info.value)
+        assert "No space left on device" in message and expected in message and "intact" in message
+        assert ("--" in message) == (advice is not None)
+        assert info.value.problem in message and "\n" not in message
