@@ -1,7 +1,7 @@
 """nanoresume's checkpoints for a training loop of your own: atomic, self-verifying, kept in the background.
 
 A thin layer over :class:`~nanoresume.checkpoint.CheckpointManager` (the policy, the background
-writer, retention) and :func:`~nanoresume.checkpoint.resolve_resume` (``--resume`` semantics),
+writer, retention) and :func:`~nanoresume.checkpoint.resolve_resume` (which checkpoint to resume),
 which the GPT trainer uses too; what it adds is the state itself, built from objects you name.
 """
 
@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
+import torch.distributed as dist
+
+from . import distributed
 from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
 from .errors import CheckpointError
 from .signals import StopFlag
@@ -30,7 +33,7 @@ def _warn(line: str) -> None:
 
 
 class Checkpointer:
-    """Atomic, verified step checkpoints of named objects in ``folder``; resume with ``--resume`` semantics.
+    """Atomic, verified step checkpoints of named objects in ``folder``, and an exact resume from the newest.
 
     ::
 
@@ -55,6 +58,9 @@ class Checkpointer:
     kept. ``stop`` (a :class:`~nanoresume.StopFlag`) learns of every commit, so that a forced exit
     (a second Ctrl-C) can name the last one. ``observer`` (a
     :class:`~nanoresume.checkpoint.CheckpointObserver`) watches every write.
+
+    One process only: under torchrun (``WORLD_SIZE`` above 1) it refuses to start with a
+    :class:`~nanoresume.CheckpointError`, since every rank would write the same folder.
     """
 
     def __init__(self, folder: Union[str, Path], objects: Mapping[str, Stateful], every: int = 100,
@@ -63,6 +69,7 @@ class Checkpointer:
                  observer: Optional[CheckpointObserver] = None) -> None:
         if every < 1 or keep_last < 1:
             raise ValueError(f"every ({every}) and keep_last ({keep_last}) must be at least 1")
+        _refuse_several_processes(folder)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         for leftover in remove_leftovers(self.folder):
@@ -77,7 +84,7 @@ class Checkpointer:
     def resume(self, mode: str = "auto") -> int:
         """Load every object (and the random streams) from a checkpoint; returns its step, 0 for a fresh start.
 
-        ``mode`` means what ``--resume`` does: ``"auto"`` the newest checkpoint that verifies (newer
+        ``mode``: ``"auto"`` the newest checkpoint that verifies (newer
         ones that do not are skipped, each with a warning; a fresh start if there is none);
         ``"none"`` a fresh start, refused if the folder already holds checkpoints; anything else the
         path of one checkpoint. Raises :class:`~nanoresume.CheckpointError` with a one-line reason.
@@ -108,10 +115,10 @@ class Checkpointer:
         self.manager.poll()
         if not self.manager.is_due(step, force):
             return False
-        self.manager.save(step, self.state_dict(step))
+        self.manager.save(step, self.build_state(step))
         return True
 
-    def state_dict(self, step: int) -> dict[str, Any]:
+    def build_state(self, step: int) -> dict[str, Any]:
         """What a checkpoint of ``step`` holds (references to live tensors: save or copy it at once)."""
         state = {"format_version": FORMAT_VERSION, "kind": KIND, "step": step,
                  "objects": {name: obj.state_dict() for name, obj in self.objects.items()}}
@@ -153,6 +160,19 @@ class Checkpointer:
         if self.rng and "rng" not in state:
             raise CheckpointError(f"{path}: holds no random number streams; resume it with rng=False")
         return state
+
+
+def _refuse_several_processes(folder: Union[str, Path]) -> None:
+    """A Checkpointer saves the state of one process: under torchrun every rank would write the same
+    files, and all but one rank's random streams would be lost."""
+    env = distributed.detect()
+    world = env.world_size
+    if world == 1 and dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    if world > 1:
+        raise CheckpointError(f"Checkpointer saves the state of one process, but this is rank {env.rank} of "
+                              f"WORLD_SIZE={world}: every rank would write the same checkpoints in {folder}; "
+                              f"use it in a single process")
 
 
 def is_state_file(state: Any) -> bool:
