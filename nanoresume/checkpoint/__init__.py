@@ -14,7 +14,8 @@ Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 - :mod:`.storage`: the few filesystem operations the rest needs, and the local disk's implementation;
 - :mod:`.stepdir`: the folder of a run's step checkpoints (list, obstacles, prune, set aside, leftovers);
 - :mod:`.writer`: one commit at a time, now or on a writer thread;
-- :mod:`.manager`: the policy of a run's step checkpoints, and which one to resume.
+- :mod:`.manager`: the policy of a run's step checkpoints: decide, stage, commit, prune;
+- :mod:`.resume`: which checkpoint a run resumes from.
 """
 
 from ..errors import CheckpointError, CheckpointWriteError
@@ -22,7 +23,8 @@ from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_P
                     checksum_path, load_checkpoint, read_verified, remove_leftovers, save_atomically, state_nbytes,
                     step_folder_path, step_of, step_path, verify_file, write_checksum_file)
 from .folders import is_checkpoint_folder, remove_unfinished
-from .manager import CheckpointManager, require_train_state, resolve_resume
+from .manager import CheckpointManager
+from .resume import require_train_state, resolve_resume
 from .observe import CheckpointObserver, observe
 from .stepdir import ABANDONED, CheckpointDir, StepCheckpoint
 from .storage import LOCAL, LocalStorage, Storage

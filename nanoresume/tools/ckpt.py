@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import checkpoint, schema
-from ..checkpoint import CheckpointDir, StepCheckpoint, is_checkpoint_folder, load_checkpoint, resolve_resume
+from ..checkpoint import (CheckpointDir, StepCheckpoint, is_checkpoint_folder, load_checkpoint, require_train_state,
+                          resolve_resume)
 from ..checkpoint.folders import folder_nbytes
-from ..checkpoint.manager import require_train_state
 from ..checkpointer import check_state_file, is_state_file
 from .clitools import make_parser, run_reporting_errors
 from ..compare import plain_equal, tensors_identical
