@@ -42,7 +42,8 @@ from ..atomic import temp_target
 from ..errors import REMEDY_FREE_SPACE, REMEDY_MOVE_OBSTACLE, CheckpointError, CheckpointWriteError
 from .fileformat import DigestingWriter, Digests, digests
 from .observe import CheckpointObserver, observers
-from .storage import FILE, LOCAL, FOLDER, NotAFileError, Reading, Storage, Writing
+from .storage import (FILE, FOLDER, LOCAL, NotAFileError, P, Reading, Storage, Writing, as_path, join, name_of,
+                      parent_of)
 
 # 2: the data position is one sampler for all ranks (batches depend on the step only) and ranks
 # hold only their RNG streams; 1: a sampler per rank, drawn per micro-batch.
@@ -67,13 +68,13 @@ def step_folder_path(folder: Path, step: int) -> Path:
 
 
 def step_of(path: Path) -> int:
-    match = STEP_PATTERN.match(path.name) or STEP_FOLDER_PATTERN.match(path.name)
+    match = STEP_PATTERN.match(name_of(path)) or STEP_FOLDER_PATTERN.match(name_of(path))
     assert match, f"{path} is not a step checkpoint name"
     return int(match.group(1))
 
 
-def checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + CHECKSUM_SUFFIX)
+def checksum_path(path: P) -> P:
+    return join(parent_of(path), name_of(path) + CHECKSUM_SUFFIX)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True,
     Raises :class:`CheckpointWriteError` on any failure (disk full, I/O error, a value that
     cannot be serialized); the temp file is removed and earlier files stay intact.
     """
-    path = Path(path)
+    path = as_path(path)
     _refuse_non_file_in_the_way(path, storage)
     watcher = observers(observer)
     new: Optional[Writing] = None
@@ -118,10 +119,10 @@ def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True,
     except OSError as e:
         _discard(new)
         raise CheckpointWriteError(describe_write_failure(path, e, state_nbytes(obj)), FREE_SPACE_ADVICE,
-                                   REMEDY_FREE_SPACE, folder=path.parent) from None
+                                   REMEDY_FREE_SPACE, folder=parent_of(path)) from None
     except Exception as e:
         _discard(new)
-        raise CheckpointWriteError(f"could not serialize checkpoint {path.name} in {path.parent}: "
+        raise CheckpointWriteError(f"could not serialize checkpoint {name_of(path)} in {parent_of(path)}: "
                                    f"{_describe(e)}", "earlier checkpoints are intact") from e
     except BaseException:
         _discard(new)
@@ -153,8 +154,8 @@ def _refuse_non_file_in_the_way(path: Path, storage: Storage) -> None:
     kind = storage.kind(path)
     if kind not in (None, FILE):
         what = "a folder" if kind == FOLDER else "not a regular file"
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {path.name} there is {what}",
-                                   f"move it out of {path.parent}", REMEDY_MOVE_OBSTACLE, folder=path.parent)
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {name_of(path)} there is {what}",
+                                   f"move it out of {parent_of(path)}", REMEDY_MOVE_OBSTACLE, folder=parent_of(path))
 
 
 def _describe(error: BaseException) -> str:
@@ -169,7 +170,7 @@ def write_checksum_file(path: Path, storage: Storage = LOCAL) -> str:
     digest = file_sha256(path, storage)
     new = storage.create(checksum_path(path))
     try:
-        new.file.write(_checksum_lines([digest], path.name))
+        new.file.write(_checksum_lines([digest], name_of(path)))
         new.publish()
     finally:
         new.discard()  # a no-op once published
@@ -186,10 +187,11 @@ def _checksum_lines(digests: list[str], target_name: str) -> bytes:
     return "".join(f"{d}  {target_name}\n" for d in digests).encode()
 
 
-def accepted_digests(sidecar: Path) -> list[str]:
+def accepted_digests(sidecar: Path, storage: Storage = LOCAL) -> list[str]:
     """Digests listed in a checksum file (empty when it is missing or unreadable)."""
     try:
-        lines = sidecar.read_text().splitlines()
+        with storage.open_read(sidecar) as reading:
+            lines = bytes(reading.data).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return []
     return [line.split()[0].lower() for line in lines if line.strip()]
@@ -210,12 +212,12 @@ def describe_write_failure(path: Path, error: OSError, needed: Optional[int] = N
     """One line for a checkpoint (file or folder) that could not be written: the reason, what it needed
     (when known) and the free space left where it was going."""
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free"
+        free = f"{shutil.disk_usage(parent_of(path)).free / 1e6:,.1f} MB free"
     except OSError:
         free = "free space unknown"
     reason = error.strerror or str(error)
     room = f"about {needed / 1e6:,.1f} MB needed, {free}" if needed is not None else free
-    return f"could not write checkpoint {path.name} in {path.parent}: {reason} ({room})"
+    return f"could not write checkpoint {name_of(path)} in {parent_of(path)}: {reason} ({room})"
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -226,14 +228,14 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", storage: Storage = LO
     Tensors may be backed by a private, read-only-on-disk memory map of the file (copy on
     write), which makes loading about as fast as a plain ``torch.load``.
     """
-    path = Path(path)
+    path = as_path(path)
     with _reading(path, storage) as reading, ThreadPoolExecutor(1, thread_name_prefix="nanoresume-verify") as pool:
         found = pool.submit(digests, reading.data)  # hashing and unpickling overlap: both read the same pages
         try:
             state, unreadable = _unpickle(path, reading, map_location), None
         except CheckpointError as e:
             state, unreadable = None, e
-        _check_digest(path, found.result())  # a corrupt file is named as corrupt, not as unreadable
+        _check_digest(path, found.result(), storage)  # a corrupt file is named as corrupt, not as unreadable
         if unreadable is not None:
             raise unreadable
     if not isinstance(state, dict) or "format_version" not in state or "kind" not in state:
@@ -247,18 +249,18 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", storage: Storage = LO
 
 def read_verified(path: Path, storage: Storage = LOCAL) -> bytes:
     """The file's bytes, only if they verify (embedded digest, or the ``.sha256`` of an older file)."""
-    path = Path(path)
+    path = as_path(path)
     with _reading(path, storage) as reading:
-        _check_digest(path, digests(reading.data))
+        _check_digest(path, digests(reading.data), storage)
         return bytes(reading.data)
 
 
 def verify_file(path: Path, storage: Storage = LOCAL) -> Digests:
     """Check a file's digest without unpickling it; raises CheckpointError, returns what was found."""
-    path = Path(path)
+    path = as_path(path)
     with _reading(path, storage) as reading:
         found = digests(reading.data)
-        _check_digest(path, found)
+        _check_digest(path, found, storage)
         return found
 
 
@@ -282,16 +284,16 @@ def _reading(path: Path, storage: Storage) -> Iterator[Reading]:
         yield reading
 
 
-def _check_digest(path: Path, found: Digests) -> None:
+def _check_digest(path: Path, found: Digests, storage: Storage) -> None:
     if found.has_trailer:
         if not found.self_consistent:
             raise CheckpointError(f"{path}: checksum mismatch; the file is corrupt or truncated "
                                   f"(or was changed after it was written)")
         return
     sidecar = checksum_path(path)
-    accepted = accepted_digests(sidecar)
+    accepted = accepted_digests(sidecar, storage)
     if not accepted:
-        raise CheckpointError(f"{path}: carries no checksum of its own and has no {sidecar.name} beside it, so "
+        raise CheckpointError(f"{path}: carries no checksum of its own and has no {name_of(sidecar)} beside it, so "
                               f"it cannot be verified (it is truncated, was not written by nanoresume, or is an "
                               f"older file copied without its checksum file)")
     if found.whole not in accepted:
@@ -337,8 +339,8 @@ def remove_leftovers(folder: Path, owned: Collection[str] = (), storage: Storage
             continue
         target = temp_target(name)
         orphan_sidecar = name.endswith(CHECKSUM_SUFFIX) and ours(name) and \
-            storage.kind(folder / name[: -len(CHECKSUM_SUFFIX)]) is None
+            storage.kind(join(folder, name[: -len(CHECKSUM_SUFFIX)])) is None
         if (target is not None and ours(target)) or orphan_sidecar:
-            storage.remove(folder / name)
-            removed.append(folder / name)
+            storage.remove(join(folder, name))
+            removed.append(join(folder, name))
     return removed

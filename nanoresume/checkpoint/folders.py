@@ -18,7 +18,7 @@ from pathlib import Path
 from ..atomic import DELETING, WRITING, temp_target
 from ..errors import CheckpointError
 from .files import STEP_FOLDER_PATTERN, file_sha256
-from .storage import FOLDER, LOCAL, Storage
+from .storage import FOLDER, LOCAL, Storage, join
 
 __all__ = ["MANIFEST", "METADATA", "check_digests", "delete_folder", "file_sha256", "folder_nbytes",
            "is_checkpoint_folder", "is_plain_name", "manifest_digests", "remove_unfinished", "write_manifest"]
@@ -117,10 +117,18 @@ def remove_unfinished(folder: Path, storage: Storage = LOCAL) -> list[Path]:
             continue
         target = temp_target(entry.name, (WRITING, DELETING))
         unfinished = target is not None and STEP_FOLDER_PATTERN.match(target)
-        uncommitted = STEP_FOLDER_PATTERN.match(entry.name) and storage.kind(folder / entry.name / MANIFEST) is None
+        uncommitted = STEP_FOLDER_PATTERN.match(entry.name) and \
+            storage.kind(join(join(folder, entry.name), MANIFEST)) is None
+        path = join(folder, entry.name)
+        if unfinished:  # temp folders exist only on a local disk, and need no care: nothing counts them
+            shutil.rmtree(path, ignore_errors=True)
+        elif uncommitted:
+            try:
+                storage.remove_folder(path)
+            except OSError:
+                continue  # left for the next start; resume skips it meanwhile (it has no manifest)
         if unfinished or uncommitted:
-            shutil.rmtree(folder / entry.name, ignore_errors=True)
-            removed.append(folder / entry.name)
+            removed.append(path)
     if removed:
         storage.sync(folder)
     return removed

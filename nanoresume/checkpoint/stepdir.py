@@ -16,7 +16,7 @@ from typing import Union
 from ..atomic import fsync_folder
 from .files import STEP_FOLDER_PATTERN, STEP_PATTERN, checksum_path, remove_leftovers, step_of
 from .folders import remove_unfinished
-from .storage import FILE, FOLDER, LOCAL, Storage
+from .storage import FILE, FOLDER, LOCAL, Storage, as_path, join, name_of
 
 ABANDONED = "abandoned"
 
@@ -26,11 +26,11 @@ class StepCheckpoint:
     """A step checkpoint: a file, or a folder of shards."""
 
     step: int
-    path: Path
+    path: Path  # a str where the folder is a URL (see storage.as_path)
 
     @property
     def is_folder(self) -> bool:
-        return not self.path.name.endswith(".pt")
+        return not name_of(self.path).endswith(".pt")
 
 
 class CheckpointDir:
@@ -38,7 +38,7 @@ class CheckpointDir:
     done to them. Every method reads the folder afresh; nothing is cached."""
 
     def __init__(self, path: Union[str, Path], storage: Storage = LOCAL) -> None:
-        self.path = Path(path)
+        self.path = as_path(path)
         self.storage = storage
 
     def list(self) -> list[StepCheckpoint]:
@@ -48,14 +48,14 @@ class CheckpointDir:
             match = STEP_PATTERN.match(entry.name) if entry.kind == FILE else \
                 STEP_FOLDER_PATTERN.match(entry.name) if entry.kind == FOLDER else None
             if match:
-                found.append(StepCheckpoint(int(match.group(1)), self.path / entry.name))
+                found.append(StepCheckpoint(int(match.group(1)), join(self.path, entry.name)))
         return sorted(found, key=lambda s: (s.step, s.is_folder))
 
     def obstacles(self) -> list[Path]:
         """Entries named like step checkpoints of the other kind (a folder named ``step_*.pt``, a
         file named like a checkpoint folder): a save of that step could never land, so a run
         refuses to start until they are moved."""
-        return sorted(self.path / e.name for e in self.storage.list(self.path)
+        return sorted(join(self.path, e.name) for e in self.storage.list(self.path)
                       if (STEP_PATTERN.match(e.name) and e.kind != FILE)
                       or (STEP_FOLDER_PATTERN.match(e.name) and e.kind != FOLDER))
 
@@ -93,6 +93,7 @@ class CheckpointDir:
         kill at any point leaves every pair complete in at least one of the two folders. A
         checkpoint folder moves in one rename. Needs a local folder (links and renames).
         """
+        assert isinstance(self.path, Path), "setting checkpoints aside needs a local folder"
         newer = [s for s in self.list() if s.step > step]
         if not newer:
             return []

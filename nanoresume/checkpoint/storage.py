@@ -1,8 +1,10 @@
 """The few operations the checkpoint package needs from a filesystem, and the local disk's implementation.
 
 Paths are ``str`` (``os.PathLike`` is accepted too), so that a URL such as ``s3://bucket/run``
-passes through unchanged. The commit protocol asks only for what an object store without
-rename can give:
+passes through unchanged: the package never turns a URL into a ``Path`` (which would fold its
+``//``), and takes names apart with :func:`name_of`, :func:`parent_of` and :func:`join`.
+
+The commit protocol asks only for what an object store without rename can give:
 
 - :meth:`Storage.create` returns a :class:`Writing`: bytes go into ``writing.file`` and appear
   under the final name only at :meth:`Writing.publish`, whole or not at all. The local disk
@@ -25,18 +27,45 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import posixpath
 import shutil
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional, Protocol, Union
+from typing import IO, Any, Iterator, Optional, Protocol, TypeVar, Union
 
 from ..atomic import DELETING, AtomicFile, fsync_folder, remove_quietly, temp_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 FILE, FOLDER, OTHER = "file", "folder", "other"
 _OPEN_FD_PATH = "/proc/self/fd"  # reopening an open file through here gets the same inode, not the name
+
+
+P = TypeVar("P", str, Path)
+
+
+def as_path(path: PathLike) -> Union[str, Path]:
+    """A URL (``scheme://...``) as the string it is, anything else as a :class:`~pathlib.Path`."""
+    text = os.fspath(path)
+    return text if "://" in text else Path(text)
+
+
+def name_of(path: PathLike) -> str:
+    """The last part of a path or URL: ``s3://b/run/step_00000001.pt`` -> ``step_00000001.pt``."""
+    return posixpath.basename(os.fspath(path).rstrip("/"))
+
+
+def parent_of(path: P) -> P:
+    """The folder holding a path or URL, of the same type."""
+    if isinstance(path, Path):
+        return path.parent
+    return path.rstrip("/").rpartition("/")[0]
+
+
+def join(folder: P, name: str) -> P:
+    """``folder/name`` for a path or a URL, of the same type."""
+    return folder / name if isinstance(folder, Path) else f"{folder.rstrip('/')}/{name}"
 
 
 class NotAFileError(OSError):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
 import pytest
 
-from nanoresume.checkpoint.storage import FILE, FOLDER, LOCAL, OTHER, NotAFileError
+from nanoresume.checkpoint import CheckpointDir, CheckpointObserver, load_checkpoint, save_atomically, verify_file
+from nanoresume.checkpoint.storage import FILE, FOLDER, LOCAL, OTHER, Entry, NotAFileError, Reading
+from nanoresume.errors import CheckpointError, CheckpointWriteError
+from tests.unit.test_checkpoint import small_state
 
 
 def names(folder: Path) -> list[str]:
@@ -114,3 +119,91 @@ def test_removing_is_quiet_about_what_is_gone_and_a_folder_goes_whole(tmp_path):
     assert names(tmp_path) == []
     LOCAL.sync(tmp_path)
     LOCAL.sync(tmp_path / "nothing")  # nothing to make durable
+
+
+# ---- the seam holds without rename: an object store in memory ---------------------------------------
+
+
+class MemoryStore:
+    """An object store without rename or folders: an object appears whole, under its final key, when
+    its upload completes (publish); a "folder" is a key prefix."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def create(self, path):
+        store, key = self, str(path)
+
+        class Upload:
+            def __init__(self) -> None:
+                self.file = io.BytesIO()
+
+            def publish(self) -> None:
+                store.objects[key] = self.file.getvalue()
+
+            def discard(self) -> None:
+                pass  # an upload never completed leaves nothing behind
+
+        return Upload()
+
+    def create_folder(self, path, tag):
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def open_read(self, path):
+        key = str(path)
+        if key not in self.objects:
+            raise IsADirectoryError(key) if self.kind(key) == FOLDER else FileNotFoundError(key)
+        yield Reading(self.objects[key])
+
+    def kind(self, path):
+        key = str(path)
+        return FILE if key in self.objects else FOLDER if any(k.startswith(key + "/") for k in self.objects) \
+            else None
+
+    def list(self, folder):
+        prefix = str(folder).rstrip("/") + "/"
+        names = {k[len(prefix):].split("/")[0] for k in self.objects if k.startswith(prefix)}
+        return [Entry(name, self.kind(prefix + name)) for name in names]
+
+    def remove(self, path):
+        self.objects.pop(str(path), None)
+
+    def remove_folder(self, path):
+        for key in [k for k in self.objects if k.startswith(str(path) + "/")]:
+            del self.objects[key]
+
+    def sync(self, folder):
+        pass
+
+
+def test_the_commit_protocol_works_on_an_object_store_without_rename_under_a_url():
+    store, folder = MemoryStore(), "mem://bucket/run/checkpoints"
+    for step in (1, 2, 3):
+        save_atomically(small_state(step), f"{folder}/step_{step:08d}.pt", storage=store)
+    assert sorted(store.objects) == [f"{folder}/step_0000000{s}.pt{x}" for s in (1, 2, 3) for x in ("", ".sha256")]
+    assert load_checkpoint(f"{folder}/step_00000002.pt", storage=store)["step"] == 2
+    checkpoints = CheckpointDir(folder, storage=store)
+    assert [(s.step, s.path) for s in checkpoints.list()] == [(s, f"{folder}/step_0000000{s}.pt") for s in (1, 2, 3)]
+    checkpoints.prune(keep=f"{folder}/step_00000003.pt", keep_last=2)
+    assert [s.step for s in checkpoints.list()] == [2, 3] and f"{folder}/step_00000001.pt.sha256" not in store.objects
+
+
+def test_on_an_object_store_a_failed_write_leaves_no_object_and_a_damaged_one_is_refused():
+    store, path = MemoryStore(), "mem://bucket/step_00000001.pt"
+
+    class DiskFull(CheckpointObserver):
+        def on_write_progress(self, path, nbytes: int) -> None:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        save_atomically(small_state(), path, storage=store, observer=DiskFull())
+    assert store.objects == {}
+    save_atomically(small_state(), path, storage=store)
+    damaged = bytearray(store.objects[path])
+    damaged[len(damaged) // 2] ^= 1
+    store.objects[path] = bytes(damaged)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path, storage=store)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        verify_file("mem://bucket/step_00000002.pt", storage=store)
