@@ -17,6 +17,10 @@ new one, never a half file under a checkpoint's name):
    without one, and the file still verifies by itself. The checkpoint manager writes it
    after the commit, off the training thread.
 
+Those steps are the local disk's (:data:`~.storage.LOCAL`). Every function here takes a
+``storage`` (:class:`~.storage.Storage`) and a path or URL: on an object store the file is
+uploaded under its final key and appears whole when the upload completes, with no rename.
+
 Loading opens the file once and hashes it through a memory map while it unpickles that
 same open file with ``weights_only=True``; the state is returned only if the digest the
 file carries (or, for files written before digests were embedded, its ``.sha256``)

@@ -63,9 +63,9 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.every_seconds = every_seconds
         self.clock = clock
-        self.on_commit = on_commit
-        self.observer = observer
-        self.advice = dict(advice or {})
+        self._on_commit = on_commit
+        self._observer = observer
+        self._advice = dict(advice or {})
         self._committed_step: Optional[int] = None
         self._committed_path: Optional[Path] = None
         self._staged_step: Optional[int] = None
@@ -162,7 +162,7 @@ class CheckpointManager:
             try:
                 write()
             except CheckpointWriteError as e:
-                raise e.reworded(self.advice) from None
+                raise e.reworded(self._advice) from None
 
         def write() -> None:
             commit_started = time.perf_counter()
@@ -172,14 +172,14 @@ class CheckpointManager:
                 if target == path and sharded:
                     from .sharded import save_folder  # here, not at the top: it imports DCP (see folders.py)
 
-                    save_folder(snapshot, target, self.token, self.group, observer=self.observer)
+                    save_folder(snapshot, target, self.token, self.group, observer=self._observer)
                 else:
-                    save_atomically(snapshot, target, checksum_file=False, observer=self.observer)
+                    save_atomically(snapshot, target, checksum_file=False, observer=self._observer)
                     files.append(target)
             if path is not None:
                 self._committed_step, self._committed_path = step, path
-                if self.on_commit is not None:
-                    self.on_commit(step, path)
+                if self._on_commit is not None:
+                    self._on_commit(step, path)
             keep = path if path is not None and self.coordinator else None
             if self.background:
                 self._after_commit(files, keep)  # already off the training thread
