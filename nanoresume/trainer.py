@@ -279,7 +279,7 @@ class Trainer:
         self.console.log(f"resumed from {path} at step {self.progress.step:,}")
         if not self.env.is_main:
             return
-        self.manager.adopt(path, self.progress.step, self.console.warn)  # a stop now writes nothing
+        self.manager.adopt(path, self.progress.step, self.console.warn)  # newer checkpoints are set aside
 
     # ---- state -------------------------------------------------------------------------------
 
