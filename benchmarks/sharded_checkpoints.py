@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from nanoresume import distributed, parallel
-    from nanoresume.checkpoint import CheckpointManager
+    from nanoresume.checkpoint import CheckpointDir
     from nanoresume.config import TrainConfig, resolve_config
     from nanoresume.loading import load_valid
     from nanoresume.trainer import Trainer
@@ -67,10 +67,10 @@ def worker(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         trainer._save_if_due(force=True)  # synchronous: returns once the commit is done on every rank
         saves.append(time.perf_counter() - started)
-        manager = CheckpointManager(trainer.run_dir.checkpoints, 1, 1)
+        checkpoints = CheckpointDir(trainer.run_dir.checkpoints)
         distributed.barrier()
         started = time.perf_counter()
-        path = manager.list()[-1].path if rank == 0 else None
+        path = checkpoints.list()[-1].path if rank == 0 else None
         found = (path, load_valid(path, tensors=False)) if rank == 0 else None  # what resolve_resume does
         trainer._resume_from(*distributed.broadcast_object(found))
         sync()

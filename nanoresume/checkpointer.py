@@ -1,7 +1,7 @@
 """nanoresume's checkpoints for a training loop of your own: atomic, self-verifying, kept in the background.
 
 A thin layer over :class:`~nanoresume.checkpoint.CheckpointManager` (the policy, the background
-writer, retention) and :func:`~nanoresume.checkpoint.resolve_resume` (``--resume`` semantics),
+writer, retention) and :func:`~nanoresume.checkpoint.resolve_resume` (which checkpoint to resume),
 which the GPT trainer uses too; what it adds is the state itself, built from objects you name.
 """
 
@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
-from .checkpoint import FORMAT_VERSION, CheckpointManager, remove_leftovers, resolve_resume
+import torch.distributed as dist
+
+from . import distributed
+from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
 from .errors import CheckpointError
 from .signals import StopFlag
 from .state import capture_rng_state, restore_rng_state
@@ -30,7 +33,7 @@ def _warn(line: str) -> None:
 
 
 class Checkpointer:
-    """Atomic, verified step checkpoints of named objects in ``folder``; resume with ``--resume`` semantics.
+    """Atomic, verified step checkpoints of named objects in ``folder``, and an exact resume from the newest.
 
     ::
 
@@ -53,14 +56,20 @@ class Checkpointer:
     the checksum passes, and with ``weights_only=True``. ``background`` writes on a thread: the
     training loop waits only for a copy of the state in memory. The newest ``keep_last`` files are
     kept. ``stop`` (a :class:`~nanoresume.StopFlag`) learns of every commit, so that a forced exit
-    (a second Ctrl-C) can name the last one.
+    (a second Ctrl-C) can name the last one. ``observer`` (a
+    :class:`~nanoresume.checkpoint.CheckpointObserver`) watches every write.
+
+    One process only: under torchrun (``WORLD_SIZE`` above 1) it refuses to start with a
+    :class:`~nanoresume.CheckpointError`, since every rank would write the same folder.
     """
 
     def __init__(self, folder: Union[str, Path], objects: Mapping[str, Stateful], every: int = 100,
                  keep_last: int = 3, background: bool = True, every_seconds: Optional[float] = None,
-                 rng: bool = True, stop: Optional[StopFlag] = None, warn: Callable[[str], None] = _warn) -> None:
+                 rng: bool = True, stop: Optional[StopFlag] = None, warn: Callable[[str], None] = _warn,
+                 observer: Optional[CheckpointObserver] = None) -> None:
         if every < 1 or keep_last < 1:
             raise ValueError(f"every ({every}) and keep_last ({keep_last}) must be at least 1")
+        _refuse_several_processes(folder)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         for leftover in remove_leftovers(self.folder):
@@ -70,19 +79,17 @@ class Checkpointer:
         self.stop = stop
         self.warn = warn
         self.manager = CheckpointManager(self.folder, every, keep_last, background=background,
-                                         every_seconds=every_seconds)
-        if stop is not None:
-            self.manager.on_commit = lambda step, path: setattr(stop, "last_committed_step", step)
+                                         every_seconds=every_seconds, on_commit=self._committed, observer=observer)
 
     def resume(self, mode: str = "auto") -> int:
         """Load every object (and the random streams) from a checkpoint; returns its step, 0 for a fresh start.
 
-        ``mode`` means what ``--resume`` does: ``"auto"`` the newest checkpoint that verifies (newer
+        ``mode``: ``"auto"`` the newest checkpoint that verifies (newer
         ones that do not are skipped, each with a warning; a fresh start if there is none);
         ``"none"`` a fresh start, refused if the folder already holds checkpoints; anything else the
         path of one checkpoint. Raises :class:`~nanoresume.CheckpointError` with a one-line reason.
         """
-        found = resolve_resume(mode, self.manager, self.warn, accept=self._check)
+        found = resolve_resume(mode, self.manager.dir, self.warn, accept=self._check)
         if found is None:
             return 0
         path, state = found
@@ -92,12 +99,7 @@ class Checkpointer:
             for warning in restore_rng_state(state["rng"]):
                 self.warn(warning)
         step = state["step"]
-        if path.resolve().parent == self.folder.resolve():  # already saved: a save of this step writes nothing
-            self.manager.staged_step = self.manager.committed_step = step
-            self.manager.committed_path = path
-        for moved in self.manager.set_aside_after(step):
-            self.warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this run resumed "
-                      f"from, so it belongs to a timeline the run left")
+        self.manager.adopt(path, step, self.warn)
         if self.stop is not None:
             self.stop.last_committed_step = step
         return step
@@ -113,10 +115,10 @@ class Checkpointer:
         self.manager.poll()
         if not self.manager.is_due(step, force):
             return False
-        self.manager.save(step, self.state_dict(step))
+        self.manager.save(step, self.build_state(step))
         return True
 
-    def state_dict(self, step: int) -> dict[str, Any]:
+    def build_state(self, step: int) -> dict[str, Any]:
         """What a checkpoint of ``step`` holds (references to live tensors: save or copy it at once)."""
         state = {"format_version": FORMAT_VERSION, "kind": KIND, "step": step,
                  "objects": {name: obj.state_dict() for name, obj in self.objects.items()}}
@@ -144,6 +146,10 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _committed(self, step: int, path: Path) -> None:
+        if self.stop is not None:
+            self.stop.last_committed_step = step
+
     def _check(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` if it is a Checkpointer file holding every object this run has, else CheckpointError."""
         check_state_file(path, state)
@@ -154,6 +160,19 @@ class Checkpointer:
         if self.rng and "rng" not in state:
             raise CheckpointError(f"{path}: holds no random number streams; resume it with rng=False")
         return state
+
+
+def _refuse_several_processes(folder: Union[str, Path]) -> None:
+    """A Checkpointer saves the state of one process: under torchrun every rank would write the same
+    files, and all but one rank's random streams would be lost."""
+    env = distributed.detect()
+    world = env.world_size
+    if world == 1 and dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    if world > 1:
+        raise CheckpointError(f"Checkpointer saves the state of one process, but this is rank {env.rank} of "
+                              f"WORLD_SIZE={world}: every rank would write the same checkpoints in {folder}; "
+                              f"use it in a single process")
 
 
 def is_state_file(state: Any) -> bool:

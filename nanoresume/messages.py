@@ -33,11 +33,6 @@ def new_run(checkpoints: Path) -> str:
     return f"no checkpoint in {checkpoints}; starting a new run"
 
 
-def set_aside(moved: Path) -> str:
-    return (f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this run resumed from, "
-            f"so it belongs to a timeline the run left")
-
-
 def new_scaler() -> str:
     return "the checkpoint was not trained in float16: starting a new gradient scaler"
 

@@ -9,6 +9,9 @@ Layout::
     OUT/tb/                   TensorBoard event files
     OUT/metrics.jsonl         one JSON object per training step and per evaluation
     OUT/exit_code             how the last start ended, when it ended by itself (for job scripts)
+    OUT/.lock                 held (flock) by the run training here
+
+This module is the one place that spells these names; everything else asks a :class:`RunDir`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,24 @@ from typing import Any, Callable, Optional
 
 from . import checkpoint
 from .atomic import write_file_atomically
-from .errors import CheckpointWriteError, ConfigError, UserError
+from .errors import (REMEDY_FREE_SPACE, REMEDY_MOVE_OBSTACLE, REMEDY_NONE_USABLE, REMEDY_RESUME_OR_ELSEWHERE,
+                     CheckpointWriteError, ConfigError, UserError)
 
 
 class RunDir:
+    """``RunDir(out)``: the paths of one run's folder (``.checkpoints``, ``.best``, ``.config``, ``.metrics``,
+    ``.tensorboard``, ``.exit_code``, ``.lock_file``); :meth:`open` and :meth:`close` for the run that trains there."""
+
+    # How the training command words the fixes the checkpoint package suggests (see nanoresume.errors).
+    checkpoint_advice = {
+        REMEDY_FREE_SPACE: "free some space or choose another --out-dir, then rerun with --resume auto. "
+                           "Earlier checkpoints are intact",
+        REMEDY_MOVE_OBSTACLE: "move it out of {folder}, then rerun with --resume auto",
+        REMEDY_RESUME_OR_ELSEWHERE: "pass --resume auto to continue that run, or choose another --out-dir",
+        REMEDY_NONE_USABLE: "see why with: nanoresume ckpt verify {folder}. Move them away to "
+                            "start over, or choose another --out-dir",
+    }
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
@@ -34,6 +51,7 @@ class RunDir:
         self.config = self.root / "config.json"
         self.metrics = self.root / "metrics.jsonl"
         self.exit_code = self.root / "exit_code"
+        self.lock_file = self.root / ".lock"
         self._lock_fd: Optional[int] = None
 
     def open(self, warn: Callable[[str], None]) -> None:
@@ -54,12 +72,13 @@ class RunDir:
                             f"choose a folder you can write to") from None
         self._lock()
         self.exit_code.unlink(missing_ok=True)  # from an earlier start; a crash of this one leaves none
-        leftovers = checkpoint.remove_leftovers(self.root) + checkpoint.remove_leftovers(self.checkpoints)
-        for leftover in leftovers + checkpoint.remove_unfinished(self.checkpoints):
+        leftovers = checkpoint.remove_leftovers(self.root, owned=(self.best.name, self.config.name)) + \
+            checkpoint.CheckpointDir(self.checkpoints).remove_leftovers()
+        for leftover in leftovers:
             warn(f"removed {leftover}, left by an interrupted write")
 
     def _lock(self) -> None:
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -129,8 +129,8 @@ def find_resume(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: Wa
     found, error = Found(), None
     if env.is_main:
         try:
-            manager = checkpoint.CheckpointManager(run_dir.checkpoints, 1, 1)
-            resumed = checkpoint.resolve_resume(cfg.resume, manager, warn,
+            resumed = checkpoint.resolve_resume(cfg.resume, checkpoint.CheckpointDir(run_dir.checkpoints), warn,
+                                                advice=run_dir.checkpoint_advice,
                                                 load=lambda path: load_valid(path, tensors=False))
             unsaved = run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
             found = Found(resumed, unsaved)

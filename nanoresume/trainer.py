@@ -139,8 +139,9 @@ class Trainer:
             every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
             # a folder's writes coordinate over a group of their own: they may run on the writer thread
             group=distributed.new_group() if self.folder_checkpoints else None,
-            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main)
-        self.manager.on_commit = lambda step, path: setattr(self.stop, "last_committed_step", step)
+            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
+            on_commit=lambda step, path: setattr(self.stop, "last_committed_step", step),
+            advice=self.run_dir.checkpoint_advice)
         self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         if cfg.deterministic:
@@ -188,11 +189,7 @@ class Trainer:
         self.console.log(messages.resumed(path, self.counters.step))
         if not self.env.is_main:
             return
-        if path.resolve().parent == self.manager.folder.resolve():  # already saved: a stop now writes nothing
-            self.manager.staged_step = self.manager.committed_step = self.counters.step
-            self.manager.committed_path = path
-        for moved in self.manager.set_aside_after(self.counters.step):
-            self.console.warn(messages.set_aside(moved))
+        self.manager.adopt(path, self.counters.step, self.console.warn)  # newer checkpoints are set aside
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -406,7 +403,7 @@ class Trainer:
         elif self.env.is_main and (state is not None or best):
             self.manager.save(step, state, also=best)
         elif state is not None:
-            self.manager.staged_step = step  # the decision is shared; the file is rank 0's
+            self.manager.mark_staged(step)  # the decision is shared; the file is rank 0's
         if due and not self.manager.background:
             distributed.barrier()
 

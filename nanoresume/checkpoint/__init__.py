@@ -10,8 +10,12 @@ Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 - :mod:`.sharded`: writing and reading a folder through torch.distributed.checkpoint (DCP), which
   this package imports only when a folder is written or read;
 - :mod:`.snapshot`: a CPU copy of a state for a background write;
+- :mod:`.observe`: observers of checkpoint writes (tests and the chaos harness watch through them);
+- :mod:`.storage`: the few filesystem operations the rest needs, and the local disk's implementation;
+- :mod:`.stepdir`: the folder of a run's step checkpoints (list, obstacles, prune, set aside, leftovers);
 - :mod:`.writer`: one commit at a time, now or on a writer thread;
-- :mod:`.manager`: the run's step checkpoints and which one to resume.
+- :mod:`.manager`: the policy of a run's step checkpoints: decide, stage, commit, prune;
+- :mod:`.resume`: which checkpoint a run resumes from.
 """
 
 from ..errors import CheckpointError, CheckpointWriteError
@@ -19,12 +23,17 @@ from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_P
                     checksum_path, load_checkpoint, read_verified, remove_leftovers, save_atomically, state_nbytes,
                     step_folder_path, step_of, step_path, verify_file, write_checksum_file)
 from .folders import is_checkpoint_folder, remove_unfinished
-from .manager import ABANDONED, CheckpointManager, StepFile, require_train_state, resolve_resume
+from .manager import CheckpointManager
+from .resume import require_train_state, resolve_resume
+from .observe import CheckpointObserver, observe
+from .stepdir import ABANDONED, CheckpointDir, StepCheckpoint
+from .storage import LOCAL, LocalStorage, Storage
 
 __all__ = [
-    "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "STEP_FOLDER_PATTERN", "STEP_PATTERN", "CheckpointError",
-    "CheckpointManager", "CheckpointWriteError", "StepFile", "accepted_digests", "checksum_path",
-    "is_checkpoint_folder", "load_checkpoint", "read_verified", "remove_leftovers", "remove_unfinished",
-    "require_train_state", "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of",
-    "step_path", "verify_file", "write_checksum_file",
+    "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "LOCAL", "STEP_FOLDER_PATTERN", "STEP_PATTERN",
+    "CheckpointDir", "CheckpointError", "CheckpointManager", "CheckpointObserver", "CheckpointWriteError",
+    "LocalStorage", "StepCheckpoint", "Storage", "accepted_digests", "checksum_path", "is_checkpoint_folder",
+    "load_checkpoint", "observe", "read_verified", "remove_leftovers", "remove_unfinished", "require_train_state",
+    "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of", "step_path", "verify_file",
+    "write_checksum_file"
 ]

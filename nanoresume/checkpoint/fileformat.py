@@ -25,11 +25,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
-import io
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import IO, Callable, Optional, Union
 
 MAGIC = b"nanoresume-sha256x8MiB:"
 COMMENT_LEN = len(MAGIC) + 64
@@ -69,7 +68,7 @@ class DigestingWriter:
     returns the digest.
     """
 
-    def __init__(self, file: io.BufferedWriter, on_progress: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(self, file: IO[bytes], on_progress: Optional[Callable[[int], None]] = None) -> None:
         self.file = file
         self.on_progress = on_progress
         self.written = 0
@@ -192,11 +191,6 @@ def digests(data: Buffer) -> Digests:
     return Digests(embedded=embedded, computed=tree_digest(leaves, covered))
 
 
-def file_sha256(data: Buffer) -> str:
-    """The plain SHA-256 of a file's bytes, as ``sha256sum`` prints it."""
-    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
-
-
 class _Writeback:
     """Starts the kernel's write-back of a file's dirty pages as it grows (Linux ``sync_file_range``),
     so the final fsync finds little left to do. A no-op where the call does not exist."""
@@ -205,7 +199,7 @@ class _Writeback:
     _libc: Optional[ctypes.CDLL] = None
     _looked_up = False
 
-    def __init__(self, file: io.BufferedWriter) -> None:
+    def __init__(self, file: IO[bytes]) -> None:
         self.file = file
         self.started_at = 0
 
@@ -225,6 +219,11 @@ class _Writeback:
             return
         call = self._sync_file_range()
         if call is not None:
-            self.file.flush()
-            call(self.file.fileno(), self.started_at, written - self.started_at, self._SYNC_FILE_RANGE_WRITE)
+            try:
+                fileno = self.file.fileno()
+            except (OSError, ValueError):  # not a file on this machine (an upload): nothing to write back
+                fileno = None
+            if fileno is not None:
+                self.file.flush()
+                call(fileno, self.started_at, written - self.started_at, self._SYNC_FILE_RANGE_WRITE)
         self.started_at = written

@@ -17,6 +17,10 @@ new one, never a half file under a checkpoint's name):
    without one, and the file still verifies by itself. The checkpoint manager writes it
    after the commit, off the training thread.
 
+Those steps are the local disk's (:data:`~.storage.LOCAL`). Every function here takes a
+``storage`` (:class:`~.storage.Storage`) and a path or URL: on an object store the file is
+uploaded under its final key and appears whole when the upload completes, with no rename.
+
 Loading opens the file once and hashes it through a memory map while it unpickles that
 same open file with ``weights_only=True``; the state is returned only if the digest the
 file carries (or, for files written before digests were embedded, its ``.sha256``)
@@ -27,23 +31,23 @@ a checkpoint can never run code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-import mmap
-import os
 import pickle
 import re
 import shutil
-import stat
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional
 
 import torch
 
-from ..atomic import fsync_folder, remove_quietly, temp_path, write_file_atomically
-from ..errors import CheckpointError, CheckpointWriteError
-from .fileformat import DigestingWriter, Digests, digests, file_sha256
+from ..atomic import temp_target
+from ..errors import REMEDY_FREE_SPACE, REMEDY_MOVE_OBSTACLE, CheckpointError, CheckpointWriteError
+from .fileformat import DigestingWriter, Digests, digests
+from .observe import CheckpointObserver, observers
+from .storage import (FILE, FOLDER, LOCAL, NotAFileError, P, Reading, Storage, Writing, as_path, join, name_of,
+                      parent_of)
 
 # 2: the data position is one sampler for all ranks (batches depend on the step only) and ranks
 # hold only their RNG streams; 1: a sampler per rank, drawn per micro-batch.
@@ -51,17 +55,10 @@ FORMAT_VERSION = 2
 CHECKSUM_SUFFIX = ".sha256"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
 STEP_FOLDER_PATTERN = re.compile(r"^step_(\d{8,})$")  # a sharded checkpoint (see sharded.py)
-# Temp files this package creates: ".<target>.tmp.<pid>" for targets it owns.
-_TEMP_PATTERN = re.compile(r"^\.(step_\d{8,}\.pt|best\.pt|config\.json)(\.sha256)?\.tmp\.\d+$")
+FREE_SPACE_ADVICE = "free some space or save elsewhere, then resume; earlier checkpoints are intact"
 # torch words a refused global differently across versions ("Unsupported global: GLOBAL os.system",
 # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"); both name it after GLOBAL.
 _UNSAFE_GLOBAL = re.compile(r"\bGLOBAL\s+([\w.]+)")
-_OPEN_FD_PATH = "/proc/self/fd"  # reopening an open file through here gets the same inode, not the name
-
-# Test-only: called with the number of bytes written so far after every chunk of a
-# checkpoint write. Tests use it to slow writes down (to land a kill inside one) or to
-# raise OSError (disk full). Production code never sets it.
-testing_write_hook: Optional[Callable[[int], None]] = None
 
 
 def step_path(folder: Path, step: int) -> Path:
@@ -75,59 +72,70 @@ def step_folder_path(folder: Path, step: int) -> Path:
 
 
 def step_of(path: Path) -> int:
-    match = STEP_PATTERN.match(path.name) or STEP_FOLDER_PATTERN.match(path.name)
+    match = STEP_PATTERN.match(name_of(path)) or STEP_FOLDER_PATTERN.match(name_of(path))
     assert match, f"{path} is not a step checkpoint name"
     return int(match.group(1))
 
 
-def checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + CHECKSUM_SUFFIX)
+def checksum_path(path: P) -> P:
+    return join(parent_of(path), name_of(path) + CHECKSUM_SUFFIX)
 
 
 # ---- writing -------------------------------------------------------------------------------------
 
-def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True) -> str:
+def save_atomically(obj: dict[str, Any], path: Path, checksum_file: bool = True, storage: Storage = LOCAL,
+                   observer: Optional[CheckpointObserver] = None) -> str:
     """Write ``obj`` to ``path`` by the commit protocol above; returns the digest the file carries.
 
     ``checksum_file=False`` leaves step 3 (the ``.sha256``) to the caller (:func:`write_checksum_file`).
+    ``observer`` (and every observer registered with :func:`~.observe.observe`) sees the write.
 
     Raises :class:`CheckpointWriteError` on any failure (disk full, I/O error, a value that
     cannot be serialized); the temp file is removed and earlier files stay intact.
     """
-    path = Path(path)
-    _refuse_non_file_in_the_way(path)
-    tmp = temp_path(path)
+    path = as_path(path)
+    _refuse_non_file_in_the_way(path, storage)
+    watcher = observers(observer)
+    new: Optional[Writing] = None
     try:
-        with open(tmp, "wb") as f:
-            writer = DigestingWriter(f, on_progress=_progress_hook())
-            try:
-                with _zip_crc_skipped():
-                    torch.save(obj, writer)
-                digest = writer.finish()
-            except Exception as e:
-                if writer.error is not None and writer.error is not e:
-                    raise writer.error from None  # the real cause, not torch's "file write failed"
-                raise
-            finally:
-                writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        _commit(tmp, path)
+        new = storage.create(path)
+        progress = None if watcher is None else (lambda written: watcher.on_write_progress(path, written))
+        writer = DigestingWriter(new.file, on_progress=progress)
+        try:
+            with _zip_crc_skipped():
+                torch.save(obj, writer)
+            digest = writer.finish()
+        except Exception as e:
+            if writer.error is not None and writer.error is not e:
+                raise writer.error from None  # the real cause, not torch's "file write failed"
+            raise
+        finally:
+            writer.close()
+        if watcher is not None:
+            watcher.before_commit(path)
+        storage.remove(checksum_path(path))  # a stale .sha256 must not outlive the file it was for
+        new.publish()
+        if watcher is not None:
+            watcher.after_commit(path)
         if checksum_file:
-            write_checksum_file(path)
+            write_checksum_file(path, storage)
         return digest
     except OSError as e:
-        remove_quietly(tmp)
-        raise CheckpointWriteError(_write_failure(path, e, state_nbytes(obj)),
-                                   "free some space or choose another --out-dir, then rerun with --resume auto. "
-                                   "Earlier checkpoints are intact") from None
+        _discard(new)
+        raise CheckpointWriteError(describe_write_failure(path, e, state_nbytes(obj)), FREE_SPACE_ADVICE,
+                                   REMEDY_FREE_SPACE, folder=parent_of(path)) from None
     except Exception as e:
-        remove_quietly(tmp)
-        raise CheckpointWriteError(f"could not serialize checkpoint {path.name} in {path.parent}: "
+        _discard(new)
+        raise CheckpointWriteError(f"could not serialize checkpoint {name_of(path)} in {parent_of(path)}: "
                                    f"{_describe(e)}", "earlier checkpoints are intact") from e
     except BaseException:
-        remove_quietly(tmp)
+        _discard(new)
         raise
+
+
+def _discard(new: Optional[Writing]) -> None:
+    if new is not None:
+        new.discard()
 
 
 @contextlib.contextmanager
@@ -146,22 +154,12 @@ def _zip_crc_skipped() -> Iterator[None]:
         yield
 
 
-def _progress_hook() -> Optional[Callable[[int], None]]:
-    hook = testing_write_hook
-    return None if hook is None else (lambda written: hook(written))
-
-
-def _refuse_non_file_in_the_way(path: Path) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError:
-        return  # let the write itself report it
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {path.name} there is {kind}",
-                                   f"move it out of {path.parent}, then rerun with --resume auto")
+def _refuse_non_file_in_the_way(path: Path, storage: Storage) -> None:
+    kind = storage.kind(path)
+    if kind not in (None, FILE):
+        what = "a folder" if kind == FOLDER else "not a regular file"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {name_of(path)} there is {what}",
+                                   f"move it out of {parent_of(path)}", REMEDY_MOVE_OBSTACLE, folder=parent_of(path))
 
 
 def _describe(error: BaseException) -> str:
@@ -171,30 +169,33 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    remove_quietly(checksum_path(path))  # a stale .sha256 must not outlive the file it was for
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
-
-
-def write_checksum_file(path: Path) -> str:
+def write_checksum_file(path: Path, storage: Storage = LOCAL) -> str:
     """Write ``path.sha256`` (the ``sha256sum`` format) for a committed file; returns the SHA-256."""
-    with open(path, "rb") as f:
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            digest = file_sha256(data)
-    write_file_atomically(checksum_path(path), _checksum_lines([digest], path.name))
-    fsync_folder(path.parent)
+    digest = file_sha256(path, storage)
+    new = storage.create(checksum_path(path))
+    try:
+        new.file.write(_checksum_lines([digest], name_of(path)))
+        new.publish()
+    finally:
+        new.discard()  # a no-op once published
     return digest
+
+
+def file_sha256(path: Path, storage: Storage = LOCAL) -> str:
+    """The plain SHA-256 of a file, as ``sha256sum`` prints it."""
+    with storage.open_read(path) as reading:
+        return hashlib.sha256(memoryview(reading.data).cast("B")).hexdigest()
 
 
 def _checksum_lines(digests: list[str], target_name: str) -> bytes:
     return "".join(f"{d}  {target_name}\n" for d in digests).encode()
 
 
-def accepted_digests(sidecar: Path) -> list[str]:
+def accepted_digests(sidecar: Path, storage: Storage = LOCAL) -> list[str]:
     """Digests listed in a checksum file (empty when it is missing or unreadable)."""
     try:
-        lines = sidecar.read_text().splitlines()
+        with storage.open_read(sidecar) as reading:
+            lines = bytes(reading.data).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return []
     return [line.split()[0].lower() for line in lines if line.strip()]
@@ -211,38 +212,36 @@ def state_nbytes(obj: Any) -> int:
     return 0
 
 
-def _write_failure(path: Path, error: OSError, needed: int) -> str:
+def describe_write_failure(path: Path, error: OSError, needed: Optional[int] = None) -> str:
+    """One line for a checkpoint (file or folder) that could not be written: the reason, what it needed
+    (when known) and the free space left where it was going."""
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free"
+        free = f"{shutil.disk_usage(parent_of(path)).free / 1e6:,.1f} MB free"
     except OSError:
         free = "free space unknown"
     reason = error.strerror or str(error)
-    return (f"could not write checkpoint {path.name} in {path.parent}: {reason} "
-            f"(about {needed / 1e6:,.1f} MB needed, {free})")
+    room = f"about {needed / 1e6:,.1f} MB needed, {free}" if needed is not None else free
+    return f"could not write checkpoint {name_of(path)} in {parent_of(path)}: {reason} ({room})"
 
 
 # ---- reading -------------------------------------------------------------------------------------
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: Any = "cpu", storage: Storage = LOCAL) -> dict[str, Any]:
     """Verify, then safely unpickle a checkpoint; every problem is a one-line :class:`CheckpointError`.
 
     Tensors may be backed by a private, read-only-on-disk memory map of the file (copy on
     write), which makes loading about as fast as a plain ``torch.load``.
     """
-    path = Path(path)
-    fd = _open_checkpoint(path)
-    try:
-        with _map(fd, path) as data, ThreadPoolExecutor(1, thread_name_prefix="nanoresume-verify") as pool:
-            found = pool.submit(digests, data)  # hashing and unpickling overlap: both read the same pages
-            try:
-                state, unreadable = _unpickle(path, fd, data, map_location), None
-            except CheckpointError as e:
-                state, unreadable = None, e
-            _check_digest(path, found.result())  # a corrupt file is named as corrupt, not as unreadable
-            if unreadable is not None:
-                raise unreadable
-    finally:
-        os.close(fd)
+    path = as_path(path)
+    with _reading(path, storage) as reading, ThreadPoolExecutor(1, thread_name_prefix="nanoresume-verify") as pool:
+        found = pool.submit(digests, reading.data)  # hashing and unpickling overlap: both read the same pages
+        try:
+            state, unreadable = _unpickle(path, reading, map_location), None
+        except CheckpointError as e:
+            state, unreadable = None, e
+        _check_digest(path, found.result(), storage)  # a corrupt file is named as corrupt, not as unreadable
+        if unreadable is not None:
+            raise unreadable
     if not isinstance(state, dict) or "format_version" not in state or "kind" not in state:
         raise CheckpointError(f"{path}: not a nanoresume checkpoint (no format_version/kind)")
     version = state["format_version"]
@@ -252,84 +251,53 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-def read_verified(path: Path) -> bytes:
+def read_verified(path: Path, storage: Storage = LOCAL) -> bytes:
     """The file's bytes, only if they verify (embedded digest, or the ``.sha256`` of an older file)."""
-    path = Path(path)
-    fd = _open_checkpoint(path)
-    try:
-        with _map(fd, path) as data:
-            _check_digest(path, digests(data))
-            return bytes(data)
-    finally:
-        os.close(fd)
+    path = as_path(path)
+    with _reading(path, storage) as reading:
+        _check_digest(path, digests(reading.data), storage)
+        return bytes(reading.data)
 
 
-def verify_file(path: Path) -> Digests:
+def verify_file(path: Path, storage: Storage = LOCAL) -> Digests:
     """Check a file's digest without unpickling it; raises CheckpointError, returns what was found."""
-    path = Path(path)
-    fd = _open_checkpoint(path)
-    try:
-        with _map(fd, path) as data:
-            found = digests(data)
-            _check_digest(path, found)
-            return found
-    finally:
-        os.close(fd)
+    path = as_path(path)
+    with _reading(path, storage) as reading:
+        found = digests(reading.data)
+        _check_digest(path, found, storage)
+        return found
 
 
-def _open_checkpoint(path: Path) -> int:
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as OUT/checkpoints/step_00000500.pt")
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file; pass a checkpoint file")
-    if info.st_size == 0:
-        os.close(fd)
-        raise CheckpointError(f"{path}: file is empty (0 bytes); its write never finished")
-    return fd
-
-
-class _map:
-    """A read-only memory map of an open file, or its bytes where mapping is not possible."""
-
-    def __init__(self, fd: int, path: Path) -> None:
-        self.fd, self.path = fd, path
-        self.mapping: Optional[mmap.mmap] = None
-
-    def __enter__(self) -> Any:
+@contextlib.contextmanager
+def _reading(path: Path, storage: Storage) -> Iterator[Reading]:
+    """``storage.open_read(path)``, with every reason it cannot be read as a one-line CheckpointError."""
+    with contextlib.ExitStack() as stack:
         try:
-            self.mapping = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-            return self.mapping
-        except (OSError, ValueError):
-            try:
-                with os.fdopen(os.dup(self.fd), "rb") as f:
-                    return f.read()
-            except OSError as e:
-                raise CheckpointError(f"{self.path}: cannot read it ({e.strerror or e}); check its permissions") \
-                    from None
+            reading = stack.enter_context(storage.open_read(path))
+        except IsADirectoryError:
+            raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as "
+                                  f"OUT/checkpoints/step_00000500.pt") from None
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such checkpoint file") from None
+        except NotAFileError:
+            raise CheckpointError(f"{path}: not a regular file; pass a checkpoint file") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+        if len(reading.data) == 0:
+            raise CheckpointError(f"{path}: file is empty (0 bytes); its write never finished")
+        yield reading
 
-    def __exit__(self, *exc: object) -> None:
-        if self.mapping is not None:
-            self.mapping.close()
 
-
-def _check_digest(path: Path, found: Digests) -> None:
+def _check_digest(path: Path, found: Digests, storage: Storage) -> None:
     if found.has_trailer:
         if not found.self_consistent:
             raise CheckpointError(f"{path}: checksum mismatch; the file is corrupt or truncated "
                                   f"(or was changed after it was written)")
         return
     sidecar = checksum_path(path)
-    accepted = accepted_digests(sidecar)
+    accepted = accepted_digests(sidecar, storage)
     if not accepted:
-        raise CheckpointError(f"{path}: carries no checksum of its own and has no {sidecar.name} beside it, so "
+        raise CheckpointError(f"{path}: carries no checksum of its own and has no {name_of(sidecar)} beside it, so "
                               f"it cannot be verified (it is truncated, was not written by nanoresume, or is an "
                               f"older file copied without its checksum file)")
     if found.whole not in accepted:
@@ -337,15 +305,15 @@ def _check_digest(path: Path, found: Digests) -> None:
                               f"(or was changed after it was written)")
 
 
-def _unpickle(path: Path, fd: int, data: Any, map_location: Any) -> Any:
+def _unpickle(path: Path, reading: Reading, map_location: Any) -> Any:
     try:
-        if isinstance(data, mmap.mmap) and sys.platform.startswith("linux") and os.path.isdir(_OPEN_FD_PATH):
+        if reading.local_name is not None:
             try:  # the same open file (not the name, which may have been swapped), mapped by torch itself
-                return torch.load(f"{_OPEN_FD_PATH}/{fd}", map_location=map_location, weights_only=True, mmap=True)
+                return torch.load(reading.local_name, map_location=map_location, weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise  # otherwise an old file torch cannot map: fall back to the verified bytes below
-        return torch.load(io.BytesIO(bytes(data)), map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(bytes(reading.data)), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = _UNSAFE_GLOBAL.search(str(e))
         if unsafe is None:
@@ -358,20 +326,25 @@ def _unpickle(path: Path, fd: int, data: Any, map_location: Any) -> Any:
 
 # ---- leftovers -----------------------------------------------------------------------------------
 
-def remove_leftovers(folder: Path) -> list[Path]:
+def remove_leftovers(folder: Path, owned: Collection[str] = (), storage: Storage = LOCAL) -> list[Path]:
     """Delete temp files of interrupted writes and checksum files whose checkpoint is gone.
 
-    Only names this package creates are touched; unrelated files are left alone.
+    Only names this package creates are touched: step checkpoint files and the names in ``owned``
+    (``best.pt``), their ``.sha256`` files, and temp files of either. Unrelated files are left alone.
     """
+    def ours(name: str) -> bool:
+        name = name[: -len(CHECKSUM_SUFFIX)] if name.endswith(CHECKSUM_SUFFIX) else name
+        return bool(STEP_PATTERN.match(name)) or name in owned
+
     removed: list[Path] = []
-    if not folder.is_dir():
-        return removed
-    for entry in folder.iterdir():
+    for entry in storage.list(folder):
         name = entry.name
-        orphan_sidecar = name.endswith(CHECKSUM_SUFFIX) and (
-            STEP_PATTERN.match(name[: -len(CHECKSUM_SUFFIX)]) or name == "best.pt" + CHECKSUM_SUFFIX
-        ) and not entry.with_name(name[: -len(CHECKSUM_SUFFIX)]).exists()
-        if entry.is_file() and (_TEMP_PATTERN.match(name) or orphan_sidecar):
-            remove_quietly(entry)
-            removed.append(entry)
+        if entry.kind != FILE:
+            continue
+        target = temp_target(name)
+        orphan_sidecar = name.endswith(CHECKSUM_SUFFIX) and ours(name) and \
+            storage.kind(join(folder, name[: -len(CHECKSUM_SUFFIX)])) is None
+        if (target is not None and ours(target)) or orphan_sidecar:
+            storage.remove(join(folder, name))
+            removed.append(join(folder, name))
     return removed

@@ -11,39 +11,31 @@ folder without one was never committed.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..atomic import fsync_folder, write_file_atomically
+from ..atomic import DELETING, WRITING, temp_target
 from ..errors import CheckpointError
-from .files import STEP_FOLDER_PATTERN
+from .files import STEP_FOLDER_PATTERN, file_sha256
+from .storage import FOLDER, LOCAL, Storage, join
+
+__all__ = ["MANIFEST", "METADATA", "check_digests", "delete_folder", "file_sha256", "folder_nbytes",
+           "is_checkpoint_folder", "is_plain_name", "manifest_digests", "remove_unfinished", "write_manifest"]
 
 MANIFEST = "MANIFEST.sha256"
 METADATA = ".metadata"  # DCP's index of the folder
-_HASH_CHUNK = 8 << 20
-# Folders left beside a step folder only by a kill: a write, or a deletion, in progress.
-_UNFINISHED = re.compile(r"^\.step_\d{8,}\.(tmp|deleting)\.[\w-]+$")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                return digest.hexdigest()
-            digest.update(chunk)
-
-
-def write_manifest(folder: Path, digests: dict[str, str]) -> None:
-    """``MANIFEST.sha256`` in ``folder`` (temp file, fsync, rename), then fsync the folder."""
+def write_manifest(folder: Path, digests: dict[str, str], storage: Storage = LOCAL) -> None:
+    """``MANIFEST.sha256`` in ``folder``, published whole (locally: temp file, fsync, rename, fsync the folder)."""
     lines = "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
-    write_file_atomically(folder / MANIFEST, lines.encode())
-    fsync_folder(folder)
+    new = storage.create(folder / MANIFEST)
+    try:
+        new.file.write(lines.encode())
+        new.publish()
+    finally:
+        new.discard()  # a no-op once published
 
 
 def manifest_digests(folder: Path) -> dict[str, str]:
@@ -111,26 +103,32 @@ def folder_nbytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def delete_folder(folder: Path) -> None:
-    """Delete a checkpoint folder without ever leaving a half-deleted one under its name: it is
-    renamed aside (and the rename made durable) before its files go."""
-    aside = folder.with_name(f".{folder.name}.deleting.{os.getpid()}")
-    os.replace(folder, aside)
-    fsync_folder(folder.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+def delete_folder(folder: Path, storage: Storage = LOCAL) -> None:
+    """Delete a checkpoint folder without ever leaving a half-deleted one under its name."""
+    storage.remove_folder(folder)
 
 
-def remove_unfinished(folder: Path) -> list[Path]:
-    """Delete the temp folders of interrupted writes and deletions, and step folders without a
-    manifest (never committed); returns what was removed. Other folders are left alone."""
+def remove_unfinished(folder: Path, storage: Storage = LOCAL) -> list[Path]:
+    """Delete the temp folders of interrupted writes and deletions of step folders, and step folders
+    without a manifest (never committed); returns what was removed. Other folders are left alone."""
     removed: list[Path] = []
-    if not folder.is_dir():
-        return removed
-    for entry in sorted(folder.iterdir()):
-        uncommitted = STEP_FOLDER_PATTERN.match(entry.name) and not (entry / MANIFEST).exists()
-        if entry.is_dir() and not entry.is_symlink() and (_UNFINISHED.match(entry.name) or uncommitted):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+    for entry in sorted(storage.list(folder), key=lambda e: e.name):
+        if entry.kind != FOLDER or entry.link:
+            continue
+        target = temp_target(entry.name, (WRITING, DELETING))
+        unfinished = target is not None and STEP_FOLDER_PATTERN.match(target)
+        uncommitted = STEP_FOLDER_PATTERN.match(entry.name) and \
+            storage.kind(join(join(folder, entry.name), MANIFEST)) is None
+        path = join(folder, entry.name)
+        if unfinished:  # temp folders exist only on a local disk, and need no care: nothing counts them
+            shutil.rmtree(path, ignore_errors=True)
+        elif uncommitted:
+            try:
+                storage.remove_folder(path)
+            except OSError:
+                continue  # left for the next start; resume skips it meanwhile (it has no manifest)
+        if unfinished or uncommitted:
+            removed.append(path)
     if removed:
-        fsync_folder(folder)
+        storage.sync(folder)
     return removed

@@ -1,5 +1,5 @@
-"""The step checkpoints of one run: when to save, how a save is staged and committed, how many to
-keep, which one a run resumes from, and where checkpoints of an abandoned timeline go.
+"""The step checkpoints of one run: when to save, how a save is staged and committed, and what a
+resume leaves behind (the step it continues from, the checkpoints of an abandoned timeline).
 
 A save has four parts, kept apart so that background saving is natural:
 
@@ -16,42 +16,24 @@ A save has four parts, kept apart so that background saving is natural:
    step checkpoints beyond ``keep_last`` (deleting a large file can take a tenth of a second).
 
 A step counts as saved (:attr:`CheckpointManager.committed_step`) only once its commit is
-done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the writer. A step
-checkpoint is a file ``step_00000500.pt`` or a folder ``step_00000500``; both kinds count alike
-for retention, resume and abandoned timelines.
+done; :attr:`~CheckpointManager.staged_step` is the newest step handed to the writer. Both are
+read-only from outside: :meth:`~CheckpointManager.adopt` and :meth:`~CheckpointManager.mark_staged`
+are the ways to change them. What is in the folder is :class:`~.stepdir.CheckpointDir`'s business.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ..atomic import fsync_folder, remove_quietly
-from ..errors import CheckpointError
-from .files import (FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_PATTERN, checksum_path, load_checkpoint,
-                    save_atomically, step_folder_path, step_of, step_path, write_checksum_file)
-from .folders import delete_folder
+from ..errors import CheckpointWriteError
+from .files import save_atomically, step_folder_path, step_path, write_checksum_file
+from .observe import CheckpointObserver
 from .snapshot import Snapshotter
+from .stepdir import CheckpointDir
 from .writer import CommitRunner
-
-ABANDONED = "abandoned"
-
-
-@dataclass(frozen=True)
-class StepFile:
-    """A step checkpoint: a file, or a folder of shards."""
-
-    step: int
-    path: Path
-
-    @property
-    def is_folder(self) -> bool:
-        return not self.path.name.endswith(".pt")
-
 
 class CheckpointManager:
     """Policy, staging, commits and retention for the step checkpoints in ``folder``.
@@ -63,23 +45,32 @@ class CheckpointManager:
     For sharded saves every rank has a manager: ``group`` is the process group their writes
     coordinate over (None: one process), ``token`` names temp folders alike on every rank, and
     only the ``coordinator`` (rank 0) writes files beside the folder and prunes.
+
+    ``on_commit(step, path)`` is called (on the writer thread, in background mode) once each step
+    checkpoint is committed; ``observer`` watches every write (see :mod:`.observe`). ``advice`` words
+    the fix of a failed write in the caller's terms (:meth:`~nanoresume.errors.CheckpointError.reworded`).
     """
 
     def __init__(self, folder: Path, interval: int, keep_last: int, background: bool = False,
                  every_seconds: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
-                 group: Any = None, token: str = "0", coordinator: bool = True) -> None:
-        self.folder = Path(folder)
+                 group: Any = None, token: str = "0", coordinator: bool = True,
+                 on_commit: Optional[Callable[[int, Path], None]] = None,
+                 observer: Optional[CheckpointObserver] = None, advice: Optional[Mapping[str, str]] = None) -> None:
+        self.dir = CheckpointDir(folder)
+        self.folder = self.dir.path
         self.group, self.token, self.coordinator = group, token, coordinator
         self.interval = interval
         self.keep_last = keep_last
         self.every_seconds = every_seconds
         self.clock = clock
-        self.committed_step: Optional[int] = None  # newest step checkpoint this run committed (or resumed from)
-        self.committed_path: Optional[Path] = None
-        self.staged_step: Optional[int] = None  # newest step handed to the writer (committed, or in flight)
-        self.last_commit_seconds = 0.0  # the last commit's own duration (write, fsync, prune)
-        self.last_stall_seconds = 0.0  # what the last save cost the training thread
-        self.on_commit: Optional[Callable[[int, Path], None]] = None  # called (on the writer thread) per commit
+        self._on_commit = on_commit
+        self._observer = observer
+        self._advice = dict(advice or {})
+        self._committed_step: Optional[int] = None
+        self._committed_path: Optional[Path] = None
+        self._staged_step: Optional[int] = None
+        self._last_commit_seconds = 0.0
+        self._last_stall_seconds = 0.0
         self._runner = CommitRunner(background)
         self._janitor: Optional[threading.Thread] = None  # sidecars and pruning after a synchronous commit
         self._snapshots = Snapshotter()
@@ -89,28 +80,48 @@ class CheckpointManager:
     def background(self) -> bool:
         return self._runner.background
 
-    # ---- the folder ----------------------------------------------------------------------------
+    @property
+    def committed_step(self) -> Optional[int]:
+        """The newest step checkpoint this run committed (or resumed from), or None."""
+        return self._committed_step
 
-    def list(self) -> list[StepFile]:
-        """Step checkpoint files and folders present (verified or not), oldest first."""
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for path in self.folder.iterdir():
-            match = STEP_PATTERN.match(path.name) if path.is_file() else \
-                STEP_FOLDER_PATTERN.match(path.name) if path.is_dir() else None
-            if match:
-                found.append(StepFile(int(match.group(1)), path))
-        return sorted(found, key=lambda s: (s.step, s.is_folder))
+    @property
+    def committed_path(self) -> Optional[Path]:
+        return self._committed_path
 
-    def obstacles(self) -> list[Path]:
-        """Entries named like step checkpoints of the other kind (a folder named ``step_*.pt``, a
-        file named like a checkpoint folder): a save of that step could never land, so a run
-        refuses to start until they are moved."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.iterdir() if (STEP_PATTERN.match(p.name) and not p.is_file())
-                      or (STEP_FOLDER_PATTERN.match(p.name) and not p.is_dir()))
+    @property
+    def staged_step(self) -> Optional[int]:
+        """The newest step handed to the writer (committed, or in flight), or None."""
+        return self._staged_step
+
+    @property
+    def last_commit_seconds(self) -> float:
+        """The last commit's own duration (write, fsync, prune)."""
+        return self._last_commit_seconds
+
+    @property
+    def last_stall_seconds(self) -> float:
+        """What the last save cost the training thread."""
+        return self._last_stall_seconds
+
+    def adopt(self, path: Path, step: int, warn: Callable[[str], None]) -> None:
+        """Continue the run from ``path``, the checkpoint of ``step`` it resumed from.
+
+        A checkpoint in this folder counts as committed (a save of ``step`` writes nothing). Step
+        checkpoints newer than ``step`` belong to a timeline the run left: they are set aside
+        (:meth:`CheckpointDir.set_aside_after`), each with a warning.
+        """
+        if Path(path).resolve().parent == self.folder.resolve():
+            self._staged_step = self._committed_step = step
+            self._committed_path = Path(path)
+        for moved in self.dir.set_aside_after(step):
+            warn(f"moved {moved.name} to {moved.parent}: it is newer than the checkpoint this run resumed "
+                 f"from, so it belongs to a timeline the run left")
+
+    def mark_staged(self, step: int) -> None:
+        """Record that another process saves ``step`` (rank 0 writes the file every rank decided on):
+        :meth:`is_due` then says no to it, as if this manager had staged it."""
+        self._staged_step = step
 
     # ---- decide, stage, commit -----------------------------------------------------------------
 
@@ -148,6 +159,12 @@ class CheckpointManager:
         paths = [p for p, _ in targets]
 
         def commit() -> None:
+            try:
+                write()
+            except CheckpointWriteError as e:
+                raise e.reworded(self._advice) from None
+
+        def write() -> None:
             commit_started = time.perf_counter()
             files = []
             for target, snapshot in zip(paths, staged):
@@ -155,14 +172,14 @@ class CheckpointManager:
                 if target == path and sharded:
                     from .sharded import save_folder  # here, not at the top: it imports DCP (see folders.py)
 
-                    save_folder(snapshot, target, self.token, self.group)
+                    save_folder(snapshot, target, self.token, self.group, observer=self._observer)
                 else:
-                    save_atomically(snapshot, target, checksum_file=False)
+                    save_atomically(snapshot, target, checksum_file=False, observer=self._observer)
                     files.append(target)
             if path is not None:
-                self.committed_step, self.committed_path = step, path
-                if self.on_commit is not None:
-                    self.on_commit(step, path)
+                self._committed_step, self._committed_path = step, path
+                if self._on_commit is not None:
+                    self._on_commit(step, path)
             keep = path if path is not None and self.coordinator else None
             if self.background:
                 self._after_commit(files, keep)  # already off the training thread
@@ -170,13 +187,13 @@ class CheckpointManager:
                 self._janitor = threading.Thread(target=self._after_commit, args=(files, keep),
                                                  name="nanoresume-after-commit")
                 self._janitor.start()
-            self.last_commit_seconds = time.perf_counter() - commit_started
+            self._last_commit_seconds = time.perf_counter() - commit_started
 
         if path is not None:
-            self.staged_step = step
+            self._staged_step = step
             self._last_save_time = self.clock()
         self._runner.submit(commit)
-        self.last_stall_seconds = time.perf_counter() - started
+        self._last_stall_seconds = time.perf_counter() - started
         return path
 
     def _after_commit(self, files: list[Path], keep: Optional[Path]) -> None:
@@ -189,7 +206,7 @@ class CheckpointManager:
                 pass  # the checkpoint is committed and verifies by itself; the extra can wait for the next save
         if keep is not None:
             try:
-                self.prune(keep=keep)
+                self.dir.prune(keep, self.keep_last)
             except OSError:
                 pass  # the folder is unreadable just now: an extra old file is kept, and the next save prunes it
 
@@ -205,149 +222,9 @@ class CheckpointManager:
         self._runner.wait()
 
     def close(self) -> None:
-        self._runner.close()
+        """Wait for the save in flight and what follows its commit (sidecars, pruning); raise its error."""
+        self.wait()
 
     @property
     def in_flight(self) -> bool:
         return self._runner.in_flight
-
-    # ---- retention and abandoned timelines -----------------------------------------------------
-
-    def prune(self, keep: Path) -> list[Path]:
-        """Keep ``keep`` (just committed) and the newest ``keep_last`` step checkpoints up to it;
-        delete older ones (file, then checksum; or the whole folder)."""
-        current = [s for s in self.list() if s.path != keep and s.step <= step_of(keep)]
-        deleted = []
-        for old in current[: max(0, len(current) - (self.keep_last - 1))]:
-            if old.is_folder:
-                delete_folder(old.path)
-            else:
-                remove_quietly(old.path)
-                remove_quietly(checksum_path(old.path))
-            deleted.append(old.path)
-        if deleted:
-            try:
-                fsync_folder(self.folder)
-            except OSError:
-                pass  # a deletion that does not survive a power cut leaves an extra old file, never less
-        return deleted
-
-    def set_aside_after(self, step: int) -> list[Path]:
-        """Move step checkpoints newer than ``step`` to a new folder ``abandoned/<n>/``.
-
-        After resuming from an older step (a corrupt newer file, or an explicit --resume PATH) they
-        belong to a timeline this run left: they must neither count for --keep-last nor be picked by
-        a later --resume auto, and they are never deleted or overwritten. Each file and its checksum
-        are hard-linked into the new folder before either name is removed here (the file first), so a
-        kill at any point leaves every pair complete in at least one of the two folders. A checkpoint
-        folder moves in one rename.
-        """
-        newer = [s for s in self.list() if s.step > step]
-        if not newer:
-            return []
-        target = self._new_abandoned_folder()
-        moved = []
-        for item in newer:
-            if item.is_folder:
-                os.replace(item.path, target / item.path.name)
-                fsync_folder(target)
-                moved.append(target / item.path.name)
-                continue
-            pair = [p for p in (item.path, checksum_path(item.path)) if p.exists()]
-            for source in pair:
-                _link_or_move(source, target / source.name)
-            fsync_folder(target)
-            for source in pair:
-                if source.exists():
-                    source.unlink()
-            moved.append(target / item.path.name)
-        fsync_folder(self.folder)
-        return moved
-
-    def _new_abandoned_folder(self) -> Path:
-        root = self.folder / ABANDONED
-        root.mkdir(exist_ok=True)
-        taken = {int(p.name) for p in root.iterdir() if p.name.isdigit()}
-        number = max(taken, default=0) + 1
-        while True:
-            folder = root / str(number)
-            try:
-                folder.mkdir()
-            except FileExistsError:
-                number += 1
-                continue
-            fsync_folder(root)
-            return folder
-
-
-def _link_or_move(source: Path, target: Path) -> None:
-    """Hard-link ``source`` as ``target`` (both names exist until the caller removes ``source``);
-    where links are not supported, move it."""
-    try:
-        os.link(source, target)
-    except OSError:
-        os.replace(source, target)
-
-
-def resolve_resume(
-    mode: str,
-    manager: CheckpointManager,
-    warn: Callable[[str], None],
-    load: Callable[[Path], dict[str, Any]] = load_checkpoint,
-    accept: Optional[Callable[[Path, dict[str, Any]], dict[str, Any]]] = None,
-) -> Optional[tuple[Path, dict[str, Any]]]:
-    """Which checkpoint a run starts from, as ``(path, state)``, or None for a fresh start.
-
-    ``accept(path, state)`` returns the state if a run can resume from it, else raises
-    CheckpointError (default: :func:`require_train_state`, a nanoresume training state).
-
-    - ``"auto"``: the newest step checkpoint that verifies; each newer one that does not is
-      skipped with a warning. None if the folder holds no step checkpoints. If it holds some
-      and none can be used, refuse (CheckpointError): a new run there would prune or
-      overwrite files it could not read, and they may be all that is left of a run.
-    - ``"none"``: None, but refuse if the folder already holds step checkpoints, so a
-      finished run is never clobbered by accident.
-    - anything else: a path that must load, or CheckpointError.
-    """
-    accept = accept or require_train_state
-    obstacles = manager.obstacles()
-    if obstacles:
-        kind = "a folder" if obstacles[0].is_dir() else "a file" if obstacles[0].is_file() else "no file or folder"
-        raise CheckpointError(f"{obstacles[0]} is {kind}, in the way of the checkpoint of step "
-                              f"{step_of(obstacles[0])}; move it out of {manager.folder}, then start again")
-    if mode == "none":
-        existing = manager.list()
-        if existing:
-            raise CheckpointError(
-                f"{manager.folder} already holds {len(existing)} checkpoint(s) (newest {existing[-1].path.name}); "
-                f"pass --resume auto to continue that run, or choose another --out-dir")
-        return None
-    if mode == "auto":
-        candidates = manager.list()
-        for candidate in reversed(candidates):
-            try:
-                return candidate.path, accept(candidate.path, load(candidate.path))
-            except CheckpointError as e:
-                warn(f"skipping {e}")
-        if candidates:
-            names = ", ".join(c.path.name for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
-            raise CheckpointError(
-                f"none of the {len(candidates)} checkpoint(s) in {manager.folder} ({names}) can be used, and a new "
-                f"run there would delete them; see why with: python -m nanoresume.tools.ckpt verify {manager.folder}. "
-                f"Move them away to start over, or choose another --out-dir")
-        return None
-    path = Path(mode).expanduser()
-    return path, accept(path, load(path))
-
-
-def require_train_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` if a run can resume from it, else CheckpointError saying why."""
-    if state.get("kind") != "train":
-        raise CheckpointError(f"{path}: holds {state.get('kind')!r} weights, not a full training state; "
-                              f"resume from a checkpoints/step_*.pt file")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: a training state of format {state.get('format_version')!r}, whose data "
-                              f"order this nanoresume (format {FORMAT_VERSION}) cannot continue exactly; finish that "
-                              f"run with the version that wrote it (its weights still work with sample, evaluate "
-                              f"and ckpt export)")
-    return state

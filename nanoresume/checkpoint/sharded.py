@@ -28,12 +28,10 @@ and every value in the shards is read with ``weights_only=True``, whatever the m
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,9 +40,11 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from ..atomic import fsync_folder
-from ..errors import CheckpointError, CheckpointWriteError
-from .folders import MANIFEST, METADATA, check_digests, file_sha256, is_plain_name, write_manifest
+from ..errors import REMEDY_FREE_SPACE, CheckpointError, CheckpointWriteError
+from .files import FREE_SPACE_ADVICE, describe_write_failure, file_sha256
+from .folders import MANIFEST, METADATA, check_digests, is_plain_name, write_manifest
+from .observe import CheckpointObserver, observers
+from .storage import LOCAL, FolderWriting
 
 # What a DCP index may be built from: its own dataclasses, and the torch and pathlib values they hold.
 _ALLOWED_GLOBALS = {
@@ -62,65 +62,60 @@ _ALLOWED_GLOBALS = {
 # DCP warns on every save or load without a process group; a single process is a case we intend.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-# Test-only: called with ("written", target) once every rank's files are in the temp folder and
-# before the manifest exists. Tests use it to kill a rank inside a sharded write. Never set otherwise.
-testing_hook: Optional[Callable[[str, Path], None]] = None
-
 
 # ---- writing -------------------------------------------------------------------------------------
 
-def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = None) -> None:
+def save_folder(state: dict[str, Any], target: Path, token: str, group: Any = None,
+                observer: Optional[CheckpointObserver] = None) -> None:
     """Write ``state`` as the checkpoint folder ``target`` by the protocol above; a collective: every
     rank of ``group`` calls it with its own state (None: a single process without a process group).
+    ``observer`` (and every registered one) hears of it on each rank: ``before_commit`` once this
+    rank's files are written, ``after_commit`` once the folder is committed.
 
     ``token`` names the temp folder and must be the same on every rank. Raises
     :class:`CheckpointWriteError` on every rank if any rank failed; the temp folder is then
     removed and earlier checkpoints are intact.
     """
     rank, world = _rank_and_world(group)
-    tmp = target.with_name(f".{target.name}.tmp.{token}")
+    watcher = observers(observer)
+    new = LOCAL.create_folder(target, token)  # DCP's FileSystemWriter writes to a local folder
+    tmp = Path(new.path)
     failure: Optional[str] = None
     digests: dict[str, str] = {}
     try:
         writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
         metadata = dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
         names = sorted({info.relative_path for info in metadata.storage_data.values()} | {METADATA})
-        if testing_hook is not None:
-            testing_hook("written", target)
+        if watcher is not None:
+            watcher.before_commit(target)
         digests = {name: file_sha256(tmp / name) for name in names[rank::world]}
     except (Exception, dcp.api.CheckpointException) as e:  # DCP's exception is a BaseException
         failure = _describe_failure(target, e)
     everyone = _gather(group, (digests, failure))
     outcome = None
     if rank == 0:
-        outcome = _commit(tmp, target, everyone)
+        outcome = _commit(new, target, everyone)
     outcome = _broadcast(group, outcome)
     if outcome is not None:
-        raise CheckpointWriteError(outcome, "earlier checkpoints are intact; free some space or choose another "
-                                            "--out-dir, then rerun with --resume auto")
+        raise CheckpointWriteError(outcome, FREE_SPACE_ADVICE, REMEDY_FREE_SPACE, folder=target.parent)
+    if watcher is not None:
+        watcher.after_commit(target)
 
 
-def _commit(tmp: Path, target: Path, everyone: list[tuple[dict[str, str], Optional[str]]]) -> Optional[str]:
-    """Rank 0: write the manifest and rename the folder; the failure in one line, or None."""
+def _commit(new: FolderWriting, target: Path, everyone: list[tuple[dict[str, str], Optional[str]]]) -> Optional[str]:
+    """Rank 0: write the manifest and publish the folder; the failure in one line, or None."""
     failures = [f"rank {rank}: {failure}" for rank, (_, failure) in enumerate(everyone) if failure]
     if not failures:
         try:
-            write_manifest(tmp, {name: digest for part, _ in everyone for name, digest in part.items()})
-            if target.exists() and not _is_empty_folder(target):
-                raise CheckpointWriteError(f"cannot write checkpoint {target}: it already exists", "")
-            os.replace(tmp, target)
-            fsync_folder(target.parent)
+            write_manifest(Path(new.path), {name: digest for part, _ in everyone for name, digest in part.items()})
+            new.publish()
             return None
-        except CheckpointWriteError as e:
-            failures.append(e.problem)
+        except FileExistsError:
+            failures.append(f"cannot write checkpoint {target}: it already exists")
         except OSError as e:
             failures.append(f"could not commit checkpoint {target.name} in {target.parent}: {e.strerror or e}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    new.discard()
     return failures[0] if len(failures) == 1 else f"{failures[0]} (and {len(failures) - 1} more)"
-
-
-def _is_empty_folder(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
 
 
 def _describe_failure(target: Path, error: BaseException) -> str:
@@ -129,11 +124,7 @@ def _describe_failure(target: Path, error: BaseException) -> str:
     if failures:
         error = next(iter(failures.values()))[0]
     if isinstance(error, OSError):
-        try:
-            free = f"{shutil.disk_usage(target.parent).free / 1e6:,.1f} MB free"
-        except OSError:
-            free = "free space unknown"
-        return f"could not write checkpoint {target.name} in {target.parent}: {error.strerror or error} ({free})"
+        return describe_write_failure(target, error)
     return f"could not write checkpoint {target.name} in {target.parent}: {type(error).__name__}: {error}"
 
 

@@ -2,12 +2,13 @@
 
 Used by the CI test (a handful of kills), by ``scripts/chaos.py`` (hundreds) and by the
 self-test (:mod:`nanoresume.tools.selftest`). The child process is ``python -m nanoresume.tools.chaos
-child ARGS...``: scripts/train.py with :data:`nanoresume.checkpoint.files.testing_write_hook`
-set so that every checkpoint write announces itself on stderr and is slowed down, which
-lets the harness aim half of its kills inside a write (evaluations announce themselves
-too, for the signal tests). ``python -m nanoresume.tools.chaos script PATH ARGS...`` runs any
-Python script (a training loop of your own that saves through :class:`nanoresume.Checkpointer`)
-with its writes announced the same way. Production runs never set that hook.
+child ARGS...``: scripts/train.py with an observer of checkpoint writes registered
+(:func:`nanoresume.checkpoint.observe`) so that every checkpoint write announces itself on
+stderr and is slowed down, which lets the harness aim half of its kills inside a write
+(evaluations announce themselves too, for the signal tests). ``python -m nanoresume.tools.chaos
+script PATH ARGS...`` runs any Python script (a training loop of your own that saves through
+:class:`nanoresume.Checkpointer`) with its writes announced the same way. Production runs
+register no observer.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .. import checkpoint
-from ..checkpoint import files as checkpoint_files
-from ..checkpoint import manager as checkpoint_manager
 from ..compare import first_difference
 from ..config import RUNTIME_FIELDS
 from ..loading import read_state
@@ -59,9 +58,8 @@ class ChaosReport:
 
 def verified_steps(folder: Path) -> dict[int, str]:
     """Step -> digest of every step checkpoint in ``folder`` whose checksum verifies."""
-    manager = checkpoint.CheckpointManager(folder, interval=1, keep_last=1)
     good = {}
-    for item in manager.list():
+    for item in checkpoint.CheckpointDir(folder).list():
         try:
             payload = checkpoint.read_verified(item.path)
         except checkpoint.CheckpointError:
@@ -231,33 +229,34 @@ def final_state_difference(a: Path, b: Path) -> Optional[str]:
     return first_difference(comparable_state(a), comparable_state(b))
 
 
+class _AnnouncedWrites(checkpoint.CheckpointObserver):
+    """Announces every checkpoint file write on stderr (start and commit), slowed by ``delay`` seconds
+    per written piece once ``slow`` is set."""
+
+    def __init__(self, delay: float, slow: threading.Event) -> None:
+        self.delay, self.slow = delay, slow
+        self.previous: Optional[int] = None
+
+    def on_write_progress(self, path: Path, nbytes: int) -> None:
+        if self.previous is None or nbytes <= self.previous:  # the count restarts with each file
+            print(WRITE_MARK, file=sys.stderr, flush=True)
+        self.previous = nbytes
+        if self.delay and self.slow.is_set():
+            time.sleep(self.delay)
+
+    def after_commit(self, target: Path) -> None:
+        print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
+
+
 def _observe_checkpoint_writes() -> None:
     """Announce every checkpoint write on stderr (start and commit), slowed by ``WRITE_DELAY_ENV``
     (with ``SLOW_LATER_ENV``: only once ``SLOW_WRITES_SIGNAL`` has arrived)."""
-    delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
     slow = threading.Event()
     if os.environ.get(SLOW_LATER_ENV):
         signal.signal(SLOW_WRITES_SIGNAL, lambda signum, frame: slow.set())
     else:
         slow.set()
-    previous = [None]
-
-    def hook(bytes_written: int) -> None:
-        if previous[0] is None or bytes_written <= previous[0]:  # the count restarts with each file
-            print(WRITE_MARK, file=sys.stderr, flush=True)
-        previous[0] = bytes_written
-        if delay and slow.is_set():
-            time.sleep(delay)
-
-    save_atomically = checkpoint_manager.save_atomically
-
-    def announced_save(obj: dict, path: Path, **kwargs: Any) -> str:
-        digest = save_atomically(obj, path, **kwargs)
-        print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
-        return digest
-
-    checkpoint_files.testing_write_hook = hook
-    checkpoint_manager.save_atomically = announced_save  # type: ignore[assignment]
+    checkpoint.observe(_AnnouncedWrites(float(os.environ.get(WRITE_DELAY_ENV, "0")), slow))
 
 
 def _child_main(argv: list[str]) -> int:

@@ -24,9 +24,9 @@ import torch
 
 from .. import checkpoint, schema
 from .. import training_state as ts
-from ..checkpoint import CheckpointManager, StepFile, is_checkpoint_folder, load_checkpoint, resolve_resume
+from ..checkpoint import (CheckpointDir, StepCheckpoint, is_checkpoint_folder, load_checkpoint, require_train_state,
+                          resolve_resume)
 from ..checkpoint.folders import folder_nbytes
-from ..checkpoint.manager import require_train_state
 from ..checkpointer import check_state_file, is_state_file
 from .clitools import make_parser, run_reporting_errors
 from ..compare import plain_equal, tensors_identical
@@ -47,7 +47,7 @@ def step_folder(out: Path) -> Path:
     """The folder holding step checkpoints: ``OUT/checkpoints``, or OUT itself if it holds them."""
     if RunDir(out).checkpoints.is_dir():
         return RunDir(out).checkpoints
-    if out.is_dir() and CheckpointManager(out, 1, 1).list():
+    if out.is_dir() and CheckpointDir(out).list():
         return out
     if not out.exists():
         raise UserError(f"{out}: no such folder; pass a run's --out-dir")
@@ -136,16 +136,17 @@ def format_loss(value: Any) -> str:
 
 def cmd_list(out: Path) -> int:
     folder = step_folder(out)
-    manager = CheckpointManager(folder, interval=1, keep_last=1)  # used only to list and resolve, never to save
+    checkpoints = CheckpointDir(folder)
     load = CachedLoader()
-    files = manager.list()
+    files = checkpoints.list()
     print(f"step checkpoints in {folder}:")
     print(f"  {'step':>8}  {'tokens seen':>13}  {'best val':>8}  {'size':>8}  {'written':19}  status")
     bad = sum(list_row(f, load) for f in files)
     if not files:
         print("  (none)")
     skipped: list[str] = []
-    picked = resolve_resume("auto", manager, skipped.append, load=load, accept=accept_any)
+    picked = resolve_resume("auto", checkpoints, skipped.append, load=load, accept=accept_any,
+                            advice=RunDir.checkpoint_advice)
     print(f"--resume auto would pick: {picked[0].name if picked else 'nothing (a new run would start)'}")
     best = RunDir(out).best
     if best.is_file():
@@ -159,7 +160,7 @@ def cmd_list(out: Path) -> int:
     return 1 if bad else 0
 
 
-def list_row(step_file: StepFile, load: CachedLoader) -> bool:
+def list_row(step_file: StepCheckpoint, load: CachedLoader) -> bool:
     """Print one row; True if the file is bad."""
     path = step_file.path
     reason = problem(path, load)
@@ -185,7 +186,7 @@ def files_to_verify(target: Path) -> list[Path]:
         return [target]
     if not target.exists():
         raise UserError(f"{target}: no such file or folder; pass a checkpoint file or a run's --out-dir")
-    files = [s.path for s in CheckpointManager(step_folder(target), 1, 1).list()]
+    files = [s.path for s in CheckpointDir(step_folder(target)).list()]
     if RunDir(target).best.is_file():
         files.append(RunDir(target).best)
     if not files:

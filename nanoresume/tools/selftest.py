@@ -44,6 +44,7 @@ from .clitools import make_parser, run_reporting_errors
 from ..config import SELF_TEST_STEPS, TrainConfig, command_line_flags, validate
 from ..console import log
 from ..errors import ConfigError, NanoresumeError, UserError
+from ..rundir import RunDir
 
 MIN_STEPS = 8  # three chained stops need room between them
 WRITE_DELAY = 0.002  # seconds per written chunk: a checkpoint write lasts long enough to kill inside it
@@ -118,13 +119,14 @@ class Outcome:
 
 def checkpoint_folder(out: Path) -> Path:
     """Where a run keeps its step checkpoints: ``OUT/checkpoints`` (nanoresume's layout) or ``OUT``."""
-    return out / "checkpoints" if (out / "checkpoints").is_dir() else out
+    checkpoints = RunDir(out).checkpoints
+    return checkpoints if checkpoints.is_dir() else out
 
 
 def read_losses(out: Path) -> Optional[dict[int, Optional[float]]]:
     """Step -> training loss from ``OUT/metrics.jsonl`` (None where it was not finite; a later line
     for a step wins); None if the run writes no such file."""
-    path = out / "metrics.jsonl"
+    path = RunDir(out).metrics
     if not path.exists():
         return None
     losses: dict[int, Optional[float]] = {}
@@ -144,7 +146,7 @@ class _Progress:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        metrics = out / "metrics.jsonl"
+        metrics = RunDir(out).metrics
         self.offset = metrics.stat().st_size if metrics.exists() else 0  # what earlier starts wrote says nothing
         self.step: Optional[int] = None
         self._partial = b""
@@ -156,7 +158,7 @@ class _Progress:
 
     def poll(self) -> Optional[int]:
         try:
-            with open(self.out / "metrics.jsonl", "rb") as f:
+            with open(RunDir(self.out).metrics, "rb") as f:
                 if os.fstat(f.fileno()).st_size < self.offset:  # the run cut it back to its resume point
                     self.offset, self._partial = 0, b""
                 f.seek(self.offset)
@@ -268,7 +270,7 @@ class Runner:
         child.kill()
         self.live.remove(child)
         step = progress.poll()
-        exact = (outcome.out / "metrics.jsonl").exists()
+        exact = RunDir(outcome.out).metrics.exists()
         # The kill cut a write exactly when it left a temp file (the next start removes it).
         cut = any(is_temp_path(p) for p in checkpoint_folder(outcome.out).iterdir())
         outcome.stopped.append(("" if exact else ">=") + str(step) + (" (in a write)" if cut else ""))

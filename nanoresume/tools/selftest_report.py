@@ -15,6 +15,7 @@ from ..compare import Difference, find_difference, plain_equal
 from ..config import TrainConfig
 from ..training_state import (COUNTERS, HEADER, KIND, KIND_KEY, MODEL, OPTIMIZER, RANKS, RNG, SAMPLER, SCALER,
                               SCHEDULER, SETTINGS)
+from ..rundir import RunDir
 from .selftest import Outcome, Scenario, read_losses
 
 # Top-level keys of a checkpoint, as parts a person names (other keys keep their own names), in the
@@ -234,7 +235,7 @@ def estimate_rest(reference: Outcome, steps: int, scenarios: Sequence[Scenario])
 def _step_times(outcome: Outcome) -> list[float]:
     import json
 
-    path = outcome.out / "metrics.jsonl"
+    path = RunDir(outcome.out).metrics
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -110,13 +110,14 @@ def _install_save_and_resume_probes(rank: int) -> None:
 
     kill_at = _step_and_rank(os.environ.get(KILL_IN_SAVE_ENV))
     if kill_at is not None and kill_at[1] == rank:
-        from nanoresume.checkpoint import sharded
+        from nanoresume import checkpoint
 
-        def kill_inside_write(stage: str, target: Path) -> None:
-            if target.name == f"step_{kill_at[0]:08d}":
-                os.kill(os.getpid(), signal.SIGKILL)
+        class KillInsideWrite(checkpoint.CheckpointObserver):
+            def before_commit(self, target: Path) -> None:
+                if target.name == f"step_{kill_at[0]:08d}":
+                    os.kill(os.getpid(), signal.SIGKILL)
 
-        sharded.testing_hook = kill_inside_write
+        checkpoint.observe(KillInsideWrite())
     dump = os.environ.get(DUMP_RESUMED_ENV)
     if dump:
         resume_from = Trainer._resume_from

@@ -23,16 +23,23 @@ def leftover_temp_files(out: Path) -> list[str]:
 
 
 @pytest.fixture
-def failing_writes(monkeypatch):
+def failing_writes():
     """``failing_writes(err)``: from now on every checkpoint write fails with OSError(err)."""
+    registered = []
+
+    class Fail(checkpoint.CheckpointObserver):
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def on_write_progress(self, path: Path, nbytes: int) -> None:
+            raise OSError(self.code, os.strerror(self.code))
 
     def arm(code: int) -> None:
-        def fail(bytes_written: int) -> None:
-            raise OSError(code, os.strerror(code))
+        registered.append(checkpoint.observe(Fail(code)))
 
-        monkeypatch.setattr(checkpoint.files, "testing_write_hook", fail)
-
-    return arm
+    yield arm
+    for stop_observing in registered:
+        stop_observing()
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

@@ -8,7 +8,7 @@ import os
 import pathlib
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -18,6 +18,16 @@ from nanoresume.checkpoint import (checksum_path, load_checkpoint, remove_leftov
                                    save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
 from nanoresume.trainer import Trainer
+
+
+class WriteProgress(checkpoint.CheckpointObserver):
+    """Calls ``on_bytes(written)`` after every piece of a checkpoint file write (to slow it or fail it)."""
+
+    def __init__(self, on_bytes: Callable[[int], Any]) -> None:
+        self.on_bytes = on_bytes
+
+    def on_write_progress(self, path: Path, nbytes: int) -> None:
+        self.on_bytes(nbytes)
 
 
 def small_state(step: int = 1) -> dict[str, Any]:
@@ -79,10 +89,8 @@ def test_a_failed_write_raises_checkpoint_write_error_and_keeps_earlier_files(tm
         if written > 100:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", disk_full)
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
-        save_atomically(small_state(2), good)
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", None)
+        save_atomically(small_state(2), good, observer=WriteProgress(disk_full))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256"]
     assert load_checkpoint(good)["step"] == 1
 
@@ -215,7 +223,7 @@ def test_remove_leftovers_deletes_temp_files_and_orphan_sidecars_but_nothing_els
                  ".other.pt.tmp.1", "config.json"]
     for name in leftovers + unrelated:
         (tmp_path / name).write_text("x")
-    removed = remove_leftovers(tmp_path)
+    removed = remove_leftovers(tmp_path, owned=("best.pt", "config.json"))
     assert sorted(p.name for p in removed) == sorted(leftovers)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         unrelated + ["step_00000010.pt", "step_00000010.pt.sha256"])
@@ -333,9 +341,8 @@ def test_running_out_of_memory_inside_the_write_says_so_in_one_line(tmp_path, mo
         if written > 100:
             raise MemoryError()
 
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", out_of_memory)
     with pytest.raises(CheckpointWriteError, match="out of memory while serializing") as info:
-        save_atomically(small_state(), tmp_path / "step_00000001.pt")
+        save_atomically(small_state(), tmp_path / "step_00000001.pt", observer=WriteProgress(out_of_memory))
     assert "enforce fail" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from nanoresume import checkpoint
-from nanoresume.checkpoint import (CheckpointManager, checksum_path, load_checkpoint, resolve_resume,
+from nanoresume.checkpoint import (CheckpointDir, CheckpointManager, checksum_path, load_checkpoint, resolve_resume,
                                    save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
+from nanoresume.rundir import RunDir
 
-from tests.unit.test_checkpoint import small_state
+from tests.unit.test_checkpoint import WriteProgress, small_state
 
 
 # ---- resume resolution --------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def manager_with_steps(folder: Path, steps: list[int], keep_last: int = 10) -> C
 def test_auto_resumes_from_the_newest_checkpoint(tmp_path):
     manager = manager_with_steps(tmp_path, [1, 2, 3])
     warnings: list[str] = []
-    path, state = resolve_resume("auto", manager, warnings.append)
+    path, state = resolve_resume("auto", manager.dir, warnings.append)
     assert path == step_path(tmp_path, 3) and state["step"] == 3
     assert warnings == []
 
@@ -44,16 +45,16 @@ def test_auto_falls_back_past_a_corrupt_newest_file_with_one_warning_naming_it(t
     newest = step_path(tmp_path, 3)
     newest.write_bytes(newest.read_bytes()[:50])
     warnings: list[str] = []
-    path, state = resolve_resume("auto", manager, warnings.append)
+    path, state = resolve_resume("auto", manager.dir, warnings.append)
     assert path == step_path(tmp_path, 2) and state["step"] == 2
     assert len(warnings) == 1 and str(newest) in warnings[0]
 
 
 def test_auto_returns_none_on_an_empty_or_missing_folder(tmp_path):
     warnings: list[str] = []
-    assert resolve_resume("auto", CheckpointManager(tmp_path / "missing", 1, 3), warnings.append) is None
+    assert resolve_resume("auto", CheckpointDir(tmp_path / "missing"), warnings.append) is None
     (tmp_path / "empty").mkdir()
-    assert resolve_resume("auto", CheckpointManager(tmp_path / "empty", 1, 3), warnings.append) is None
+    assert resolve_resume("auto", CheckpointDir(tmp_path / "empty"), warnings.append) is None
     assert warnings == []
 
 
@@ -65,11 +66,15 @@ def test_auto_refuses_and_touches_nothing_when_checkpoints_exist_but_none_can_be
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     warnings: list[str] = []
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager, warnings.append)
+        resolve_resume("auto", manager.dir, warnings.append)
     message = str(info.value)
     assert "\n" not in message and "step_00000001.pt" in message and "step_00000002.pt" in message
-    assert "verify" in message and "--out-dir" in message
+    assert "move them away" in message and "--" not in message  # library terms: no command-line flags
     assert len(warnings) == 2
+    with pytest.raises(CheckpointError) as info:
+        resolve_resume("auto", manager.dir, warnings.append, advice=RunDir.checkpoint_advice)
+    message = str(info.value)  # the training command's words: how to see why, and its flags
+    assert f"ckpt verify {tmp_path}" in message and "--out-dir" in message and "step_00000002.pt" in message
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -77,7 +82,7 @@ def test_step_files_copied_without_their_sidecars_are_resumed_not_destroyed(tmp_
     manager = manager_with_steps(tmp_path, [1, 2, 3])
     for sidecar in tmp_path.glob("*.sha256"):
         sidecar.unlink()
-    path, state = resolve_resume("auto", manager, print)
+    path, state = resolve_resume("auto", manager.dir, print)
     assert path == step_path(tmp_path, 3) and state["step"] == 3
 
 
@@ -85,24 +90,28 @@ def test_a_folder_named_like_a_step_checkpoint_is_refused_at_start_naming_it(tmp
     manager = manager_with_steps(tmp_path, [10])
     (tmp_path / "step_00000025.pt").mkdir()
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager, print)
+        resolve_resume("auto", manager.dir, print)
     assert "step_00000025.pt is a folder" in str(info.value) and "move it out" in str(info.value)
 
 
 def test_none_refuses_when_checkpoints_exist_pointing_at_resume_auto_and_out_dir(tmp_path):
     manager = manager_with_steps(tmp_path, [4])
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("none", manager, print)
+        resolve_resume("none", manager.dir, print)
+    message = str(info.value)
+    assert "mode 'auto'" in message and "--" not in message and "step_00000004.pt" in message
+    with pytest.raises(CheckpointError) as info:
+        resolve_resume("none", manager.dir, print, advice=RunDir.checkpoint_advice)
     message = str(info.value)
     assert "--resume auto" in message and "--out-dir" in message and "step_00000004.pt" in message
-    assert resolve_resume("none", CheckpointManager(tmp_path / "fresh", 1, 3), print) is None
+    assert resolve_resume("none", CheckpointDir(tmp_path / "fresh"), print) is None
 
 
 def test_an_explicit_path_must_exist_and_load(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        resolve_resume(str(tmp_path / "missing.pt"), CheckpointManager(tmp_path, 1, 3), print)
+        resolve_resume(str(tmp_path / "missing.pt"), CheckpointDir(tmp_path), print)
     manager = manager_with_steps(tmp_path, [1, 2])
-    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager, print)
+    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager.dir, print)
     assert state["step"] == 1
 
 
@@ -110,7 +119,7 @@ def test_an_explicit_path_to_inference_weights_is_refused(tmp_path):
     best = tmp_path / "best.pt"
     save_atomically({"format_version": 1, "kind": "weights", "model": {}}, best)
     with pytest.raises(CheckpointError, match="not a full training state"):
-        resolve_resume(str(best), CheckpointManager(tmp_path, 1, 3), print)
+        resolve_resume(str(best), CheckpointDir(tmp_path), print)
 
 
 # ---- retention and leftovers --------------------------------------------------------------------
@@ -119,7 +128,7 @@ def test_an_explicit_path_to_inference_weights_is_refused(tmp_path):
 def test_keep_last_keeps_exactly_the_newest_k_step_files_and_never_best_pt(tmp_path):
     save_atomically(small_state(0), tmp_path / "best.pt")
     manager = manager_with_steps(tmp_path, [10, 20, 30, 40, 50], keep_last=2)
-    assert [s.step for s in manager.list()] == [40, 50]
+    assert [s.step for s in manager.dir.list()] == [40, 50]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "best.pt", "best.pt.sha256",
         "step_00000040.pt", "step_00000040.pt.sha256", "step_00000050.pt", "step_00000050.pt.sha256"]
@@ -127,8 +136,8 @@ def test_keep_last_keeps_exactly_the_newest_k_step_files_and_never_best_pt(tmp_p
 
 def test_step_names_are_zero_padded_so_name_order_is_step_order(tmp_path):
     manager = manager_with_steps(tmp_path, [9, 10, 100000000])
-    assert [s.step for s in manager.list()] == [9, 10, 100000000]
-    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == [s.path.name for s in manager.list()]
+    assert [s.step for s in manager.dir.list()] == [9, 10, 100000000]
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == [s.path.name for s in manager.dir.list()]
 
 
 
@@ -138,14 +147,14 @@ def test_step_names_are_zero_padded_so_name_order_is_step_order(tmp_path):
 
 def test_a_second_abandoned_timeline_never_overwrites_the_first(tmp_path):
     manager = manager_with_steps(tmp_path, [1, 2])
-    first = manager.set_aside_after(1)
+    first = manager.dir.set_aside_after(1)
     first_bytes = first[0].read_bytes()
     manager.save(2, small_state(2) | {"other": torch.ones(3)})  # a different step 2 on the new timeline
-    second = manager.set_aside_after(1)
+    second = manager.dir.set_aside_after(1)
     assert first[0].parent != second[0].parent
     assert first[0].read_bytes() == first_bytes and load_checkpoint(first[0])["step"] == 2
     assert "other" in load_checkpoint(second[0])
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 @pytest.mark.parametrize("killed_after", ["link the file", "link the sidecar", "remove the file"])
@@ -167,14 +176,14 @@ def test_a_kill_at_any_point_of_a_set_aside_leaves_every_pair_verifiable(tmp_pat
     monkeypatch.setattr(os, "link", lambda a, b: (count(), real_link(a, b)))
     monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: (count(), real_unlink(self, missing_ok)))
     with pytest.raises(Killed):
-        manager.set_aside_after(1)
+        manager.dir.set_aside_after(1)
     monkeypatch.undo()
     checkpoint.remove_leftovers(tmp_path)  # what the next start does first
-    manager.set_aside_after(1)
+    manager.dir.set_aside_after(1)
     copies = list((tmp_path / "abandoned").rglob("step_00000002.pt"))
     assert copies and all(load_checkpoint(c)["step"] == 2 for c in copies)
     assert all(checksum_path(c).exists() for c in copies if c.parent.name == "2")
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 # ---- decide, stage, commit ----------------------------------------------------------------------
@@ -230,8 +239,8 @@ def test_a_background_file_is_byte_identical_to_a_synchronous_one(tmp_path):
 
 def test_a_background_save_returns_before_its_commit_and_wait_returns_after_it(tmp_path, monkeypatch):
     release = threading.Event()
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", lambda written: release.wait(10))
-    manager = CheckpointManager(tmp_path, interval=1, keep_last=3, background=True)
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=3, background=True,
+                                observer=WriteProgress(lambda written: release.wait(10)))
     manager.save(1, small_state(1))
     assert manager.in_flight and manager.staged_step == 1 and manager.committed_step is None
     assert not step_path(tmp_path, 1).exists()
@@ -243,14 +252,13 @@ def test_a_background_save_returns_before_its_commit_and_wait_returns_after_it(t
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
 def test_a_background_write_error_reaches_the_training_thread_and_keeps_earlier_files(tmp_path, monkeypatch,
                                                                                        error):
-    manager = manager_with_steps(tmp_path, [1], keep_last=1)
-    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, background=True)
+    manager_with_steps(tmp_path, [1], keep_last=1)
 
     def fail(written: int) -> None:
         if written > 100:
             raise OSError(error, os.strerror(error))
 
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", fail)
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, background=True, observer=WriteProgress(fail))
     manager.save(2, small_state(2))
     with pytest.raises(CheckpointWriteError, match=os.strerror(error)):
         manager.wait()
@@ -280,19 +288,19 @@ def test_the_next_save_waits_for_the_one_in_flight_so_at_most_one_runs(tmp_path,
         manager.save(step, small_state(step))
     manager.close()
     assert most[0] == 1
-    assert [s.step for s in manager.list()] == [4, 5]
+    assert [s.step for s in manager.dir.list()] == [4, 5]
 
 
-def test_pruning_happens_only_after_the_new_commit(tmp_path, monkeypatch):
-    manager = manager_with_steps(tmp_path, [1], keep_last=1)
+def test_pruning_happens_only_after_the_new_commit(tmp_path):
+    manager_with_steps(tmp_path, [1], keep_last=1)
 
     def disk_full(written: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.files, "testing_write_hook", disk_full)
+    manager = CheckpointManager(tmp_path, interval=1, keep_last=1, observer=WriteProgress(disk_full))
     with pytest.raises(CheckpointWriteError):
         manager.save(2, small_state(2))
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["synchronous", "background"])
@@ -312,7 +320,7 @@ def test_sidecar_and_pruning_trouble_after_a_commit_neither_crash_nor_fail_the_s
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(checkpoint.manager, "write_checksum_file", empty_then_sidecar)
-    monkeypatch.setattr(manager, "list", unreadable_folder)
+    monkeypatch.setattr(manager.dir, "list", unreadable_folder)
     crashed: list = []
     monkeypatch.setattr(threading, "excepthook", crashed.append)
     manager.save(2, small_state(2))
@@ -320,3 +328,24 @@ def test_sidecar_and_pruning_trouble_after_a_commit_neither_crash_nor_fail_the_s
     manager.close()
     assert crashed == [] and manager.committed_step == 2
     assert step_path(tmp_path, 1).exists()  # the prune that could not list waits for the next save
+
+
+# ---- errors in library terms --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["synchronous", "background"])
+def test_a_failed_write_speaks_library_terms_unless_the_caller_words_the_fix(tmp_path, background):
+    def disk_full(written: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for advice, expected in [(None, "save elsewhere"), (RunDir.checkpoint_advice, "choose another --out-dir")]:
+        folder = tmp_path / str(advice is None)
+        manager = CheckpointManager(folder, interval=1, keep_last=1, background=background, advice=advice,
+                                    observer=WriteProgress(disk_full))
+        with pytest.raises(CheckpointWriteError) as info:
+            manager.save(1, small_state(1))
+            manager.wait()
+        message = str(info.value)
+        assert "No space left on device" in message and expected in message and "intact" in message
+        assert ("--" in message) == (advice is not None)
+        assert info.value.problem in message and "\n" not in message

@@ -95,6 +95,42 @@ def test_none_refuses_a_folder_that_holds_checkpoints_and_a_fresh_folder_starts_
         Loop(tmp_path / "old").checkpoints.resume("none")
 
 
+def test_a_refusal_speaks_of_the_library_not_of_command_line_flags(tmp_path):
+    Loop(tmp_path).train(0, 2)
+    with pytest.raises(CheckpointError) as info:
+        Loop(tmp_path).checkpoints.resume("none")
+    assert "--" not in str(info.value) and "nanoresume.tools" not in str(info.value)
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_under_torchrun_it_refuses_in_one_line_naming_world_size_and_touches_nothing(tmp_path, monkeypatch,
+                                                                                     world_size):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(CheckpointError) as info:
+        Loop(tmp_path / "run")
+    message = str(info.value)
+    assert "\n" not in message and f"WORLD_SIZE={world_size}" in message and "single process" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_with_one_process_is_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    loop = Loop(tmp_path)
+    loop.train(0, 2)
+    assert loop.checkpoints.committed_step == 2
+
+
+def test_build_state_holds_the_step_every_object_and_the_random_streams(tmp_path):
+    loop = Loop(tmp_path)
+    state = loop.checkpoints.build_state(7)
+    assert state["step"] == 7 and state["kind"] == "state"
+    assert set(state["objects"]) == {"model", "optimizer", "scheduler", "sampler"} and "rng" in state
+    assert list(tmp_path.iterdir()) == []  # building the state saves nothing
+
+
 def test_a_checkpoint_without_one_of_the_objects_is_refused_naming_it(tmp_path):
     Loop(tmp_path).train(0, 2)
     loop = Loop(tmp_path)

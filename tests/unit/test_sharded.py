@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from nanoresume.checkpoint import (ABANDONED, CheckpointManager, remove_unfinished, resolve_resume,
+from nanoresume.checkpoint import (ABANDONED, CheckpointManager, CheckpointObserver, remove_unfinished, resolve_resume,
                                    step_folder_path)
 from nanoresume.checkpoint import sharded
 from nanoresume.checkpoint.folders import MANIFEST, METADATA, file_sha256, manifest_digests, write_manifest
@@ -77,15 +77,15 @@ def test_placeholders_give_shapes_and_dtypes_without_reading_the_tensors(tmp_pat
     assert back["ranks"]["0"]["rng"]["torch"].device.type == "cpu"
 
 
-def test_a_failed_folder_write_leaves_no_temp_folder_and_the_earlier_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_failed_folder_write_leaves_no_temp_folder_and_the_earlier_checkpoint_intact(tmp_path):
     earlier = saved_folder(tmp_path, 1)
 
-    def disk_full(stage: str, target: Path) -> None:
-        raise OSError(28, "No space left on device")
+    class DiskFull(CheckpointObserver):
+        def before_commit(self, target: Path) -> None:
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sharded, "testing_hook", disk_full)
     with pytest.raises(CheckpointWriteError) as info:
-        sharded.save_folder(nested_state(2), step_folder_path(tmp_path, 2), token="1")
+        sharded.save_folder(nested_state(2), step_folder_path(tmp_path, 2), token="1", observer=DiskFull())
     assert "No space left on device" in str(info.value) and "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == [earlier.name]
     sharded.verify_folder(earlier)
@@ -192,7 +192,7 @@ def test_unfinished_folders_are_removed_and_everything_else_is_left_alone(tmp_pa
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 def test_keep_last_prunes_folders_like_files_and_leaves_no_half_deleted_folder(tmp_path, background):
     manager = folder_manager(tmp_path, [1, 2, 3, 4], keep_last=2, background=background)
-    assert [s.path.name for s in manager.list()] == ["step_00000003", "step_00000004"]
+    assert [s.path.name for s in manager.dir.list()] == ["step_00000003", "step_00000004"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
     assert manager.committed_step == 4
 
@@ -206,28 +206,28 @@ def test_auto_falls_back_past_a_corrupt_newest_folder_and_none_refuses_folders(t
         sharded.verify_folder(path)
         return sharded.read_folder(path)
 
-    path, state = resolve_resume("auto", manager, warnings.append, load=load)
+    path, state = resolve_resume("auto", manager.dir, warnings.append, load=load)
     assert path == step_folder_path(tmp_path, 1) and state["step"] == 1
     assert len(warnings) == 1 and str(step_folder_path(tmp_path, 2) / "__0_0.distcp") in warnings[0]
-    with pytest.raises(CheckpointError, match="--resume auto"):
-        resolve_resume("none", manager, print)
+    with pytest.raises(CheckpointError, match="already holds 2 checkpoint"):
+        resolve_resume("none", manager.dir, print)
 
 
 def test_folders_newer_than_the_resumed_step_move_to_an_abandoned_timeline_whole(tmp_path):
     manager = folder_manager(tmp_path, [1, 2, 3])
-    moved = manager.set_aside_after(1)
+    moved = manager.dir.set_aside_after(1)
     assert [p.name for p in moved] == ["step_00000002", "step_00000003"]
     assert all(p.parent == tmp_path / ABANDONED / "1" for p in moved)
     for path in moved:
         sharded.verify_folder(path)
-    assert [s.step for s in manager.list()] == [1]
+    assert [s.step for s in manager.dir.list()] == [1]
 
 
 def test_a_file_named_like_a_checkpoint_folder_is_an_obstacle(tmp_path):
     manager = folder_manager(tmp_path, [1])
     (tmp_path / "step_00000002").write_text("not a folder")
     with pytest.raises(CheckpointError, match="step_00000002 is a file, in the way"):
-        resolve_resume("auto", manager, print)
+        resolve_resume("auto", manager.dir, print)
 
 
 # ---- a single process writing folders -----------------------------------------------------------
