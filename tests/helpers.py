@@ -7,8 +7,10 @@ Fixtures live in ``tests/conftest.py``; plain functions live here and are import
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,3 +152,36 @@ def final_state(trainer: Trainer) -> dict[str, Any]:
     state = trainer.state_dict()
     del state["config"]
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceRun:
+    """An uninterrupted run, trained once per session (the ``reference_run`` fixture) and shared by
+    every test that asks for the same flags. Read it, never change it: :meth:`copy_to` gives a test
+    an OUT of its own to resume or damage."""
+
+    cfg: TrainConfig
+    losses: tuple[tuple[int, float], ...]  # (step, train loss) of every step
+    model: dict[str, Any]  # the raw model's state_dict at the end, copied
+    optimizer: dict[str, Any]  # the optimizer's state_dict at the end, copied
+    state: dict[str, Any]  # final_state() at the end, copied
+
+    @classmethod
+    def train(cls, cfg: TrainConfig) -> ReferenceRun:
+        trainer, result = train(cfg)
+        return cls(cfg, tuple(result.step_losses), copy.deepcopy(trainer.raw_model.state_dict()),
+                   copy.deepcopy(trainer.optimizer.state_dict()), copy.deepcopy(final_state(trainer)))
+
+    @property
+    def step_losses(self) -> list[tuple[int, float]]:
+        """A fresh list, to compare with ``==`` against another run's."""
+        return list(self.losses)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def copy_to(self, out: Path) -> TrainConfig:
+        """Copy OUT (file times kept) to ``out``; returns the config pointing there."""
+        shutil.copytree(self.out, out)
+        return dataclasses.replace(self.cfg, out_dir=str(out))
