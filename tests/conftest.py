@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from nanoresume.compare import first_difference  # noqa: E402
 from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
-from tests.helpers import TINY_FLAGS, ReferenceRun, cli_flags, kill_launched_trees  # noqa: E402
+from tests.helpers import TINY_FLAGS, ReferenceRun, cli_flags, kill_launched_trees, run_train  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +55,25 @@ def reference_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         if key not in runs:
             root = tmp_path_factory.mktemp("reference")
             runs[key] = ReferenceRun.train(resolve_config(TrainConfig(**_tiny_values(tiny_text, root, overrides))))
+        return runs[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_cli_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``reference_cli_run(max_steps=20, ...)``: OUT of an uninterrupted ``scripts/train.py`` run of the
+    tiny config with these overrides, run the first time a test asks for them and shared for the rest
+    of the session. Read it, never change it."""
+    runs: dict[tuple[tuple[str, Any], ...], Path] = {}
+
+    def get(**overrides: Any) -> Path:
+        key = tuple(sorted(overrides.items()))
+        if key not in runs:
+            root = tmp_path_factory.mktemp("reference-cli")
+            result = run_train(cli_flags(_tiny_values(tiny_text, root, overrides)))
+            assert result.returncode == 0, result.stdout + result.stderr
+            runs[key] = root / "out"
         return runs[key]
 
     return get

@@ -20,14 +20,19 @@ from tests.helpers import REPO, TRAIN_SCRIPT, run_train
 pytestmark = pytest.mark.slow
 
 STOPPED = re.compile(r"stopped by ([\w ]+?) after step (\d+)")
+TEARDOWN_MARK = "interpreter teardown ran"
+# scripts/train.py, with an exit handler that prints TEARDOWN_MARK if the interpreter's teardown runs
+TRAIN_WITH_TEARDOWN_MARK = (f"import atexit, runpy, sys; atexit.register(print, {TEARDOWN_MARK!r}, flush=True); "
+                            f"sys.argv[0] = {str(TRAIN_SCRIPT)!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
 MAX_STEPS = 300  # ~15 ms a step: a few seconds of training to land signals in
 
 
 class Training:
     """scripts/train.py (or the chaos child, for slowed writes) with its output read line by line."""
 
-    def __init__(self, args: list[str], slow_writes: float = 0.0, observed: bool = False) -> None:
-        command = [sys.executable, str(TRAIN_SCRIPT), *args]
+    def __init__(self, args: list[str], slow_writes: float = 0.0, observed: bool = False,
+                 teardown_mark: bool = False) -> None:
+        command = [sys.executable, *(["-c", TRAIN_WITH_TEARDOWN_MARK] if teardown_mark else [str(TRAIN_SCRIPT)]), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if slow_writes or observed:
             command = [sys.executable, "-m", "nanoresume.tools.chaos", "child", *args]
@@ -71,13 +76,14 @@ def args_for(tiny_cli_args, tmp_path: Path):
 
 
 @pytest.fixture
-def uninterrupted(args_for, tmp_path: Path):
-    """Final checkpoint of a run that was never stopped (built once per test that asks)."""
+def uninterrupted(reference_cli_run):
+    """``uninterrupted(**overrides)``: the final checkpoint of a run of ``args_for``'s flags that was never
+    stopped, run once per session for each set of overrides."""
 
     def make(**overrides) -> Path:
-        result = run_train(args_for("baseline", **overrides))
-        assert result.returncode == 0, result.stderr
-        return checkpoint.step_path(tmp_path / "baseline" / "checkpoints", overrides.get("max_steps", MAX_STEPS))
+        values = dict(max_steps=MAX_STEPS, eval_interval=20, ckpt_interval=1000)
+        values.update(overrides)
+        return checkpoint.step_path(reference_cli_run(**values) / "checkpoints", values["max_steps"])
 
     return make
 
@@ -116,15 +122,14 @@ def test_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_
 
 
 def test_sighup_saves_exits_129_and_the_process_ends_right_after_its_last_line(args_for, tmp_path):
-    run = Training(args_for("stopped"))
+    run = Training(args_for("stopped"), teardown_mark=True)
     run.wait_for("step      0 |")
     time.sleep(0.5)
     run.process.send_signal(signal.SIGHUP)  # an SSH session or terminal closing
     run.wait_for("stopped by SIGHUP after step")
-    said_stopped = time.monotonic()
     assert run.finish() == 129
     # Everything is saved and closed by then; the interpreter's own teardown (about a second) is skipped.
-    assert time.monotonic() - said_stopped < 0.6
+    assert TEARDOWN_MARK not in run.lines, run.output
     checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", saved_step(run.output)))
 
 
@@ -193,12 +198,11 @@ def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, unin
     args = args_for("stopped", **SAVE_FLAGS)
     run = Training(args, slow_writes=0.05)  # a checkpoint write now takes many seconds
     wait_for_marks(run, WRITE_MARK, 2)
-    started = time.monotonic()
     run.process.send_signal(signal.SIGINT)
     time.sleep(0.5)  # longer than an echo (DUPLICATE_WINDOW): the user insisting
     run.process.send_signal(signal.SIGINT)
     assert run.finish() == 130
-    assert time.monotonic() - started < 15  # did not wait for the slow write (about 30 s)
+    assert run.output.count(WRITE_DONE_MARK) == 1, run.output  # best.pt's; the slow write (~30 s) was cut
     assert run.lines[-1] == "forced exit; last committed checkpoint: none"  # best.pt is no step checkpoint
     folder = tmp_path / "stopped" / "checkpoints"
     assert [p for p in folder.iterdir() if ".tmp." in p.name], "the cut write should leave its temp file"
@@ -214,9 +218,7 @@ def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, unin
 
 def test_time_limit_stops_gracefully_with_exit_75_and_resumes_bit_exactly(args_for, uninterrupted, tmp_path):
     args = args_for("stopped")
-    started = time.monotonic()
-    result = run_train(args + ["--time-limit", "4"])
-    assert time.monotonic() - started < 4.0  # counted from process start, with room for the save and exit
+    result = run_train(args + ["--time-limit", "4"])  # counted from process start: test_stop_conditions.py
     assert result.returncode == 75, result.stdout + result.stderr
     assert "stopped by time limit" in result.stdout
     step = saved_step(result.stdout)
