@@ -4,6 +4,8 @@ time of a checkpoint save, and what the per-step collective decision costs.
 
     python benchmarks/distributed.py [--preset cpu] [--steps 40] [--global-batch 8]
 
+(``--steps 1 --saves 1 --global-batch 2``: a check that the script runs.)
+
 Runs the same measurements once as a plain process and once under
 ``torchrun --standalone --nproc_per_node=2``, each worker timing itself in-process:
 
