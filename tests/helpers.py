@@ -96,6 +96,18 @@ def run_train(args: list[str], timeout: float = 120, **kwargs: Any) -> subproces
     return run_script(TRAIN_SCRIPT, *args, timeout=timeout, **kwargs)
 
 
+def run_main(main: Callable[[list[str]], int], argv: list[str], capsys: Any) -> subprocess.CompletedProcess:
+    """Call a tool's ``main(argv)`` in this process, as its script would run it in a subprocess: the exit
+    code (argparse's ``SystemExit`` included) and what it printed (through pytest's ``capsys``)."""
+    capsys.readouterr()  # only this call's output
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
     """The process failed with ``code`` and exactly one stderr line holding every needle; no traceback."""
     assert proc.returncode == code, proc.stdout + proc.stderr
