@@ -39,12 +39,12 @@ def trained_run(trained_template: Path, tmp_path: Path) -> Path:
 
 
 def test_list_and_verify_a_clean_run(trained_run: Path, capsys) -> None:
-    proc = run_script(CKPT_SCRIPT, "list", str(trained_run))
-    assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" ok")]
+    code, out, err = run_tool(capsys, "list", str(trained_run))
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(" ok")]
     assert [int(r.split()[0]) for r in rows] == [10, 20, 30]
-    assert "--resume auto would pick: step_00000030.pt" in proc.stdout
-    assert "best.pt: step 30" in proc.stdout
+    assert "--resume auto would pick: step_00000030.pt" in out
+    assert "best.pt: step 30" in out
     code, out, err = run_tool(capsys, "verify", str(trained_run))
     assert code == 0, out + err
     assert "4 of 4 checkpoint(s) verify" in out
