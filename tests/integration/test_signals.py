@@ -20,6 +20,7 @@ from tests.helpers import REPO, TRAIN_SCRIPT, run_train
 pytestmark = pytest.mark.slow
 
 STOPPED = re.compile(r"stopped by ([\w ]+?) after step (\d+)")
+STEP_LINE = re.compile(r"step +(\d+) \|")
 TEARDOWN_MARK = "interpreter teardown ran"
 # scripts/train.py, with an exit handler that prints TEARDOWN_MARK if the interpreter's teardown runs
 TRAIN_WITH_TEARDOWN_MARK = (f"import atexit, runpy, sys; atexit.register(print, {TEARDOWN_MARK!r}, flush=True); "
@@ -54,6 +55,15 @@ class Training:
         with self._seen:
             ok = self._seen.wait_for(lambda: any(text in line for line in self.lines), timeout=timeout)
         assert ok, f"never saw {text!r}; output so far: {self.lines[-5:]}"
+
+    def wait_for_a_step_line_after(self, step: int, timeout: float = 60) -> None:
+        """Until the run prints the evaluation line of a step after ``step``."""
+        def seen() -> bool:
+            return any(int(m.group(1)) > step for m in map(STEP_LINE.match, self.lines) if m)
+
+        with self._seen:
+            ok = self._seen.wait_for(seen, timeout=timeout)
+        assert ok, f"never saw a step after {step}; output so far: {self.lines[-5:]}"
 
     def finish(self, timeout: float = 60) -> int:
         code = self.process.wait(timeout=timeout)
@@ -100,22 +110,29 @@ def saved_step(run_output: str) -> int:
     return int(match.group(2))
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)])
-def test_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_exactly(
-        sig, code, args_for, uninterrupted, tmp_path):
+def test_each_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_exactly(
+        args_for, uninterrupted, tmp_path):
+    """One launch chain: SIGTERM, then SIGINT and SIGUSR1 each in a start resumed from the stop before,
+    then a start to the end, bit-exact with the run never stopped."""
     args = args_for("stopped")
-    run = Training(args)
-    run.wait_for("step      0 |")
-    time.sleep(0.5)
-    run.process.send_signal(sig)
-    assert run.finish() == code
-    assert f"stopped by {signal.Signals(sig).name} after step" in run.output
-    step = saved_step(run.output)
-    assert 1 <= step < MAX_STEPS
-    saved = checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
-    assert saved["step"] == step
-    assert f"--out-dir {tmp_path / 'stopped'} --resume auto" in run.output  # the exact command to continue
-    assert (tmp_path / "stopped" / "exit_code").read_text() == f"{code}\n"
+    last = 0
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)):
+        run = Training(args + (["--resume", "auto"] if last else []))
+        if last:
+            run.wait_for_a_step_line_after(last)  # training again, past the step it resumed from
+        else:
+            run.wait_for("step      0 |")
+            time.sleep(0.5)
+        run.process.send_signal(sig)
+        assert run.finish() == code
+        assert f"stopped by {signal.Signals(sig).name} after step" in run.output
+        step = saved_step(run.output)
+        assert last < step < MAX_STEPS, (last, step)
+        saved = checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
+        assert saved["step"] == step
+        assert f"--out-dir {tmp_path / 'stopped'} --resume auto" in run.output  # the exact command to continue
+        assert (tmp_path / "stopped" / "exit_code").read_text() == f"{code}\n"
+        last = step
 
     final = resume_to_end(args, tmp_path / "stopped")
     assert final_state_difference(final, uninterrupted()) is None
