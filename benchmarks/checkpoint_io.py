@@ -3,6 +3,8 @@
 
     python benchmarks/checkpoint_io.py [--device cpu|cuda] [--models gpu10m 4x] [--repeats 7]
 
+(``--models cpu --repeats 1``: the cpu preset's small model, a check that the script runs.)
+
 For each model, on the full training state after one optimizer step (weights, AdamW
 moments, RNGs, config), every variant below runs once per repetition, interleaved, and
 the table shows the median of the repetitions. Dirty pages are flushed (``os.sync``,
@@ -40,7 +42,9 @@ from nanoresume.loading import load_valid  # noqa: E402
 MODELS = {
     "gpu10m": dict(preset="gpu10m"),
     "4x": dict(preset="gpu10m", n_layer=16, n_head=8, n_embd=480),  # about 4x the parameters
+    "cpu": dict(preset="cpu"),  # small: for a quick check that the script runs, not a measurement
 }
+DEFAULT_MODELS = ["gpu10m", "4x"]
 
 
 def timed(sync: Callable[[], None], fn: Callable[..., object], *args: object) -> float:
@@ -155,7 +159,7 @@ def resume_times(trainer, folder: Path, repeats: int, sync: Callable[[], None]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput with checkpointing on (sync, then background) against a bare hand-written loop.
 
-    python benchmarks/checkpoint_overhead.py [--device cpu|cuda] [--repeats 3]
+    python benchmarks/checkpoint_overhead.py [--device cpu|cuda] [--repeats 3] [--presets cpu gpu10m] [--steps N]
 
 The bare loop is the minimal loop on the same model, batch, dtype and optimizer: no
 evaluation, no checkpoints, no logging. nanoresume's loop runs with evaluation off
@@ -12,6 +12,8 @@ step (start-up excluded), interleaved, median of --repeats.
 Rows: the cpu preset at the default interval (500 steps: the setting users get), and
 the 10.8M preset at a stress interval of 25 steps (at 500 its saves would be too rare
 to measure in a few minutes; the projected overhead at 500 is printed beside it).
+``--presets`` keeps only the rows of those presets; ``--steps N`` trains every row N steps with a
+checkpoint every N // 2 (``--presets cpu --steps 4 --repeats 1``: a check that the script runs).
 """
 
 import argparse
@@ -85,8 +87,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", default=[case[1] for case in CASES],
+                        choices=[case[1] for case in CASES], help="only the rows of these presets")
+    parser.add_argument("--steps", type=int, help="steps of every row (at least 3; default: each row's own)")
     args = parser.parse_args()
     for label, preset, overrides, steps, interval in CASES:
+        if preset not in args.presets:
+            continue
+        if args.steps is not None:
+            steps, interval = max(3, args.steps), max(1, args.steps // 2)
+            label = f"{preset} preset, {steps} steps, interval {interval}"
         results: dict[str, list[float]] = {"bare": [], "sync": [], "async": [], "sync stall": [], "async stall": []}
         for _ in range(args.repeats):
             results["bare"].append(bare_loop_tokens_per_second(preset, args.device, overrides, steps))

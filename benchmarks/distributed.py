@@ -4,6 +4,8 @@ time of a checkpoint save, and what the per-step collective decision costs.
 
     python benchmarks/distributed.py [--preset cpu] [--steps 40] [--global-batch 8]
 
+(``--steps 1 --saves 1 --global-batch 2``: a check that the script runs.)
+
 Runs the same measurements once as a plain process and once under
 ``torchrun --standalone --nproc_per_node=2``, each worker timing itself in-process:
 
@@ -48,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
         steps.append(time.perf_counter() - started)
     saves = []
     for _ in range(args.saves):
-        trainer.progress.step += 1  # a new step name for every save, as in training
+        trainer.counters.step += 1  # a new step name for every save, as in training
         started = time.perf_counter()
         trainer._save_if_due(force=True)
         saves.append(time.perf_counter() - started)

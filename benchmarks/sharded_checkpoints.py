@@ -3,6 +3,8 @@
 
     python benchmarks/sharded_checkpoints.py [--nproc 2] [--preset gpu10m] [--repeats 3] [--device cpu]
 
+(``--preset cpu --repeats 1 --batch-size 1 --nproc 1``: a check that the script runs.)
+
 Runs one torchrun job per combination of ``--parallel`` (ddp, fsdp) and ``--ckpt-format``
 (file, sharded). Every rank of a job builds the trainer, trains two steps (so the optimizer
 holds its moments), then times ``--repeats`` synchronous saves (state built, written, fsynced,
@@ -56,12 +58,12 @@ def worker(args: argparse.Namespace) -> None:
     rank = trainer.env.rank
     for _ in range(2):
         trainer.train_step()
-    trainer.progress.step = 2
+    trainer.counters.step = 2
     train_peak = peak_memory(torch, trainer.device, baseline_kb)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     saves, loads = [], []
     for _ in range(args.repeats):
-        trainer.progress.step += 1
+        trainer.counters.step += 1
         sync()
         distributed.barrier()
         started = time.perf_counter()
@@ -106,10 +108,10 @@ def launch(args: argparse.Namespace, parallel_mode: str, ckpt_format: str, work:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if result.returncode != 0 or not lines:
-        log = work / f"{parallel_mode}-{ckpt_format}.log"
-        log.write_text(result.stdout + result.stderr)
-        sys.exit(f"{parallel_mode}/{ckpt_format} failed (exit {result.returncode}); its output is in {log}")
+    if result.returncode != 0 or not lines:  # its output here: the scratch folder is removed at exit
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
+        sys.exit(f"{tail}\n{parallel_mode}/{ckpt_format} failed (exit {result.returncode}); the end of its output "
+                 f"is above")
     return json.loads(lines[0][len(RESULT_MARK):])
 
 

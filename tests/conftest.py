@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from nanoresume.compare import first_difference  # noqa: E402
 from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
-from tests.helpers import TINY_FLAGS, cli_flags, kill_launched_trees  # noqa: E402
+from tests.helpers import TINY_FLAGS, ReferenceRun, cli_flags, kill_launched_trees, run_train  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +41,42 @@ def _tiny_values(tiny_text: Path, tmp_path: Path, overrides: dict[str, Any]) -> 
 def make_config(tiny_text: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
     """``make_config(max_steps=20, ...)``: a resolved tiny config writing under tmp_path/out."""
     return lambda **overrides: resolve_config(TrainConfig(**_tiny_values(tiny_text, tmp_path, overrides)))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., ReferenceRun]:
+    """``reference_run(max_steps=20, ...)``: the uninterrupted in-process run of the tiny config with
+    these overrides, trained the first time a test asks for them and shared for the rest of the session.
+    Call it before patching anything a run uses: a patched first call would be the reference for all."""
+    runs: dict[tuple[tuple[str, Any], ...], ReferenceRun] = {}
+
+    def get(**overrides: Any) -> ReferenceRun:
+        key = tuple(sorted(overrides.items()))
+        if key not in runs:
+            root = tmp_path_factory.mktemp("reference")
+            runs[key] = ReferenceRun.train(resolve_config(TrainConfig(**_tiny_values(tiny_text, root, overrides))))
+        return runs[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_cli_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``reference_cli_run(max_steps=20, ...)``: OUT of an uninterrupted ``scripts/train.py`` run of the
+    tiny config with these overrides, run the first time a test asks for them and shared for the rest
+    of the session. Read it, never change it."""
+    runs: dict[tuple[tuple[str, Any], ...], Path] = {}
+
+    def get(**overrides: Any) -> Path:
+        key = tuple(sorted(overrides.items()))
+        if key not in runs:
+            root = tmp_path_factory.mktemp("reference-cli")
+            result = run_train(cli_flags(_tiny_values(tiny_text, root, overrides)))
+            assert result.returncode == 0, result.stdout + result.stderr
+            runs[key] = root / "out"
+        return runs[key]
+
+    return get
 
 
 @pytest.fixture

@@ -7,8 +7,10 @@ Fixtures live in ``tests/conftest.py``; plain functions live here and are import
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +96,18 @@ def run_train(args: list[str], timeout: float = 120, **kwargs: Any) -> subproces
     return run_script(TRAIN_SCRIPT, *args, timeout=timeout, **kwargs)
 
 
+def run_main(main: Callable[[list[str]], int], argv: list[str], capsys: Any) -> subprocess.CompletedProcess:
+    """Call a tool's ``main(argv)`` in this process, as its script would run it in a subprocess: the exit
+    code (argparse's ``SystemExit`` included) and what it printed (through pytest's ``capsys``)."""
+    capsys.readouterr()  # only this call's output
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
     """The process failed with ``code`` and exactly one stderr line holding every needle; no traceback."""
     assert proc.returncode == code, proc.stdout + proc.stderr
@@ -172,3 +186,36 @@ def final_state(trainer: Trainer) -> dict[str, Any]:
     state = trainer.state_dict()
     del state["config"]
     return state
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceRun:
+    """An uninterrupted run, trained once per session (the ``reference_run`` fixture) and shared by
+    every test that asks for the same flags. Read it, never change it: :meth:`copy_to` gives a test
+    an OUT of its own to resume or damage."""
+
+    cfg: TrainConfig
+    losses: tuple[tuple[int, float], ...]  # (step, train loss) of every step
+    model: dict[str, Any]  # the raw model's state_dict at the end, copied
+    optimizer: dict[str, Any]  # the optimizer's state_dict at the end, copied
+    state: dict[str, Any]  # final_state() at the end, copied
+
+    @classmethod
+    def train(cls, cfg: TrainConfig) -> ReferenceRun:
+        trainer, result = train(cfg)
+        return cls(cfg, tuple(result.step_losses), copy.deepcopy(trainer.raw_model.state_dict()),
+                   copy.deepcopy(trainer.optimizer.state_dict()), copy.deepcopy(final_state(trainer)))
+
+    @property
+    def step_losses(self) -> list[tuple[int, float]]:
+        """A fresh list, to compare with ``==`` against another run's."""
+        return list(self.losses)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def copy_to(self, out: Path) -> TrainConfig:
+        """Copy OUT (file times kept) to ``out``; returns the config pointing there."""
+        shutil.copytree(self.out, out)
+        return dataclasses.replace(self.cfg, out_dir=str(out))

@@ -317,33 +317,47 @@ def _interruptible() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def chosen_scenarios(names: Optional[Sequence[str]]) -> tuple[Scenario, ...]:
+    """The reference and the scenarios whose ``folder`` is in ``names`` (None: all of :data:`SCENARIOS`)."""
+    if names is None:
+        return SCENARIOS
+    known = [s.folder for s in SCENARIOS[1:]]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown self-test scenario(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return (SCENARIOS[0], *(s for s in SCENARIOS[1:] if s.folder in names))
+
+
 def run_self_test(program: Program, describe: str, hints: list[str],
-                  prepare: Optional[Callable[[Path], None]] = None) -> int:
+                  prepare: Optional[Callable[[Path], None]] = None,
+                  scenarios: Optional[Sequence[str]] = None) -> int:
     """Run every scenario of :data:`SCENARIOS` for ``program``; print the table and the verdict.
 
     ``describe`` is the first line's account of what is tested; ``hints`` name the common causes
     of a difference with these settings (see :mod:`nanoresume.tools.selftest_report`); ``prepare(work)``
     does, once, what every run would otherwise do first (fill a token cache), so that the
-    reference run times what the others will repeat. Returns 0 if every run ended bit-exactly as
-    the reference did, else 1.
+    reference run times what the others will repeat. ``scenarios``: the folder names of the
+    scenarios to run after the reference (default: all), for tests that need only some of them.
+    Returns 0 if every run ended bit-exactly as the reference did, else 1.
     """
     from . import selftest_report as report
 
+    chosen = chosen_scenarios(scenarios)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="nanoresume-self-test-"))
     runner = Runner(program, work)
-    print(f"self-test: {describe}; {len(SCENARIOS)} scenarios, "
-          f"{sum(len(s.stops) + 1 for s in SCENARIOS)} runs, in {work} (removed at the end)", flush=True)
+    print(f"self-test: {describe}; {len(chosen)} scenarios, "
+          f"{sum(len(s.stops) + 1 for s in chosen)} runs, in {work} (removed at the end)", flush=True)
     try:
         with _interruptible():
             if prepare is not None:
                 prepare(work)
-            reference = runner.run(SCENARIOS[0])
+            reference = runner.run(chosen[0])
             runner.steps = int(STEP_PATTERN.match(reference.final.name).group(1))
             runner.timeout = max(120.0, 10 * reference.seconds)
             print(f"reference run: {runner.steps} steps in {reference.seconds:.0f} s; the other runs take about "
-                  f"{report.estimate_rest(reference, runner.steps, SCENARIOS[1:]):.0f} s more", flush=True)
-            outcomes = [reference] + [runner.run(s) for s in SCENARIOS[1:]]
+                  f"{report.estimate_rest(reference, runner.steps, chosen[1:]):.0f} s more", flush=True)
+            outcomes = [reference] + [runner.run(s) for s in chosen[1:]]
             findings = [report.compare(reference, o) for o in outcomes]
             print(report.table(outcomes, findings))
             print(report.verdict(outcomes, findings, time.monotonic() - started, hints))
@@ -355,10 +369,11 @@ def run_self_test(program: Program, describe: str, hints: list[str],
 
 # ---- nanoresume train --self-test ----------------------------------------------------------------
 
-def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0) -> int:
+def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0,
+                  scenarios: Optional[Sequence[str]] = None) -> int:
     """``nanoresume train --self-test``: the run ``cfg`` describes, ``--max-steps`` SELF_TEST_STEPS unless
     given, checkpoints every fifth of the run unless ``--ckpt-interval`` is given. ``processes`` > 0:
-    every run under torchrun with that many processes."""
+    every run under torchrun with that many processes. ``scenarios``: as for :func:`run_self_test`."""
     from . import selftest_report as report
 
     if "RANK" in os.environ:
@@ -377,7 +392,7 @@ def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0) -> i
     program = Program(prefix, command_line_flags(values), Path.cwd(), torchrun=processes > 0,
                       env=_package_on_path(), own_cache=cfg.cache_dir is None)
     return run_self_test(program, report.describe_training(cfg, processes), report.training_hints(cfg),
-                         prepare=_token_cache_filler(cfg) if program.own_cache else None)
+                         prepare=_token_cache_filler(cfg) if program.own_cache else None, scenarios=scenarios)
 
 
 def _self_test_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
@@ -424,8 +439,10 @@ If it writes DIR/metrics.jsonl lines such as {"step": 7, "train/loss": 2.31}, ev
 compared too. Exit 0: bit-exact; 1: not; 2: a usage error."""
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test") -> int:
-    """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.tools.selftest``)."""
+def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test",
+         scenarios: Optional[Sequence[str]] = None) -> int:
+    """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.tools.selftest``);
+    ``scenarios``: as for :func:`run_self_test`."""
     from . import selftest_report as report
 
     parser = make_parser(prog, DESCRIPTION)
@@ -439,7 +456,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
             raise UserError(f"{options.script}: no such script; pass the path of a Python training script")
         program = Program([sys.executable, "-m", "nanoresume.tools.chaos", "script", str(script)], list(options.args),
                           Path.cwd(), env=_package_on_path())
-        return run_self_test(program, f"{' '.join([str(script), *options.args])}", report.script_hints())
+        return run_self_test(program, f"{' '.join([str(script), *options.args])}", report.script_hints(),
+                             scenarios=scenarios)
 
     return run_reporting_errors(body)
 

@@ -4,35 +4,23 @@ and --resume auto falls back past them to the newest good checkpoint."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import pytest
 
 from nanoresume.tools import ckpt, cli, evaluation, sampling
 from nanoresume.checkpoint import load_checkpoint, save_atomically, step_path
-from nanoresume.config import TrainConfig, resolve_config
+from nanoresume.config import TrainConfig
 from nanoresume.trainer import Trainer
-from tests.helpers import TINY_FLAGS, TYPE_CONFUSED, flip_a_byte
+from tests.helpers import TYPE_CONFUSED, flip_a_byte
 
 GOOD_STEP = 10
 
 
-@pytest.fixture(scope="module")
-def template(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
-    """A run trained once to step 10; tests copy its OUT."""
-    root = tmp_path_factory.mktemp("bad-template")
-    cfg = resolve_config(TrainConfig(**TINY_FLAGS, data=str(tiny_text), out_dir=str(root / "out"),
-                                     cache_dir=str(root / "cache"), max_steps=GOOD_STEP, eval_interval=GOOD_STEP,
-                                     progress=False))
-    Trainer(cfg).run()
-    return cfg
-
-
 @pytest.fixture
-def run_copy(template: TrainConfig, tmp_path: Path) -> TrainConfig:
-    out = Path(shutil.copytree(template.out_dir, tmp_path / "out"))
-    return dataclasses.replace(template, out_dir=str(out))
+def run_copy(reference_run, tmp_path: Path) -> TrainConfig:
+    """A copy of a run trained once per session to step 10."""
+    return reference_run(max_steps=GOOD_STEP, eval_interval=GOOD_STEP).copy_to(tmp_path / "out")
 
 
 def crafted(good: Path, name: str, target: Path) -> Path:

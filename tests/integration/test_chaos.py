@@ -8,7 +8,7 @@ import pytest
 
 from nanoresume.tools.chaos import final_state_difference, run_chaos
 from nanoresume.checkpoint import step_path
-from tests.helpers import REPO, TINY_FLAGS, cli_flags, run_script, run_train
+from tests.helpers import REPO, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +18,9 @@ FLAGS = dict(max_steps=MAX_STEPS, eval_interval=50, ckpt_interval=20, keep_last=
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_text, tmp_path_factory) -> Path:
+def reference(reference_cli_run) -> Path:
     """The final checkpoint of the run never killed (the same with background and synchronous saves)."""
-    root = tmp_path_factory.mktemp("chaos-reference")
-    result = run_train(cli_flags(dict(TINY_FLAGS, **FLAGS, data=str(tiny_text), out_dir=str(root / "out"),
-                                      cache_dir=str(root / "cache"), progress=False)))
-    assert result.returncode == 0, result.stderr
-    return step_path(root / "out" / "checkpoints", MAX_STEPS)
+    return step_path(reference_cli_run(**FLAGS) / "checkpoints", MAX_STEPS)
 
 
 @pytest.mark.parametrize("async_save", [True, False], ids=["background saves", "synchronous saves"])

@@ -13,9 +13,8 @@ import torch
 
 from nanoresume.tools import ckpt
 from nanoresume.checkpoint import load_checkpoint, save_atomically
-from nanoresume.config import TrainConfig, resolve_config
 from nanoresume.trainer import Trainer
-from tests.helpers import REPO, TINY_FLAGS, flip_a_byte, run_script, stop_after
+from tests.helpers import REPO, flip_a_byte, run_script, stop_after
 
 CKPT_SCRIPT = REPO / "scripts" / "ckpt.py"
 SAMPLE_SCRIPT = REPO / "scripts" / "sample.py"
@@ -28,14 +27,9 @@ def run_tool(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained_template(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """OUT of a 30-step run with step checkpoints 10, 20, 30 and best.pt, trained once per module."""
-    root = tmp_path_factory.mktemp("template")
-    cfg = resolve_config(TrainConfig(**TINY_FLAGS, data=str(tiny_text), out_dir=str(root / "out"),
-                                     cache_dir=str(root / "cache"), max_steps=30, eval_interval=10,
-                                     keep_last=3, progress=False))
-    Trainer(cfg).run()
-    return Path(cfg.out_dir)
+def trained_template(reference_run) -> Path:
+    """OUT of a 30-step run with step checkpoints 10, 20, 30 and best.pt, trained once per session."""
+    return reference_run(max_steps=30, eval_interval=10, keep_last=3).out
 
 
 @pytest.fixture
@@ -45,12 +39,12 @@ def trained_run(trained_template: Path, tmp_path: Path) -> Path:
 
 
 def test_list_and_verify_a_clean_run(trained_run: Path, capsys) -> None:
-    proc = run_script(CKPT_SCRIPT, "list", str(trained_run))
-    assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" ok")]
+    code, out, err = run_tool(capsys, "list", str(trained_run))
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(" ok")]
     assert [int(r.split()[0]) for r in rows] == [10, 20, 30]
-    assert "--resume auto would pick: step_00000030.pt" in proc.stdout
-    assert "best.pt: step 30" in proc.stdout
+    assert "--resume auto would pick: step_00000030.pt" in out
+    assert "best.pt: step 30" in out
     code, out, err = run_tool(capsys, "verify", str(trained_run))
     assert code == 0, out + err
     assert "4 of 4 checkpoint(s) verify" in out

@@ -1,4 +1,7 @@
-"""scripts/train.py in a real subprocess: exit codes, files written, one-line errors."""
+"""scripts/train.py: exit codes, files written, one-line errors.
+
+One real subprocess for each kind of outcome (a finished run, a bad flag); the other cases call the
+script's ``main(argv)`` in this process, which is everything the script does but the process start."""
 
 from __future__ import annotations
 
@@ -11,7 +14,14 @@ import pytest
 import torch
 
 from nanoresume.config import TrainConfig, flag
-from tests.helpers import assert_one_line_error, run_train
+from nanoresume.tools import cli
+from tests.helpers import assert_one_line_error, run_main, run_train
+
+
+@pytest.fixture
+def train(capsys):
+    """``train(argv)``: scripts/train.py's main in this process; a CompletedProcess as ``run_train`` gives."""
+    return lambda argv: run_main(cli.main, argv, capsys)
 
 
 @pytest.mark.slow
@@ -35,22 +45,22 @@ def test_a_tiny_run_exits_0_and_writes_events_config_checkpoints_and_best(tiny_c
 
 
 @pytest.mark.slow
-def test_resume_none_refuses_a_used_out_dir_and_resume_auto_continues_it(tiny_cli_args):
-    assert run_train(tiny_cli_args(max_steps=10)).returncode == 0
-    refused = run_train(tiny_cli_args(max_steps=10))  # --resume defaults to none
+def test_resume_none_refuses_a_used_out_dir_and_resume_auto_continues_it(train, tiny_cli_args):
+    assert train(tiny_cli_args(max_steps=10)).returncode == 0
+    refused = train(tiny_cli_args(max_steps=10))  # --resume defaults to none
     assert_one_line_error(refused, "--resume auto", "--out-dir")
-    resumed = run_train(tiny_cli_args(max_steps=12, resume="auto"))
+    resumed = train(tiny_cli_args(max_steps=12, resume="auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "step_00000010.pt" in resumed.stdout
     assert "changed on resume: --max-steps: 10 -> 12" in resumed.stdout
 
 
 @pytest.mark.slow
-def test_resume_auto_with_only_out_dir_takes_every_other_setting_from_the_checkpoint(tiny_cli_args, tmp_path):
-    assert run_train(tiny_cli_args(max_steps=10)).returncode == 0
+def test_resume_auto_with_only_out_dir_takes_every_other_setting_from_the_checkpoint(train, tiny_cli_args, tmp_path):
+    assert train(tiny_cli_args(max_steps=10)).returncode == 0
     out = tmp_path / "out"
     # No --data, no model flags: the tiny model and its data come from the checkpoint, not the defaults.
-    resumed = run_train(["--out-dir", str(out), "--resume", "auto", "--max-steps", "14", "--no-progress"])
+    resumed = train(["--out-dir", str(out), "--resume", "auto", "--max-steps", "14", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     assert "changed on resume: --max-steps: 10 -> 14" in resumed.stdout
     assert "changed on resume: --n-embd" not in resumed.stdout
@@ -60,9 +70,9 @@ def test_resume_auto_with_only_out_dir_takes_every_other_setting_from_the_checkp
 
 
 @pytest.mark.slow
-def test_resume_auto_keeps_the_checkpoints_dtype_unless_told_otherwise(tiny_cli_args, tmp_path):
-    assert run_train(tiny_cli_args(max_steps=4, dtype="bfloat16", deterministic=False)).returncode == 0
-    resumed = run_train(["--out-dir", str(tmp_path / "out"), "--resume", "auto", "--max-steps", "6", "--no-progress"])
+def test_resume_auto_keeps_the_checkpoints_dtype_unless_told_otherwise(train, tiny_cli_args, tmp_path):
+    assert train(tiny_cli_args(max_steps=4, dtype="bfloat16", deterministic=False)).returncode == 0
+    resumed = train(["--out-dir", str(tmp_path / "out"), "--resume", "auto", "--max-steps", "6", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     assert "(bfloat16)" in resumed.stdout
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -70,29 +80,29 @@ def test_resume_auto_keeps_the_checkpoints_dtype_unless_told_otherwise(tiny_cli_
 
 
 @pytest.mark.slow
-def test_resume_auto_on_an_empty_out_dir_starts_fresh_and_says_so(tiny_cli_args):
-    proc = run_train(tiny_cli_args(max_steps=2, resume="auto"))
+def test_resume_auto_on_an_empty_out_dir_starts_fresh_and_says_so(train, tiny_cli_args):
+    proc = train(tiny_cli_args(max_steps=2, resume="auto"))
     assert proc.returncode == 0, proc.stderr
     assert "starting a new run" in proc.stdout
 
 
 @pytest.mark.slow
-def test_resume_from_a_corrupt_path_exits_2_with_one_line_naming_it(tiny_cli_args, tmp_path):
+def test_resume_from_a_corrupt_path_exits_2_with_one_line_naming_it(train, tiny_cli_args, tmp_path):
     bad = tmp_path / "step_00000005.pt"
     bad.write_bytes(b"\x00" * 100)
     (tmp_path / "step_00000005.pt.sha256").write_text("0" * 64 + "  step_00000005.pt\n")
-    assert_one_line_error(run_train(tiny_cli_args(resume=str(bad))), str(bad), "checksum")
+    assert_one_line_error(train(tiny_cli_args(resume=str(bad))), str(bad), "checksum")
 
 
 @pytest.mark.slow
-def test_resume_with_a_different_model_width_exits_2_naming_the_field(tiny_cli_args):
-    assert run_train(tiny_cli_args(max_steps=2)).returncode == 0
-    proc = run_train(tiny_cli_args(max_steps=4, resume="auto", n_embd=64))
+def test_resume_with_a_different_model_width_exits_2_naming_the_field(train, tiny_cli_args):
+    assert train(tiny_cli_args(max_steps=2)).returncode == 0
+    proc = train(tiny_cli_args(max_steps=4, resume="auto", n_embd=64))
     assert_one_line_error(proc, "--n-embd is 32 in the checkpoint but 64 now")
 
 
-def test_help_lists_every_flag_and_exits_0():
-    proc = run_train(["--help"], timeout=60)
+def test_help_lists_every_flag_and_exits_0(train):
+    proc = train(["--help"])
     assert proc.returncode == 0
     for f in dataclasses.fields(TrainConfig):
         if f.metadata.get("cli", True):
@@ -113,18 +123,22 @@ def test_help_lists_every_flag_and_exits_0():
     (["--lr", "1e308"], "--lr"),
     (["--data", "/dev/zero"], "not a regular file"),
 ])
-def test_a_bad_flag_exits_2_with_one_line_naming_it(tiny_cli_args, extra, named):
-    assert_one_line_error(run_train(tiny_cli_args() + extra, timeout=60), named)
+def test_a_bad_flag_exits_2_with_one_line_naming_it(train, tiny_cli_args, extra, named):
+    assert_one_line_error(train(tiny_cli_args() + extra), named)
+
+
+def test_a_bad_flag_through_the_real_script_exits_2_with_one_line_naming_it(tiny_cli_args):
+    assert_one_line_error(run_train(tiny_cli_args() + ["--bogus-flag", "1"], timeout=60), "--bogus-flag")
 
 
 @pytest.mark.slow
-def test_a_missing_data_path_exits_2_naming_data(tiny_cli_args):
-    assert_one_line_error(run_train(tiny_cli_args(data="/nonexistent/corpus.txt")), "--data", "/nonexistent")
+def test_a_missing_data_path_exits_2_naming_data(train, tiny_cli_args):
+    assert_one_line_error(train(tiny_cli_args(data="/nonexistent/corpus.txt")), "--data", "/nonexistent")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing resume path", "empty data file", "cuda without cuda", "fifo as data"])
-def test_a_user_error_known_before_training_exits_2_without_creating_out(tiny_cli_args, tmp_path, case):
+def test_a_user_error_known_before_training_exits_2_without_creating_out(train, tiny_cli_args, tmp_path, case):
     empty, fifo = tmp_path / "empty.txt", tmp_path / "pipe.txt"
     empty.write_text("")
     os.mkfifo(fifo)
@@ -136,17 +150,17 @@ def test_a_user_error_known_before_training_exits_2_without_creating_out(tiny_cl
         "cuda without cuda": (dict(device="cuda"), "no CUDA device"),
         "fifo as data": (dict(data=str(fifo)), "not a regular file"),
     }[case]
-    assert_one_line_error(run_train(tiny_cli_args(**flags), timeout=60), named)
+    assert_one_line_error(train(tiny_cli_args(**flags)), named)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
-def test_a_model_too_big_for_memory_exits_2_in_one_line_instead_of_hanging(tiny_cli_args):
-    assert_one_line_error(run_train(tiny_cli_args(n_layer=10**6), timeout=60), "--n-layer 1000000", "GB")
+def test_a_model_too_big_for_memory_exits_2_in_one_line_instead_of_hanging(train, tiny_cli_args):
+    assert_one_line_error(train(tiny_cli_args(n_layer=10**6)), "--n-layer 1000000", "GB")
 
 
 @pytest.mark.slow
-def test_a_block_size_larger_than_the_data_exits_2_naming_block_size(tiny_cli_args, tmp_path):
+def test_a_block_size_larger_than_the_data_exits_2_naming_block_size(train, tiny_cli_args, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("just a few bytes of text, " * 8)
-    assert_one_line_error(run_train(tiny_cli_args(data=str(small), block_size=64)), "--block-size 64")
+    assert_one_line_error(train(tiny_cli_args(data=str(small), block_size=64)), "--block-size 64")

@@ -15,7 +15,8 @@ from nanoresume import checkpoint
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.errors import CheckpointWriteError, NonFiniteLossError, UserError
 from nanoresume.trainer import Trainer
-from tests.helpers import run_train, stop_after
+from nanoresume.tools import cli
+from tests.helpers import run_main, run_train, stop_after
 
 
 def leftover_temp_files(out: Path) -> list[str]:
@@ -112,11 +113,11 @@ def tmpfs(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_a_real_full_disk_exits_1_with_one_line_and_the_earlier_checkpoint_intact(tiny_cli_args, tmpfs):
+def test_a_real_full_disk_exits_1_with_one_line_and_the_earlier_checkpoint_intact(tiny_cli_args, tmpfs, capsys):
     out = tmpfs("size=1m") / "run"
     # best.pt (~150 KB) and the step-5 checkpoint (~450 KB) fit in 1 MB; the step-10 one does not.
-    result = run_train(tiny_cli_args(out_dir=str(out), max_steps=100, ckpt_interval=5, keep_last=100,
-                                     eval_interval=1000))
+    result = run_main(cli.main, tiny_cli_args(out_dir=str(out), max_steps=100, ckpt_interval=5, keep_last=100,
+                                              eval_interval=1000), capsys)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: could not write checkpoint"), result.stderr
@@ -141,9 +142,9 @@ def test_an_unwritable_out_dir_is_refused_before_training_monkeypatched(make_con
         Trainer(make_config(out_dir=str(tmp_path / "run")))
 
 
-def test_a_read_only_out_dir_exits_2_from_the_cli(tiny_cli_args, tmpfs):
+def test_a_read_only_out_dir_exits_2_from_the_cli(tiny_cli_args, tmpfs, capsys):
     read_only = tmpfs("ro")
-    result = run_train(tiny_cli_args(out_dir=str(read_only / "run")))
+    result = run_main(cli.main, tiny_cli_args(out_dir=str(read_only / "run")), capsys)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: --out-dir {read_only / 'run'} is not writable (Read-only file system); "

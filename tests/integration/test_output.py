@@ -13,7 +13,8 @@ import termios
 
 import pytest
 
-from tests.helpers import REPO, TRAIN_SCRIPT, run_train
+from nanoresume.tools import cli
+from tests.helpers import REPO, TRAIN_SCRIPT, run_main, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +75,8 @@ def test_progress_forces_the_bar_into_a_log_and_a_terminal_gets_it_by_default(ti
     assert "finished: 6 steps" in stdout
 
 
-def test_warnings_go_to_stderr_not_stdout(tiny_cli_args, tmp_path):
-    assert run_train(tiny_cli_args(max_steps=2, eval_interval=2)).returncode == 0
+def test_warnings_go_to_stderr_not_stdout(tiny_cli_args, tmp_path, capsys):
+    assert run_main(cli.main, tiny_cli_args(max_steps=2, eval_interval=2), capsys).returncode == 0  # in-process
     (tmp_path / "out" / "checkpoints" / ".step_00000004.pt.tmp.999").write_bytes(b"half a write")
     proc = run_train(tiny_cli_args(max_steps=4, eval_interval=2, resume="auto"))
     assert proc.returncode == 0, proc.stderr
@@ -110,9 +111,9 @@ def test_stdout_and_stderr_going_away_together_with_a_bar_does_not_stop_training
     assert (tmp_path / "out" / "checkpoints" / "step_00000200.pt").is_file()
 
 
-def test_ckpt_show_into_a_reader_that_left_reports_no_error(tiny_cli_args, tmp_path):
+def test_ckpt_show_into_a_reader_that_left_reports_no_error(tiny_cli_args, tmp_path, capsys):
     """ckpt.py show ... | head -1: the reader is gone before the tool writes."""
-    assert run_train(tiny_cli_args(max_steps=2, eval_interval=2)).returncode == 0
+    assert run_main(cli.main, tiny_cli_args(max_steps=2, eval_interval=2), capsys).returncode == 0  # in-process
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:

@@ -15,11 +15,9 @@ from tests.helpers import LossRecorder, flip_a_byte, run_train, stop_after, trai
 
 
 @pytest.fixture
-def finished(make_config):
-    """A finished 10-step run; returns its config."""
-    cfg = make_config(max_steps=10, eval_interval=5)
-    Trainer(cfg).run()
-    return cfg
+def finished(reference_run, tmp_path):
+    """A finished 10-step run (a copy of one trained once per session); returns its config."""
+    return reference_run(max_steps=10, eval_interval=5).copy_to(tmp_path / "out")
 
 
 def test_resuming_with_a_different_n_embd_names_the_field_and_both_values(finished):
@@ -42,7 +40,9 @@ def test_the_same_data_under_another_path_resumes(finished, tmp_path):
     copy = tmp_path / "copy.txt"
     copy.write_bytes(Path(finished.data).read_bytes())
     trainer = Trainer(dataclasses.replace(finished, resume="auto", data=str(copy), max_steps=12))
-    assert trainer.run().step == 12
+    assert trainer.resumed_from == step_path(Path(finished.out_dir) / "checkpoints", 10)
+    result = trainer.run()
+    assert result.step == 12 and [s for s, _ in result.step_losses] == [11, 12]  # steps 1-10 not trained again
 
 
 def test_a_larger_max_steps_continues_training_from_where_it_stopped(finished):
@@ -147,9 +147,15 @@ def test_a_new_seed_on_resume_is_reported_as_having_no_effect(finished, capsys):
 
 
 @pytest.mark.slow
-def test_flags_given_on_resume_are_validated_against_the_checkpoint_not_the_preset(tiny_cli_args, tmp_path):
+def test_flags_given_on_resume_are_validated_against_the_checkpoint_not_the_preset(make_config, tmp_path):
     # n_embd 36 with 6 heads is valid; the cpu preset's 64 would not divide by 6.
-    assert run_train(tiny_cli_args(max_steps=10, n_embd=36, n_head=6)).returncode == 0
-    resumed = run_train(["--out-dir", str(tmp_path / "out"), "--resume", "auto", "--n-head", "6",
+    cfg = make_config(max_steps=10, n_embd=36, n_head=6)
+    assert Trainer(cfg).run().exit_code == 0
+    resumed = run_train(["--out-dir", cfg.out_dir, "--resume", "auto", "--n-head", "6",
                          "--max-steps", "12", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr == ""  # no error line, no warning
+    lines = resumed.stdout.splitlines()
+    assert lines[:2] == ["changed on resume: --max-steps: 10 -> 12",  # --n-head 6 is no change
+                         f"resumed from {step_path(Path(cfg.out_dir) / 'checkpoints', 10)} at step 10"], lines
+    assert lines[-1].startswith("finished: 12 steps"), lines

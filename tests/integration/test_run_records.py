@@ -19,7 +19,8 @@ import pytest
 from nanoresume.checkpoint import step_path
 from nanoresume.trainer import Trainer
 
-from tests.helpers import REPO, TRAIN_SCRIPT, LossRecorder, run_train
+from nanoresume.tools import cli
+from tests.helpers import REPO, TRAIN_SCRIPT, LossRecorder, run_main, run_train
 
 
 def read_jsonl(out: Path) -> list[dict]:
@@ -86,7 +87,7 @@ def test_the_callback_gets_every_training_step_and_evaluation(make_config):
 
 
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_continues_with_its_own_settings(tiny_cli_args, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_continues_with_its_own_settings(tiny_cli_args, tmp_path, capsys):
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *tiny_cli_args(max_steps=5000, eval_interval=1000)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -100,14 +101,14 @@ def test_a_run_killed_before_its_first_checkpoint_continues_with_its_own_setting
     assert not list((out / "checkpoints").glob("step_*.pt"))
 
     # The same mismatch rules as a resume: a flag that changes the model is refused, touching nothing.
-    refused = run_train(["--out-dir", str(out), "--resume", "auto", "--n-embd", "64"])
+    refused = run_main(cli.main, ["--out-dir", str(out), "--resume", "auto", "--n-embd", "64"], capsys)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert f"--n-embd is 32 in {out / 'config.json'} but 64 now" in refused.stderr
     assert json.loads((out / "config.json").read_text()) == saved
 
     # Only the folder and a new length: model, data and every other setting come from OUT/config.json.
-    again = run_train(["--out-dir", str(out), "--resume", "auto", "--max-steps", "8", "--no-progress",
-                       "--cache-dir", saved["cache_dir"]])
+    again = run_main(cli.main, ["--out-dir", str(out), "--resume", "auto", "--max-steps", "8", "--no-progress",
+                                "--cache-dir", saved["cache_dir"]], capsys)
     assert again.returncode == 0, again.stderr
     assert f"training the run that {out / 'config.json'} describes again, from step 0" in again.stdout
     assert "changed since the last start: --max-steps: 5000 -> 8" in again.stdout

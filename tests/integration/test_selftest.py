@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from nanoresume.config import parse_command_line
+from nanoresume.tools import selftest
 from tests.harness.probes import FORGET_RNG_ENV
 from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_train
 
@@ -34,6 +37,17 @@ def self_test(args: list[str], workdir: Path, **env: str) -> tuple[subprocess.Co
     return result, temp
 
 
+@pytest.fixture
+def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For a self-test run in this process: the working folder is tmp_path, the temp folder
+    tmp_path/tmp (returned), as ``self_test`` sets them for a subprocess."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
+
+
 def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(tiny_text, tmp_path):
     args = cli_flags(dict(FLAGS, data=str(tiny_text), out_dir="not-used"))
     result, temp = self_test(args, tmp_path)
@@ -50,31 +64,39 @@ def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(t
     assert leftovers(temp) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
 
 
-def test_self_test_catches_a_resume_that_forgets_its_random_numbers(tiny_text, tmp_path):
-    harness = os.pathsep.join(p for p in (str(REPO / "tests" / "harness"), os.environ.get("PYTHONPATH")) if p)
-    result, temp = self_test(cli_flags(dict(FLAGS, data=str(tiny_text))), tmp_path, **{FORGET_RNG_ENV: "1"},
-                             PYTHONPATH=harness)
-    assert result.returncode == 1, result.stdout + result.stderr
-    out = result.stdout
-    for row in ROWS[1:]:
+def test_self_test_catches_a_resume_that_forgets_its_random_numbers(tiny_text, in_process, monkeypatch, capsys):
+    # After a graceful stop and after a kill: the full self-test above runs every scenario.
+    monkeypatch.setenv(FORGET_RNG_ENV, "1")  # the runs are child processes: they inherit it, and the probes
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests" / "harness"),
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    cfg, explicit = parse_command_line(cli_flags(dict(FLAGS, data=str(tiny_text))))
+    assert selftest.test_training(cfg, explicit, scenarios=["sigterm", "sigkill"]) == 1
+    out = capsys.readouterr().out
+    for row in ROWS[1:3]:
         assert any(line.startswith(row) and "differs from step" in line for line in out.splitlines()), out
     assert "\nfirst difference: loss at step " in out
     assert "RNG streams" in out.split("at the end these differ:")[1].split("; identical")[0]
     assert "is the first step after resuming from step" in out
     assert "NOT bit-exact on this machine with these settings" in out
-    assert leftovers(temp) == []
+    assert leftovers(in_process) == []
 
 
-def test_own_loop_example_resumes_bit_exactly_after_sigterm_and_sigkill(tmp_path):
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    env = dict(os.environ, TMPDIR=str(temp), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, "-m", "nanoresume", "self-test", str(REPO / "examples" / "own_loop.py"),
-                             "--steps", "400"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "bit-exact on this machine with these settings (the whole final state" in result.stdout
-    assert any(line.startswith("SIGKILL during a save") for line in result.stdout.splitlines())
-    assert leftovers(temp) == [] and [p.name for p in tmp_path.iterdir()] == ["tmp"]
+def test_own_loop_example_resumes_bit_exactly_after_sigterm_and_sigkill(in_process, tmp_path, capsys):
+    code = selftest.main([str(REPO / "examples" / "own_loop.py"), "--steps", "400"], scenarios=["sigterm", "sigkill"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "bit-exact on this machine with these settings (the whole final state" in out
+    lines = out.splitlines()
+    assert any(line.startswith("SIGTERM") for line in lines) and any(line.startswith("SIGKILL during a save")
+                                                                     for line in lines)
+    assert leftovers(in_process) == [] and [p.name for p in tmp_path.iterdir()] == ["tmp"]
+
+
+def test_the_self_test_runs_only_the_scenarios_asked_for_and_refuses_unknown_ones():
+    assert [s.name for s in selftest.chosen_scenarios(["three-stops"])] == ["straight through", ROWS[3]]
+    assert selftest.chosen_scenarios(None) == selftest.SCENARIOS and [s.name for s in selftest.SCENARIOS] == list(ROWS)
+    with pytest.raises(ValueError, match="unknown self-test scenario"):
+        selftest.chosen_scenarios(["sigterm", "nope"])
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import nanoresume.trainer as trainer_module
+from nanoresume.tools import cli
 from nanoresume.metrics import TensorBoardLog
 from nanoresume.signals import TIME_LIMIT_EXIT_CODE
 from nanoresume.trainer import Trainer
@@ -53,3 +54,10 @@ def test_the_time_limit_counts_from_the_start_it_is_given_not_from_the_trainer(m
     trainer = Trainer(make_config(max_steps=50, time_limit=50.0), started=time.monotonic() - 100)
     result = trainer.run()
     assert (result.step, result.exit_code, result.stop_reason) == (1, TIME_LIMIT_EXIT_CODE, "time limit")
+
+
+def test_the_command_line_counts_the_time_limit_from_the_process_start(tiny_cli_args, monkeypatch, capsys):
+    # As if the process had started 100 s ago: a 50 s limit is already spent after one step.
+    monkeypatch.setattr(cli, "PROCESS_STARTED", time.monotonic() - 100)
+    assert cli.main(tiny_cli_args(max_steps=50, time_limit=50.0)) == TIME_LIMIT_EXIT_CODE
+    assert "stopped by time limit after step 1;" in capsys.readouterr().out

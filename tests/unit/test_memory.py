@@ -37,7 +37,12 @@ def test_a_billion_parameter_model_is_let_through_where_the_memory_is_there(monk
 
 
 def test_the_presets_fit_this_machine_and_unknown_memory_refuses_nothing(monkeypatch):
+    available = memory.available_bytes(CPU)
     for preset in ("cpu", "gpu10m"):
-        memory.check_fits(resolve_config(TrainConfig(preset=preset)), CPU)
+        cfg = resolve_config(TrainConfig(preset=preset))
+        assert available is None or memory.training_bytes(cfg) <= available
+        memory.check_fits(cfg, CPU)
+    huge = resolve_config(TrainConfig(n_embd=2**24))
+    assert memory.training_bytes(huge) > 10**15  # refused wherever the memory is known
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)
-    memory.check_fits(resolve_config(TrainConfig(n_embd=2**24)), CPU)
+    assert memory.check_fits(huge, CPU) is None  # let through, no error

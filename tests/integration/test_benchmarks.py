@@ -1,0 +1,52 @@
+"""Every benchmark script runs with its smallest settings and prints its numbers: a smoke test, so that
+a script the library has moved away from fails here instead of on the day someone measures.
+Nothing here checks what the numbers are."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.helpers import REPO, run_script
+
+pytestmark = pytest.mark.slow
+
+NUMBER = r"[\d,]+(\.\d+)?"
+# script -> (its smallest settings, a pattern per line of numbers it must print)
+SMOKE = {
+    "throughput.py": (["--presets", "cpu", "--steps", "1"],
+                      [rf"cpu +cpu: {NUMBER} tok/s deterministic, {NUMBER} tok/s not; ratio {NUMBER}"]),
+    "checkpoint_io.py": (["--models", "cpu", "--repeats", "1"],
+                         [rf"cpu: {NUMBER}M parameters, checkpoint {NUMBER} MB",
+                          rf"sync save \(atomic, verified\) +{NUMBER} ms",
+                          rf"verified resume at step 100,000 +{NUMBER} ms"]),
+    "checkpoint_overhead.py": (["--presets", "cpu", "--steps", "4", "--repeats", "1"],
+                               [rf"cpu preset, 4 steps, interval 2 \(cpu, median of 1\): bare loop {NUMBER} tok/s",
+                                rf"sync : {NUMBER} tok/s = {NUMBER}x bare; stall per save {NUMBER} ms",
+                                rf"async: {NUMBER} tok/s = {NUMBER}x bare"]),
+    "stop_latency.py": (["--preset", "cpu", "--repeats", "1"],
+                        [rf"SIGTERM -> exit median {NUMBER} s \(max {NUMBER} s\), exit codes \[143\]"]),
+    "distributed.py": (["--steps", "1", "--saves", "1", "--global-batch", "2"],
+                       [rf"1 process +{NUMBER} tok/s +save +{NUMBER} ms +decision +{NUMBER} us",
+                        rf"2 processes \(DDP, gloo\) +{NUMBER} tok/s",
+                        rf"2 vs 1: throughput {NUMBER}x, save {NUMBER}x"]),
+    "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1"],
+                               [rf"fsdp +sharded +{NUMBER} +{NUMBER} +{NUMBER}",
+                                rf"ddp: sharded / file: save {NUMBER}x, load {NUMBER}x",
+                                rf"fsdp / ddp per rank \(sharded checkpoints\): model \+ optimizer {NUMBER}x"]),
+}
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    scripts = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+    assert scripts == sorted(SMOKE)
+
+
+@pytest.mark.parametrize("script", SMOKE)
+def test_the_benchmark_runs_with_its_smallest_settings_and_prints_its_numbers(script):
+    args, patterns = SMOKE[script]
+    result = run_script(REPO / "benchmarks" / script, *args, timeout=180, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for pattern in patterns:
+        assert re.search(pattern, result.stdout), (pattern, result.stdout)
