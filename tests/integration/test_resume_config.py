@@ -39,10 +39,11 @@ def test_resuming_on_different_data_names_the_fingerprint(finished, tmp_path):
 def test_the_same_data_under_another_path_resumes(finished, tmp_path):
     copy = tmp_path / "copy.txt"
     copy.write_bytes(Path(finished.data).read_bytes())
-    trainer = Trainer(dataclasses.replace(finished, resume="auto", data=str(copy), max_steps=12))
+    recorder = LossRecorder()
+    trainer = Trainer(dataclasses.replace(finished, resume="auto", data=str(copy), max_steps=12), on_step=recorder)
     assert trainer.resumed_from == step_path(Path(finished.out_dir) / "checkpoints", 10)
     result = trainer.run()
-    assert result.step == 12 and [s for s, _ in result.step_losses] == [11, 12]  # steps 1-10 not trained again
+    assert result.step == 12 and [s for s, _ in recorder.losses] == [11, 12]  # steps 1-10 not trained again
 
 
 def test_a_larger_max_steps_continues_training_from_where_it_stopped(finished):
