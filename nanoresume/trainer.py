@@ -340,9 +340,10 @@ class Trainer:
         outcome = self._outcome()
         if save or outcome is not CONTINUE:
             self._save_if_due(force=outcome is not CONTINUE, time_due=time_due)
-        if outcome is CONTINUE and self._outcome() is not CONTINUE:
+        if outcome is CONTINUE:
             outcome = self._outcome()
-            self._save_if_due(force=True)  # a no-op when this step is saved already
+            if outcome is not CONTINUE:
+                self._save_if_due(force=True)  # a no-op when this step is saved already
         return outcome
 
     def _outcome(self) -> Outcome:

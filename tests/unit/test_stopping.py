@@ -90,3 +90,24 @@ def test_a_failed_background_save_is_raised_at_the_vote():
 
 def test_a_non_finite_loss_is_voted_not_raised_here():
     assert _vote(_decisions(StopFlag(), FakeManager()), loss=float("nan")).any_nonfinite_loss
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_stop_that_arrives_during_a_save_ends_the_run_at_that_step(make_config, monkeypatch, async_save):
+    from nanoresume.checkpoint import CheckpointManager
+    from nanoresume.trainer import Trainer
+
+    save = CheckpointManager.save
+    trainer = None
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+        path = save(self, step, *args, **kwargs)
+        if step == 4:
+            trainer.stop.request("SIGTERM", 143)  # as a signal during the write would
+        return path
+
+    monkeypatch.setattr(CheckpointManager, "save", save_then_sigterm)
+    trainer = Trainer(make_config(max_steps=10, ckpt_interval=2, eval_interval=100, async_save=async_save))
+    result = trainer.run()
+    assert (result.step, result.stop_reason, result.exit_code) == (4, "SIGTERM", 143)
+    assert result.last_checkpoint is not None and result.last_checkpoint.name == "step_00000004.pt"
