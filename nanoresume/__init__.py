@@ -51,7 +51,7 @@ def __dir__() -> list[str]:
 
 # The modules that do something when run with `python -m nanoresume.<module>`; the others are library code.
 RUNNABLE_MODULES = ("__main__", *(f"tools.{name}" for name in (
-    "commands", "cli", "sampling", "evaluation", "ckpt", "chaos", "selftest")))
+    "commands", "cli", "sampling", "evaluation", "ckpt", "chaos_child", "selftest")))
 
 
 def _refuse_a_library_module_run_as_a_command() -> None:

@@ -3,7 +3,7 @@
 Pass one to the code that writes (``CheckpointManager(..., observer=...)``,
 ``Checkpointer(..., observer=...)``, :func:`~.files.save_atomically`), or register one for every
 write in this process with :func:`observe`, which is how a harness watches a training program it
-did not build (``python -m nanoresume.tools.chaos script PATH``)::
+did not build (``python -m nanoresume.tools.chaos_child script PATH``)::
 
     class Announce(CheckpointObserver):
         def after_commit(self, target):

@@ -1,14 +1,14 @@
 """kill -9 chaos harness: kill a training run at random moments, resume it, and prove nothing was lost.
 
 Used by the CI test (a handful of kills), by ``scripts/chaos.py`` (hundreds) and by the
-self-test (:mod:`nanoresume.tools.selftest`). The child process is ``python -m nanoresume.tools.chaos
-child ARGS...``: scripts/train.py with an observer of checkpoint writes registered
+self-test (:mod:`nanoresume.tools.selftest`). The child process is ``python -m
+nanoresume.tools.chaos_child child ARGS...``: scripts/train.py with an observer of checkpoint writes registered
 (:func:`nanoresume.checkpoint.observe`) so that every checkpoint write announces itself on
 stderr and is slowed down, which lets the harness aim half of its kills inside a write
-(evaluations announce themselves too, for the signal tests). ``python -m nanoresume.tools.chaos
-script PATH ARGS...`` runs any Python script (a training loop of your own that saves through
-:class:`nanoresume.Checkpointer`) with its writes announced the same way. Production runs
-register no observer.
+(evaluations announce themselves too, for the signal tests). ``python -m
+nanoresume.tools.chaos_child script PATH ARGS...`` runs any Python script (a training loop of
+your own that saves through :class:`nanoresume.Checkpointer`) with its writes announced the
+same way. Production runs register no observer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import runpy
 import signal
 import subprocess
 import sys
@@ -69,7 +68,7 @@ def verified_steps(folder: Path) -> dict[int, str]:
 
 
 def _child_command(train_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "nanoresume.tools.chaos", "child", *train_args]
+    return [sys.executable, "-m", "nanoresume.tools.chaos_child", "child", *train_args]
 
 
 class WatchedProcess:
@@ -248,7 +247,7 @@ class _AnnouncedWrites(checkpoint.CheckpointObserver):
         print(WRITE_DONE_MARK, file=sys.stderr, flush=True)
 
 
-def _observe_checkpoint_writes() -> None:
+def observe_checkpoint_writes() -> None:
     """Announce every checkpoint write on stderr (start and commit), slowed by ``WRITE_DELAY_ENV``
     (with ``SLOW_LATER_ENV``: only once ``SLOW_WRITES_SIGNAL`` has arrived)."""
     slow = threading.Event()
@@ -257,39 +256,3 @@ def _observe_checkpoint_writes() -> None:
     else:
         slow.set()
     checkpoint.observe(_AnnouncedWrites(float(os.environ.get(WRITE_DELAY_ENV, "0")), slow))
-
-
-def _child_main(argv: list[str]) -> int:
-    """scripts/train.py with observable (and slowed) checkpoint writes and evaluations (tests only)."""
-    from .cli import main
-    from ..trainer import Trainer
-
-    evaluate = Trainer.evaluate
-
-    def announced_evaluate(self: Trainer) -> object:
-        print(EVAL_MARK, file=sys.stderr, flush=True)
-        return evaluate(self)
-
-    Trainer.evaluate = announced_evaluate  # type: ignore[method-assign]
-    _observe_checkpoint_writes()
-    return main(argv)
-
-
-def _script_main(path: str, argv: list[str]) -> None:
-    """Run the Python script at ``path`` as ``__main__`` with ``argv``, its checkpoint writes announced."""
-    _observe_checkpoint_writes()
-    sys.argv = [path, *argv]
-    sys.path[0] = str(Path(path).resolve().parent)  # as `python path` would have it
-    runpy.run_path(path, run_name="__main__")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "child":
-        from .cli import exit_now
-
-        exit_now(_child_main(sys.argv[2:]))  # like scripts/train.py: no slow interpreter teardown
-    if len(sys.argv) > 2 and sys.argv[1] == "script":
-        _script_main(sys.argv[2], sys.argv[3:])
-        sys.exit(0)
-    sys.exit("usage: python -m nanoresume.tools.chaos child TRAIN_ARGS... | script PATH ARGS... "
-             "(see scripts/chaos.py for the harness)")

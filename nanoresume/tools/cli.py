@@ -10,13 +10,12 @@ signal N (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from typing import NoReturn, Optional
+from typing import Optional
 
 from .. import PROCESS_STARTED
-from .clitools import run_reporting_errors
+from .clitools import exit_now, run_reporting_errors
 from ..config import read_command_line
 from ..invocation import command_words
 
@@ -46,23 +45,6 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
     return run_reporting_errors(train, quiet=os.environ.get("RANK", "0") != "0")  # rank 0 speaks for all
 
-
-def exit_now(code: int) -> NoReturn:
-    """End the process once :func:`main` has returned, skipping the interpreter's teardown.
-
-    By then every checkpoint is committed and every file, writer and thread of the run
-    is closed (Trainer.run closes them before returning); what is left is flushing the
-    standard streams and log handlers. Tearing down torch's modules would take about a
-    second more, which counts against a preemption grace period. Only for processes:
-    library code returns instead.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # a closed or broken stream: nothing more can reach it
-    os._exit(code)
 
 
 if __name__ == "__main__":

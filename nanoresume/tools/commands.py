@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
+from .clitools import exit_now
 from ..invocation import command_words, shell_command
 
 # command -> (module with main(argv, prog), one line for --help)
@@ -60,8 +61,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run() -> None:
     """The console script: :func:`main`, then a fast exit once everything is flushed and closed."""
-    from .cli import exit_now
-
     exit_now(main())
 
 

@@ -11,7 +11,7 @@ run that was never stopped (:data:`SCENARIOS`):
 - SIGKILL during a checkpoint write, then ``--resume auto``;
 - three stops in a chain (SIGINT, SIGKILL at a step, SIGUSR1), each resumed.
 
-Every process is the chaos harness's child (:mod:`nanoresume.tools.chaos`), so checkpoint
+Every process is the chaos harness's child (:mod:`nanoresume.tools.chaos_child`), so checkpoint
 writes announce themselves and a kill can be aimed inside one. Progress is read from
 the run's own ``OUT/metrics.jsonl`` (or, for a script that writes none, from its
 checkpoint files); :mod:`nanoresume.tools.selftest_report` compares and explains.
@@ -40,11 +40,13 @@ from typing import Callable, Iterator, Optional, Sequence
 from ..atomic import is_temp_path
 from .chaos import SLOW_LATER_ENV, SLOW_WRITES_SIGNAL, WatchedProcess, children, verified_steps
 from ..checkpoint import STEP_PATTERN, step_path
-from .clitools import make_parser, run_reporting_errors
+from .clitools import exit_now, make_parser, run_reporting_errors
 from ..config import SELF_TEST_STEPS, TrainConfig, command_line_flags, validate
 from ..console import log
 from ..errors import ConfigError, NanoresumeError, UserError
 from ..rundir import RunDir
+from . import selftest_report as report
+from .selftest_runs import SCENARIOS, Outcome, Scenario, Stop, checkpoint_folder
 
 MIN_STEPS = 8  # three chained stops need room between them
 WRITE_DELAY = 0.002  # seconds per written chunk: a checkpoint write lasts long enough to kill inside it
@@ -56,35 +58,6 @@ RUN_ONLY = ("out_dir", "resume", "time_limit", "progress")
 
 class SelfTestError(NanoresumeError):
     """A run of the self-test did not go as planned (it crashed, or ended before a stop was due)."""
-
-
-@dataclass(frozen=True)
-class Stop:
-    """One interruption: ``signal`` once the run has trained ``at`` (a fraction) of its steps."""
-
-    signal: signal.Signals
-    at: float
-    in_save: bool = False  # wait for the next checkpoint write to begin, and land inside it
-
-    @property
-    def graceful(self) -> bool:
-        return self.signal != signal.SIGKILL
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    folder: str  # its run's OUT, in the self-test's temporary folder
-    stops: tuple[Stop, ...]  # each followed by a start with --resume auto
-
-
-SCENARIOS = (
-    Scenario("straight through", "reference", ()),
-    Scenario("SIGTERM", "sigterm", (Stop(signal.SIGTERM, 1 / 3),)),
-    Scenario("SIGKILL during a save", "sigkill", (Stop(signal.SIGKILL, 1 / 2, in_save=True),)),
-    Scenario("SIGINT, SIGKILL, SIGUSR1", "three-stops",
-             (Stop(signal.SIGINT, 1 / 4), Stop(signal.SIGKILL, 1 / 2), Stop(signal.SIGUSR1, 3 / 4))),
-)
 
 
 @dataclass
@@ -103,41 +76,6 @@ class Program:
         return [*self.prefix, *self.args, *cache, "--out-dir", str(out), *(["--resume", "auto"] if resume else [])]
 
 
-@dataclass
-class Outcome:
-    """What happened in one scenario."""
-
-    scenario: Scenario
-    out: Path
-    stopped: list[str] = field(default_factory=list)  # per stop: the last step trained before it
-    resumed: list[int] = field(default_factory=list)  # per stop: the step the next start continued from
-    final: Optional[Path] = None  # the last checkpoint of the finished run
-    seconds: float = 0.0
-
-
-# ---- reading a run's progress --------------------------------------------------------------------
-
-def checkpoint_folder(out: Path) -> Path:
-    """Where a run keeps its step checkpoints: ``OUT/checkpoints`` (nanoresume's layout) or ``OUT``."""
-    checkpoints = RunDir(out).checkpoints
-    return checkpoints if checkpoints.is_dir() else out
-
-
-def read_losses(out: Path) -> Optional[dict[int, Optional[float]]]:
-    """Step -> training loss from ``OUT/metrics.jsonl`` (None where it was not finite; a later line
-    for a step wins); None if the run writes no such file."""
-    path = RunDir(out).metrics
-    if not path.exists():
-        return None
-    losses: dict[int, Optional[float]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a kill
-        if "train/loss" in record:
-            losses[int(record["step"])] = record["train/loss"]
-    return losses
 
 
 class _Progress:
@@ -340,7 +278,6 @@ def run_self_test(program: Program, describe: str, hints: list[str],
     scenarios to run after the reference (default: all), for tests that need only some of them.
     Returns 0 if every run ended bit-exactly as the reference did, else 1.
     """
-    from . import selftest_report as report
 
     chosen = chosen_scenarios(scenarios)
     started = time.monotonic()
@@ -374,7 +311,6 @@ def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0,
     """``nanoresume train --self-test``: the run ``cfg`` describes, ``--max-steps`` SELF_TEST_STEPS unless
     given, checkpoints every fifth of the run unless ``--ckpt-interval`` is given. ``processes`` > 0:
     every run under torchrun with that many processes. ``scenarios``: as for :func:`run_self_test`."""
-    from . import selftest_report as report
 
     if "RANK" in os.environ:
         raise UserError("--self-test starts its own training processes: run it without torchrun, and add "
@@ -384,10 +320,10 @@ def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0,
     if ignored:
         log.warning(f"--self-test ignores {', '.join('--' + n.replace('_', '-') for n in ignored)}: it trains "
                     f"in a temporary folder it removes at the end")
-    prefix = [sys.executable, "-m", "nanoresume.tools.chaos", "child"]
+    prefix = [sys.executable, "-m", "nanoresume.tools.chaos_child", "child"]
     if processes:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                  "--monitor-interval=0.5", "-m", "nanoresume.tools.chaos", "child"]
+                  "--monitor-interval=0.5", "-m", "nanoresume.tools.chaos_child", "child"]
     values = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "resume")}
     program = Program(prefix, command_line_flags(values), Path.cwd(), torchrun=processes > 0,
                       env=_package_on_path(), own_cache=cfg.cache_dir is None)
@@ -421,8 +357,8 @@ def _token_cache_filler(cfg: TrainConfig) -> Callable[[Path], None]:
 
 
 def _package_on_path() -> dict[str, str]:
-    """``-m nanoresume.tools.chaos`` must find this very package from any folder, installed or not."""
-    root = str(Path(__file__).resolve().parent.parent)
+    """``-m nanoresume.tools.chaos_child`` must find this very package from any folder, installed or not."""
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding nanoresume/
     existing = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": root + (os.pathsep + existing if existing else "")}
 
@@ -443,7 +379,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
          scenarios: Optional[Sequence[str]] = None) -> int:
     """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.tools.selftest``);
     ``scenarios``: as for :func:`run_self_test`."""
-    from . import selftest_report as report
 
     parser = make_parser(prog, DESCRIPTION)
     parser.add_argument("script", help="the training script to test, e.g. examples/own_loop.py")
@@ -454,8 +389,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
         script = Path(options.script)
         if not script.is_file():
             raise UserError(f"{options.script}: no such script; pass the path of a Python training script")
-        program = Program([sys.executable, "-m", "nanoresume.tools.chaos", "script", str(script)], list(options.args),
-                          Path.cwd(), env=_package_on_path())
+        program = Program([sys.executable, "-m", "nanoresume.tools.chaos_child", "script", str(script)],
+                          list(options.args), Path.cwd(), env=_package_on_path())
         return run_self_test(program, f"{' '.join([str(script), *options.args])}", report.script_hints(),
                              scenarios=scenarios)
 
@@ -463,6 +398,5 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
 
 
 if __name__ == "__main__":
-    from .cli import exit_now
 
     exit_now(main(prog="python -m nanoresume.tools.selftest"))

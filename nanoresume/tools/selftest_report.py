@@ -16,7 +16,7 @@ from ..config import TrainConfig
 from ..training_state import (COUNTERS, HEADER, KIND, KIND_KEY, MODEL, OPTIMIZER, RANKS, RNG, SAMPLER, SCALER,
                               SCHEDULER, SETTINGS)
 from ..rundir import RunDir
-from .selftest import Outcome, Scenario, read_losses
+from .selftest_runs import Outcome, Scenario, read_losses
 
 # Top-level keys of a checkpoint, as parts a person names (other keys keep their own names), in the
 # order a difference is looked for: the weights and what updates them first, bookkeeping last.

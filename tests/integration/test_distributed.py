@@ -33,9 +33,9 @@ FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=STEPS, eval_interv
 
 def launch_command(nproc: int, extra: list[str] = ()) -> list[str]:
     if nproc == 0:  # a plain single process, no torchrun
-        return [sys.executable, "-m", "nanoresume.tools.chaos", "child"]
+        return [sys.executable, "-m", "nanoresume.tools.chaos_child", "child"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "--monitor-interval=0.1", "--shutdown-timeout=10", *extra, "-m", "nanoresume.tools.chaos", "child"]
+            "--monitor-interval=0.1", "--shutdown-timeout=10", *extra, "-m", "nanoresume.tools.chaos_child", "child"]
 
 
 def environment(records: Path, **extra: str) -> dict[str, str]:
@@ -237,7 +237,7 @@ def test_two_nodes_on_loopback_train_stop_and_resume_like_one_machine(two_proces
         launchers = [launch_tree(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
              "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-             f"--rdzv_id=nodes-{port}", "--monitor-interval=0.1", "-m", "nanoresume.tools.chaos", "child",
+             f"--rdzv_id=nodes-{port}", "--monitor-interval=0.1", "-m", "nanoresume.tools.chaos_child", "child",
              *train_args, *(["--resume", "auto"] if resume else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(records, **extra_env),
             cwd=REPO) for node in (0, 1)]

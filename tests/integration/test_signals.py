@@ -36,7 +36,7 @@ class Training:
         command = [sys.executable, *(["-c", TRAIN_WITH_TEARDOWN_MARK] if teardown_mark else [str(TRAIN_SCRIPT)]), *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if slow_writes or observed:
-            command = [sys.executable, "-m", "nanoresume.tools.chaos", "child", *args]
+            command = [sys.executable, "-m", "nanoresume.tools.chaos_child", "child", *args]
             env[WRITE_DELAY_ENV] = str(slow_writes)
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=env, cwd=REPO)

@@ -10,7 +10,7 @@ import torch
 
 from nanoresume.checkpoint import FORMAT_VERSION, save_atomically, step_path
 from nanoresume.compare import Difference
-from nanoresume.tools.selftest import SCENARIOS, Outcome
+from nanoresume.tools.selftest_runs import SCENARIOS, Outcome
 from nanoresume.tools.selftest_report import compare, distinct, locate, table, verdict, where_it_began
 
 
