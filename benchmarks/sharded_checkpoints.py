@@ -3,7 +3,9 @@
 
     python benchmarks/sharded_checkpoints.py [--nproc 2] [--preset gpu10m] [--repeats 3] [--device cpu]
 
-(``--preset cpu --repeats 1 --batch-size 1 --nproc 1``: a check that the script runs.)
+``--combinations ddp/file fsdp/sharded`` runs only those jobs, and prints the ratios whose jobs ran
+(``--preset cpu --repeats 1 --batch-size 1 --nproc 1 --combinations ddp/file fsdp/sharded``: a check that
+the script runs).
 
 Runs one torchrun job per combination of ``--parallel`` (ddp, fsdp) and ``--ckpt-format``
 (file, sharded). Every rank of a job builds the trainer, trains two steps (so the optimizer
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4, help="per rank; small, so the state dominates memory")
+    parser.add_argument("--combinations", nargs="+", default=[f"{m}/{f}" for m, f in COMBINATIONS],
+                        choices=[f"{m}/{f}" for m, f in COMBINATIONS], help="the jobs to run (default: all)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", help=argparse.SUPPRESS)
     parser.add_argument("--format", help=argparse.SUPPRESS)
@@ -131,8 +135,9 @@ def main() -> None:
         worker(args)
         return
     work = scratch_dir("nanoresume-sharded-bench-")
-    results = {combo: launch(args, *combo, work) for combo in COMBINATIONS}
-    first = results[COMBINATIONS[0]]
+    chosen = [combo for combo in COMBINATIONS if "/".join(combo) in args.combinations]
+    results = {combo: launch(args, *combo, work) for combo in chosen}
+    first = results[chosen[0]]
     print(f"{args.preset}: {first['params'] / 1e6:.1f}M parameters, {args.nproc} processes on {args.device}, "
           f"batch {args.batch_size} per rank, median of {args.repeats}")
     print("  memory per rank, MB (rank 0/rank 1...): model+optim = parameters and AdamW moments held; "
@@ -147,13 +152,15 @@ def main() -> None:
         print(f"  {mode:8} {fmt:8} {r['bytes'] / 1e6:8.1f} {r['save']:7.3f} {r['load']:7.3f} "
               f"{per_rank(r['state']):>12} {per_rank(r['train']):>12} {per_rank(r['peak']):>12}")
     for mode in ("ddp", "fsdp"):
-        file, folder = results[(mode, "file")], results[(mode, "sharded")]
-        print(f"  {mode}: sharded / file: save {folder['save'] / file['save']:.2f}x, "
-              f"load {folder['load'] / file['load']:.2f}x")
-    ddp, fsdp = results[("ddp", "sharded")], results[("fsdp", "sharded")]
-    print(f"  fsdp / ddp per rank (sharded checkpoints): model + optimizer "
-          f"{max(fsdp['state']) / max(ddp['state']):.2f}x, train peak {max(fsdp['train']) / max(ddp['train']):.2f}x, "
-          f"peak {max(fsdp['peak']) / max(ddp['peak']):.2f}x")
+        if (mode, "file") in results and (mode, "sharded") in results:
+            file, folder = results[(mode, "file")], results[(mode, "sharded")]
+            print(f"  {mode}: sharded / file: save {folder['save'] / file['save']:.2f}x, "
+                  f"load {folder['load'] / file['load']:.2f}x")
+    if ("ddp", "sharded") in results and ("fsdp", "sharded") in results:
+        ddp, fsdp = results[("ddp", "sharded")], results[("fsdp", "sharded")]
+        print(f"  fsdp / ddp per rank (sharded checkpoints): model + optimizer "
+              f"{max(fsdp['state']) / max(ddp['state']):.2f}x, train peak "
+              f"{max(fsdp['train']) / max(ddp['train']):.2f}x, peak {max(fsdp['peak']) / max(ddp['peak']):.2f}x")
 
 
 if __name__ == "__main__":

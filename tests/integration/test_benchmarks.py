@@ -31,10 +31,11 @@ SMOKE = {
                        [rf"1 process +{NUMBER} tok/s +save +{NUMBER} ms +decision +{NUMBER} us",
                         rf"2 processes \(DDP, gloo\) +{NUMBER} tok/s",
                         rf"2 vs 1: throughput {NUMBER}x, save {NUMBER}x"]),
-    "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1"],
-                               [rf"fsdp +sharded +{NUMBER} +{NUMBER} +{NUMBER}",
-                                rf"ddp: sharded / file: save {NUMBER}x, load {NUMBER}x",
-                                rf"fsdp / ddp per rank \(sharded checkpoints\): model \+ optimizer {NUMBER}x"]),
+    # one job of each parallelism and of each format (all four: the ratios between them too)
+    "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1",
+                                "--combinations", "ddp/file", "fsdp/sharded"],
+                               [rf"ddp +file +{NUMBER} +{NUMBER} +{NUMBER}",
+                                rf"fsdp +sharded +{NUMBER} +{NUMBER} +{NUMBER}"]),
 }
 
 

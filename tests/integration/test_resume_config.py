@@ -11,7 +11,8 @@ import torch
 from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.errors import CheckpointError
 from nanoresume.trainer import Trainer
-from tests.helpers import LossRecorder, flip_a_byte, run_train, stop_after, train
+from nanoresume.tools import cli
+from tests.helpers import LossRecorder, flip_a_byte, run_main, stop_after, train
 
 
 @pytest.fixture
@@ -148,12 +149,12 @@ def test_a_new_seed_on_resume_is_reported_as_having_no_effect(finished, capsys):
 
 
 @pytest.mark.slow
-def test_flags_given_on_resume_are_validated_against_the_checkpoint_not_the_preset(make_config, tmp_path):
+def test_flags_given_on_resume_are_validated_against_the_checkpoint_not_the_preset(make_config, tmp_path, capsys):
     # n_embd 36 with 6 heads is valid; the cpu preset's 64 would not divide by 6.
     cfg = make_config(max_steps=10, n_embd=36, n_head=6)
     assert Trainer(cfg).run().exit_code == 0
-    resumed = run_train(["--out-dir", cfg.out_dir, "--resume", "auto", "--n-head", "6",
-                         "--max-steps", "12", "--no-progress"])
+    resumed = run_main(cli.main, ["--out-dir", cfg.out_dir, "--resume", "auto", "--n-head", "6",
+                                  "--max-steps", "12", "--no-progress"], capsys)  # train.py, in-process
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stderr == ""  # no error line, no warning
     lines = resumed.stdout.splitlines()

@@ -20,7 +20,7 @@ from nanoresume.checkpoint import step_path
 from nanoresume.trainer import Trainer
 
 from nanoresume.tools import cli
-from tests.helpers import REPO, TRAIN_SCRIPT, LossRecorder, run_main, run_train
+from tests.helpers import REPO, TRAIN_SCRIPT, LossRecorder, run_main
 
 
 def read_jsonl(out: Path) -> list[dict]:
@@ -126,7 +126,7 @@ def _lines(out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_nanogpt_token_data_trains_from_a_config_file_and_samples_token_ids(tmp_path):
+def test_nanogpt_token_data_trains_from_a_config_file_and_samples_token_ids(tmp_path, capsys):
     data = tmp_path / "shakespeare_char"  # nanoGPT's layout: train.bin and val.bin of uint16 ids, and meta.pkl
     data.mkdir()
     ids = np.random.default_rng(0).integers(0, 65, size=6000).astype(np.uint16)
@@ -138,7 +138,8 @@ def test_nanogpt_token_data_trains_from_a_config_file_and_samples_token_ids(tmp_
                 "cache_dir": str(tmp_path / "cache"), "progress": False}
     (tmp_path / "run.json").write_text(json.dumps(settings))
     out = tmp_path / "out"
-    trained = run_train(["--config", str(tmp_path / "run.json"), "--max-steps", "4", "--out-dir", str(out)])
+    trained = run_main(cli.main, ["--config", str(tmp_path / "run.json"), "--max-steps", "4", "--out-dir", str(out)],
+                       capsys)  # in-process; sample.py below runs as a real script
     assert trained.returncode == 0, trained.stderr
     assert "(train.bin + val.bin): 5,000 train + 1,000 val tokens" in trained.stdout
     config = json.loads((out / "config.json").read_text())

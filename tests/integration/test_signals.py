@@ -175,8 +175,9 @@ def wait_for_marks(run: Training, mark: str, count: int, timeout: float = 60) ->
 
 
 # Evaluations only at step 0 and the end; checkpoints every 20 steps. So the second
-# write of the run (after best.pt at step 0) is the step-20 checkpoint.
-SAVE_FLAGS = dict(eval_interval=1000, ckpt_interval=20)
+# write of the run (after best.pt at step 0) is the step-20 checkpoint, and the signal is sent
+# when it begins: 60 steps leave room enough, whatever the speed.
+SAVE_FLAGS = dict(max_steps=60, eval_interval=1000, ckpt_interval=20)
 
 
 def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(args_for, uninterrupted, tmp_path):
@@ -189,7 +190,7 @@ def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(arg
     assert run.output.count(WRITE_MARK) == 2  # the interrupted write finished; no second save
     checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", 20))
 
-    final = resume_to_end(args, tmp_path / "stopped")
+    final = resume_to_end(args, tmp_path / "stopped", max_steps=SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
 
 
@@ -207,7 +208,7 @@ def test_signal_while_a_background_save_is_in_flight_commits_it_then_saves_the_s
     for step in (20, stopped_at):
         assert checkpoint.load_checkpoint(checkpoint.step_path(folder, step))["step"] == step
 
-    final = resume_to_end(args, tmp_path / "stopped")
+    final = resume_to_end(args, tmp_path / "stopped", max_steps=SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
 
 
@@ -229,13 +230,15 @@ def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, unin
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interrupted write" in result.stderr  # a warning
     assert not [p for p in folder.iterdir() if ".tmp." in p.name]
-    final = checkpoint.step_path(folder, MAX_STEPS)
+    final = checkpoint.step_path(folder, SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
 
 
 def test_time_limit_stops_gracefully_with_exit_75_and_resumes_bit_exactly(args_for, uninterrupted, tmp_path):
     args = args_for("stopped")
-    result = run_train(args + ["--time-limit", "4"])  # counted from process start: test_stop_conditions.py
+    # Counted from process start (test_stop_conditions.py) with a second to spare for the save: 1 s is
+    # spent after the first step on any machine, so the run never finishes first, however fast.
+    result = run_train(args + ["--time-limit", "1"])
     assert result.returncode == 75, result.stdout + result.stderr
     assert "stopped by time limit" in result.stdout
     step = saved_step(result.stdout)
