@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from . import distributed
 from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
@@ -93,8 +95,13 @@ class Checkpointer:
         if found is None:
             return 0
         path, state = found
+        for name, obj in self.objects.items():  # every object fits before any is changed
+            problem = misfit(obj, state["objects"][name])
+            if problem is not None:
+                raise CheckpointError(f"{path}: {name} {problem}", f"build {name} as it was when this checkpoint "
+                                      f"was saved, or start a new run in another folder")
         for name, obj in self.objects.items():
-            obj.load_state_dict(state["objects"][name])
+            _load(path, name, obj, state["objects"][name])
         if self.rng:
             for warning in restore_rng_state(state["rng"]):
                 self.warn(warning)
@@ -160,6 +167,51 @@ class Checkpointer:
         if self.rng and "rng" not in state:
             raise CheckpointError(f"{path}: holds no random number streams; resume it with rng=False")
         return state
+
+
+def misfit(obj: Stateful, saved: Any) -> Optional[str]:
+    """Why ``saved`` cannot be loaded into ``obj`` (a tensor of another shape anywhere in its state, or,
+    for a module, parameter names it lacks or does not expect), in a few words; None if it fits as
+    far as shapes and names tell."""
+    current = obj.state_dict()
+    if isinstance(obj, nn.Module) and isinstance(saved, Mapping):
+        missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+        if missing:
+            return f"has tensor(s) {', '.join(missing[:3])} that the checkpoint does not hold"
+        if unexpected:
+            return f"has no tensor(s) {', '.join(unexpected[:3])}, which the checkpoint holds"
+    return _shape_misfit(current, saved, "")
+
+
+def _shape_misfit(current: Any, saved: Any, where: str) -> Optional[str]:
+    """The first tensor under ``current`` whose counterpart in ``saved`` has another shape."""
+    if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor):
+        if current.shape != saved.shape:
+            return f"tensor {where or '(the state)'} has shape {tuple(saved.shape)} in the checkpoint but " \
+                   f"{tuple(current.shape)} here"
+        return None
+    if isinstance(current, Mapping) and isinstance(saved, Mapping):
+        pairs: Any = ((key, current[key], saved[key]) for key in current if key in saved)
+    elif isinstance(current, (list, tuple)) and isinstance(saved, (list, tuple)):
+        pairs = zip(range(len(current)), current, saved)
+    else:
+        return None
+    for key, mine, theirs in pairs:
+        problem = _shape_misfit(mine, theirs, f"{where}.{key}" if where else str(key))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _load(path: Path, name: str, obj: Stateful, saved: Any) -> None:
+    """``obj.load_state_dict(saved)``, its errors as one CheckpointError line."""
+    try:
+        obj.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: {name} cannot load its state from the checkpoint ({type(e).__name__}: "
+                              f"{reason[:200]})", f"build {name} as it was when this checkpoint was saved, or "
+                              f"start a new run in another folder") from None
 
 
 def _refuse_several_processes(folder: Union[str, Path]) -> None:
