@@ -5,6 +5,7 @@ process, by making the k-th link, removal or rename fail."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ import pytest
 from nanoresume.checkpoint import (ABANDONED, CheckpointDir, CheckpointManager, load_checkpoint, resolve_resume,
                                    step_folder_path, step_path)
 from nanoresume.checkpoint import sharded, stepdir
+from nanoresume.trainer import Trainer
 from tests.unit.test_sharded import nested_state
 
 STEPS = [10, 20, 30, 40, 50]
@@ -98,3 +100,21 @@ def test_a_set_aside_with_nothing_to_move_leaves_no_intent(tmp_path: Path):
     assert manager.dir.set_aside_after(50) == []
     assert manager.dir.pending_set_aside() is None
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("step_")) == []
+
+
+def test_a_trainer_killed_after_the_first_link_resumes_the_chosen_step_with_auto(reference_run, tmp_path: Path,
+                                                                                 monkeypatch):
+    """The outside tester's repro: ``--resume OUT/checkpoints/step_00000010.pt`` in a folder holding
+    later steps, killed after the first hard link; the next ``--resume auto`` continues from 10."""
+    cfg = reference_run(max_steps=30, eval_interval=10, keep_last=3).copy_to(tmp_path / "out")
+    checkpoints = Path(cfg.out_dir) / "checkpoints"
+    chosen = step_path(checkpoints, 10)
+    with monkeypatch.context() as m:
+        count_moves(m, kill_after=1)
+        with pytest.raises(Killed):
+            Trainer(dataclasses.replace(cfg, resume=str(chosen), max_steps=32))
+    with Trainer(dataclasses.replace(cfg, resume="auto", max_steps=32)) as trainer:
+        assert trainer.resumed_from == chosen
+    assert [s.step for s in CheckpointDir(checkpoints).list()] == [10]
+    assert sorted(p.name for p in (checkpoints / ABANDONED / "1").glob("*.pt")) == \
+        ["step_00000020.pt", "step_00000030.pt"]
