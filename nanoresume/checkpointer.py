@@ -18,6 +18,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
 from .errors import CheckpointError
+from .schema import MAX_COUNT
 from .signals import StopFlag
 from .state import capture_rng_state, restore_rng_state
 
@@ -239,8 +240,9 @@ def check_state_file(path: Path, state: Any) -> dict[str, Any]:
         kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a checkpoint written by nanoresume.Checkpointer (kind {kind!r})")
     step, objects = state.get("step"), state.get("objects")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{path}: its 'step' is {step!r}, not a step number; the file is damaged")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_COUNT:
+        raise CheckpointError(f"{path}: its 'step' is {step!r:.40}, not a step number in [0, 2**62 - 1]; the file is "
+                              f"damaged")
     if not isinstance(objects, dict) or not all(isinstance(name, str) for name in objects):
         raise CheckpointError(f"{path}: its 'objects' is not a dict of named states; the file is damaged")
     if "rng" in state and not isinstance(state["rng"], dict):

@@ -258,3 +258,15 @@ def test_a_resume_into_a_model_with_other_parameter_names_says_which_in_one_line
     with pytest.raises(CheckpointError) as info:
         loop.checkpoints.resume("auto")
     assert "\n" not in str(info.value) and "3.weight" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("step", [-5, 10 ** 30])
+def test_a_checkpointer_file_with_a_step_out_of_bounds_is_refused_naming_the_bound(tmp_path, step):
+    from nanoresume.checkpoint import save_atomically
+
+    Loop(tmp_path / "run").train(0, 2)
+    state = load_checkpoint(step_path(tmp_path / "run", 2))
+    state["step"] = step
+    save_atomically(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"'step' is .*, not a step number in \[0, 2\*\*62 - 1\]"):
+        Loop(tmp_path / "other").checkpoints.resume(str(tmp_path / "bad.pt"))
