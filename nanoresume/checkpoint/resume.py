@@ -59,7 +59,11 @@ def _resolve(mode: str, folder: CheckpointDir, warn: Callable[[str], None], load
     if mode == "auto":
         candidates = folder.list()
         kept = folder.pending_set_aside()  # a set-aside cut short by a kill: the run left what is newer
-        for candidate in reversed([c for c in candidates if kept is None or c.step <= kept]):
+        left = [c for c in candidates if kept is not None and c.step > kept]
+        if left:
+            warn(f"{', '.join(c.path.name for c in left[:3])}{', ...' if len(left) > 3 else ''}: newer than "
+                 f"step {kept}, which a run resumed from before it was stopped; they are set aside, not resumed")
+        for candidate in reversed([c for c in candidates if c not in left]):
             try:
                 return candidate.path, accept(candidate.path, load(candidate.path))
             except CheckpointError as e:

@@ -133,7 +133,7 @@ class CheckpointDir:
         intent = self._read_intent()
         return None if intent is None else intent[0]
 
-    def _read_intent(self) -> Optional[tuple[int, Optional[str]]]:
+    def _read_intent(self) -> Optional[tuple[int, str]]:
         """(step kept, name of its abandoned/ folder) from the intent file; None if there is none or it
         is not one (it is replaced or removed by the next set-aside)."""
         if not isinstance(self.path, Path):

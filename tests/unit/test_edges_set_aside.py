@@ -63,8 +63,11 @@ def check_chosen_timeline(folder: Path) -> None:
     """The next start: ``auto`` picks the chosen step, its resume completes the set-aside, and every
     later checkpoint is whole in abandoned/, none left here."""
     checkpoints = CheckpointDir(folder)
-    path, state = resolve_resume("auto", checkpoints, print, load=load, accept=lambda p, s: s)
+    left = [s for s in checkpoints.list() if s.step > CHOSEN]
+    warnings: list[str] = []
+    path, state = resolve_resume("auto", checkpoints, warnings.append, load=load, accept=lambda p, s: s)
     assert state["step"] == CHOSEN, path
+    assert len(warnings) == (1 if left else 0) and all(f"newer than step {CHOSEN}" in w for w in warnings), warnings
     manager = CheckpointManager(folder, interval=1, keep_last=10, background=False)
     manager.adopt(path, CHOSEN, print)
     assert [s.step for s in checkpoints.list()] == [10, 20]
