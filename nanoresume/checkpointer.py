@@ -97,7 +97,7 @@ class Checkpointer:
             return 0
         path, state = found
         for name, obj in self.objects.items():  # every object fits before any is changed
-            problem = misfit(obj, state["objects"][name])
+            problem = _misfit(obj, state["objects"][name])
             if problem is not None:
                 raise CheckpointError(f"{path}: {name} {problem}", f"build {name} as it was when this checkpoint "
                                       f"was saved, or start a new run in another folder")
@@ -170,17 +170,18 @@ class Checkpointer:
         return state
 
 
-def misfit(obj: Stateful, saved: Any) -> Optional[str]:
-    """Why ``saved`` cannot be loaded into ``obj`` (a tensor of another shape anywhere in its state, or,
-    for a module, parameter names it lacks or does not expect), in a few words; None if it fits as
-    far as shapes and names tell."""
+def _misfit(obj: Stateful, saved: Any) -> Optional[str]:
+    """Why ``saved`` cannot be loaded into the module ``obj`` (tensor names it lacks or does not
+    expect, a tensor of another shape), in a few words; None if it fits or ``obj`` is no module
+    (other objects may hold tensors whose shapes change as they run)."""
+    if not isinstance(obj, nn.Module) or not isinstance(saved, Mapping):
+        return None
     current = obj.state_dict()
-    if isinstance(obj, nn.Module) and isinstance(saved, Mapping):
-        missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
-        if missing:
-            return f"has tensor(s) {', '.join(missing[:3])} that the checkpoint does not hold"
-        if unexpected:
-            return f"has no tensor(s) {', '.join(unexpected[:3])}, which the checkpoint holds"
+    missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    if missing:
+        return f"has tensor(s) {', '.join(missing[:3])} that the checkpoint does not hold"
+    if unexpected:
+        return f"has no tensor(s) {', '.join(unexpected[:3])}, which the checkpoint holds"
     return _shape_misfit(current, saved, "")
 
 

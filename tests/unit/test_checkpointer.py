@@ -270,3 +270,26 @@ def test_a_checkpointer_file_with_a_step_out_of_bounds_is_refused_naming_the_bou
     save_atomically(state, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match=r"'step' is .*, not a step number in \[0, 2\*\*62 - 1\]"):
         Loop(tmp_path / "other").checkpoints.resume(str(tmp_path / "bad.pt"))
+
+
+class History:
+    """An object whose state is a tensor that grows as it runs: its shape is no misfit."""
+
+    def __init__(self) -> None:
+        self.seen = torch.zeros(0)
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"].clone()
+
+
+def test_an_object_whose_tensors_grow_resumes_with_the_saved_ones(tmp_path):
+    history = History()
+    history.seen = torch.arange(5.0)
+    with Checkpointer(tmp_path, {"history": history}, every=1, background=False) as checkpoints:
+        checkpoints.save(1)
+    fresh = History()
+    assert Checkpointer(tmp_path, {"history": fresh}, every=1, background=False).resume("auto") == 1
+    assert torch.equal(fresh.seen, torch.arange(5.0))
