@@ -39,6 +39,12 @@ def _resize(size: tuple[int, ...]) -> Craft:
     return craft
 
 
+def _float_size(metadata: dcp_metadata.Metadata) -> None:
+    """A size torch.Size would refuse to build, stored as a plain tuple (a pickle can say anything)."""
+    fqn = _tensor_fqn(metadata)
+    metadata.state_dict_metadata[fqn] = dataclasses.replace(metadata.state_dict_metadata[fqn], size=(2.5,))
+
+
 def _empty_path(metadata: dcp_metadata.Metadata) -> None:
     metadata.planner_data[_tensor_fqn(metadata)] = ()
 
@@ -79,7 +85,7 @@ def _length_beyond_file(metadata: dcp_metadata.Metadata) -> None:
 CRAFTED: dict[str, tuple[Craft, str]] = {
     "negative-size": (_resize((-5,)), "size"),
     "absurd-size": (_resize((10 ** 9, 10 ** 9)), "size"),
-    "non-int-size": (lambda m: _set_size_raw(m, (2.5,)), "size"),
+    "non-int-size": (_float_size, "size"),
     "empty-path": (_empty_path, "path"),
     "prefix-path": (_prefix_path, "path"),
     "same-path": (_same_path, "path"),
@@ -88,12 +94,6 @@ CRAFTED: dict[str, tuple[Craft, str]] = {
     "chunk-outside-tensor": (_chunk_outside, "chunk"),
     "length-beyond-file": (_length_beyond_file, "beyond"),
 }
-
-
-def _set_size_raw(metadata: dcp_metadata.Metadata, size: tuple[Any, ...]) -> None:
-    """A size that torch.Size would refuse to build, stored as a plain tuple (a pickle can say anything)."""
-    fqn = _tensor_fqn(metadata)
-    metadata.state_dict_metadata[fqn] = dataclasses.replace(metadata.state_dict_metadata[fqn], size=size)
 
 
 def craft_folder(folder: Path, name: str) -> Path:
