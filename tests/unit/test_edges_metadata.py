@@ -16,9 +16,9 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from nanoresume.checkpoint import sharded, step_folder_path
 from nanoresume.checkpoint.folders import METADATA
 from nanoresume.errors import CheckpointError
-from nanoresume.tools import ckpt
+from nanoresume.tools import ckpt, evaluation, sampling
 from nanoresume.trainer import Trainer
-from tests.helpers import run_main
+from tests.helpers import assert_one_line_error, run_main
 from tests.unit.test_sharded import reseal, saved_folder
 
 Craft = Callable[[dcp_metadata.Metadata], None]
@@ -166,3 +166,15 @@ def test_resume_auto_falls_back_past_a_crafted_folder_with_a_warning(crafted_run
         assert trainer.resumed_from == step_folder_path(checkpoints, GOOD)
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
     assert len(skipped) == 1 and str(step_folder_path(checkpoints, CRAFTED_STEP)) in skipped[0], skipped
+
+
+@pytest.mark.parametrize("crafted_run", ["negative-size", "absurd-size", "empty-path", "prefix-path"],
+                         indirect=True)
+def test_show_sample_and_evaluate_refuse_the_crafted_folder_in_one_line(crafted_run: Any, tiny_text: Path,
+                                                                        capsys) -> None:
+    folder = step_folder_path(Path(crafted_run.out_dir) / "checkpoints", CRAFTED_STEP)
+    named = str(folder / METADATA)
+    assert_one_line_error(run_main(ckpt.main, ["show", str(folder)], capsys), named)
+    assert_one_line_error(run_main(sampling.main, ["--ckpt", str(folder), "--max-new-tokens", "2"], capsys), named)
+    assert_one_line_error(run_main(evaluation.main, ["--ckpt", str(folder), "--data", str(tiny_text),
+                                                     "--no-progress"], capsys), named)
