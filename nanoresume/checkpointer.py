@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Union
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from . import distributed
 from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
 from .errors import CheckpointError
+from .schema import MAX_COUNT
 from .signals import StopFlag
 from .state import capture_rng_state, restore_rng_state
 
@@ -93,8 +96,13 @@ class Checkpointer:
         if found is None:
             return 0
         path, state = found
+        for name, obj in self.objects.items():  # every object fits before any is changed
+            problem = _misfit(obj, state["objects"][name])
+            if problem is not None:
+                raise CheckpointError(f"{path}: {name} {problem}", f"build {name} as it was when this checkpoint "
+                                      f"was saved, or start a new run in another folder")
         for name, obj in self.objects.items():
-            obj.load_state_dict(state["objects"][name])
+            _load(path, name, obj, state["objects"][name])
         if self.rng:
             for warning in restore_rng_state(state["rng"]):
                 self.warn(warning)
@@ -162,6 +170,52 @@ class Checkpointer:
         return state
 
 
+def _misfit(obj: Stateful, saved: Any) -> Optional[str]:
+    """Why ``saved`` cannot be loaded into the module ``obj`` (tensor names it lacks or does not
+    expect, a tensor of another shape), in a few words; None if it fits or ``obj`` is no module
+    (other objects may hold tensors whose shapes change as they run)."""
+    if not isinstance(obj, nn.Module) or not isinstance(saved, Mapping):
+        return None
+    current = obj.state_dict()
+    missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    if missing:
+        return f"has tensor(s) {', '.join(missing[:3])} that the checkpoint does not hold"
+    if unexpected:
+        return f"has no tensor(s) {', '.join(unexpected[:3])}, which the checkpoint holds"
+    return _shape_misfit(current, saved, "")
+
+
+def _shape_misfit(current: Any, saved: Any, where: str) -> Optional[str]:
+    """The first tensor under ``current`` whose counterpart in ``saved`` has another shape."""
+    if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor):
+        if current.shape != saved.shape:
+            return f"tensor {where or '(the state)'} has shape {tuple(saved.shape)} in the checkpoint but " \
+                   f"{tuple(current.shape)} here"
+        return None
+    if isinstance(current, Mapping) and isinstance(saved, Mapping):
+        pairs: Any = ((key, current[key], saved[key]) for key in current if key in saved)
+    elif isinstance(current, (list, tuple)) and isinstance(saved, (list, tuple)):
+        pairs = zip(range(len(current)), current, saved)
+    else:
+        return None
+    for key, mine, theirs in pairs:
+        problem = _shape_misfit(mine, theirs, f"{where}.{key}" if where else str(key))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _load(path: Path, name: str, obj: Stateful, saved: Any) -> None:
+    """``obj.load_state_dict(saved)``, its errors as one CheckpointError line."""
+    try:
+        obj.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: {name} cannot load its state from the checkpoint ({type(e).__name__}: "
+                              f"{reason[:200]})", f"build {name} as it was when this checkpoint was saved, or "
+                              f"start a new run in another folder") from None
+
+
 def _refuse_several_processes(folder: Union[str, Path]) -> None:
     """A Checkpointer saves the state of one process: under torchrun every rank would write the same
     files, and all but one rank's random streams would be lost."""
@@ -187,8 +241,9 @@ def check_state_file(path: Path, state: Any) -> dict[str, Any]:
         kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a checkpoint written by nanoresume.Checkpointer (kind {kind!r})")
     step, objects = state.get("step"), state.get("objects")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{path}: its 'step' is {step!r}, not a step number; the file is damaged")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_COUNT:
+        raise CheckpointError(f"{path}: its 'step' is {step!r:.40}, not a step number in [0, 2**62 - 1]; the file is "
+                              f"damaged")
     if not isinstance(objects, dict) or not all(isinstance(name, str) for name in objects):
         raise CheckpointError(f"{path}: its 'objects' is not a dict of named states; the file is damaged")
     if "rng" in state and not isinstance(state["rng"], dict):

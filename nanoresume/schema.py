@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ARCHITECTURE_FIELDS, PRESETS, ModelConfig, TrainConfig
+from .config import ARCHITECTURE_FIELDS, MAX_SEED, PRESETS, ModelConfig, TrainConfig
 from .training_state import (BEST_VAL_LOSS, CONFIG, DATA, EVALUATED_STEP, FINGERPRINT, FORMAT_VERSION,
                              FORMAT_VERSION_KEY, HEADER, KIND, KIND_KEY, MODEL, OPTIMIZER, RANK, RANKS, RNG, SAMPLER,
                              SCALER, SCHEDULER, STEP, TOKENS_SEEN, WORLD_SIZE)
@@ -33,11 +33,33 @@ SHAPE_FIELDS = ARCHITECTURE_FIELDS
 _RESOLVED_FIELDS = tuple(PRESETS["cpu"])
 _SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
+# Bounds of the integers a checkpoint holds, so that a crafted value is refused here, in one line, rather
+# than overflowing an int64 (torch, numpy) or running backwards once a run resumes from it.
+MAX_COUNT = 2**62 - 1  # steps, tokens, positions: far beyond any run, and within an int64
+MAX_ID = 2**31 - 1  # sizes of the model, format versions, parameter ids
+MAX_WORLD_SIZE = 2**20
+_BOUND_NAMES = {MAX_COUNT: "2**62 - 1", MAX_ID: "2**31 - 1", MAX_WORLD_SIZE: "2**20", MAX_SEED: "2**64 - 1"}
+# Bounds of the config's int fields where they are not [0, MAX_COUNT].
+_CONFIG_BOUNDS = {**{name: (1, MAX_ID) for name in ARCHITECTURE_FIELDS}, "seed": (0, MAX_SEED)}
+
 Check = Callable[[Any], bool]
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(low: int, high: int) -> Check:
+    return lambda value: _is_int(value) and low <= value <= high
+
+
+def _range_text(low: int, high: int) -> str:
+    """``an int in [0, 2**62 - 1]``: a bound as a message names it."""
+    return f"an int in [{_BOUND_NAMES.get(low, low)}, {_BOUND_NAMES.get(high, high)}]"
+
+
+def _bounded(low: int, high: int) -> tuple[str, Check]:
+    return _range_text(low, high), _in_range(low, high)
 
 
 def _is_number(value: Any) -> bool:
@@ -73,10 +95,10 @@ def _check_for(hint: Any) -> Check:
 # One check per top-level key of each kind; nested values get their own functions below.
 _TOP_LEVEL: dict[str, dict[str, tuple[str, Check]]] = {
     KIND: {
-        STEP: ("an int", _is_int),
-        TOKENS_SEEN: ("an int", _is_int),
+        STEP: _bounded(0, MAX_COUNT),
+        TOKENS_SEEN: _bounded(0, MAX_COUNT),
         BEST_VAL_LOSS: ("a number", _is_number),
-        EVALUATED_STEP: ("an int", _is_int),
+        EVALUATED_STEP: _bounded(-1, MAX_COUNT),  # -1: no evaluation yet
         CONFIG: ("a dict", lambda v: isinstance(v, dict)),
         DATA: ("a dict", lambda v: isinstance(v, dict)),
         MODEL: ("a dict", lambda v: isinstance(v, dict)),
@@ -84,12 +106,12 @@ _TOP_LEVEL: dict[str, dict[str, tuple[str, Check]]] = {
         SCHEDULER: ("a dict", lambda v: isinstance(v, dict)),
         SCALER: ("a dict", lambda v: isinstance(v, dict)),
         SAMPLER: ("a dict", lambda v: isinstance(v, dict)),
-        WORLD_SIZE: ("a positive int", lambda v: _is_int(v) and v >= 1),
+        WORLD_SIZE: _bounded(1, MAX_WORLD_SIZE),
         RANKS: ("a non-empty list", lambda v: isinstance(v, (list, tuple)) and len(v) > 0),
     },
     WEIGHTS_KIND: {
-        STEP: ("an int", _is_int),
-        TOKENS_SEEN: ("an int", _is_int),
+        STEP: _bounded(0, MAX_COUNT),
+        TOKENS_SEEN: _bounded(0, MAX_COUNT),
         VAL_LOSS: ("a number or None", _is_optional(_is_number)),
         MODEL: ("a dict", lambda v: isinstance(v, dict)),
         MODEL_CONFIG: ("a dict", lambda v: isinstance(v, dict)),
@@ -127,8 +149,8 @@ def problems(state: Any) -> list[str]:
 def _header_problems(state: dict[str, Any]) -> list[str]:
     found = []
     version = state.get(FORMAT_VERSION_KEY)
-    if not _is_int(version):
-        found.append(f"{FORMAT_VERSION_KEY!r} is {_describe(version)}, not an int")
+    if not _in_range(0, MAX_ID)(version):
+        found.append(f"{FORMAT_VERSION_KEY!r} is {_describe(version)}, not {_range_text(0, MAX_ID)}")
     kind = state.get(KIND_KEY)
     if not isinstance(kind, str):
         found.append(f"{KIND_KEY!r} is {_describe(kind)}, not a str")
@@ -161,6 +183,9 @@ def _config_problems(key: str, config: dict[str, Any], schema: type, required: t
         elif f.name in config and not _check_for(hints[f.name])(value):
             found.append(f"{key}.{f.name} is {_describe(value)}, not "
                          f"{_hint_name(hints[f.name], allow_none=f.name not in required)}")
+        elif _is_int(value) and not _in_range(*_CONFIG_BOUNDS.get(f.name, (0, MAX_COUNT)))(value):
+            found.append(f"{key}.{f.name} is {_describe(value)}, not "
+                         f"{_range_text(*_CONFIG_BOUNDS.get(f.name, (0, MAX_COUNT)))}")
     return found
 
 
@@ -182,25 +207,34 @@ def _optimizer_problems(optimizer: dict[str, Any]) -> list[str]:
     elif not all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
                  and all(_is_int(p) for p in g["params"]) for g in groups):
         found.append("optimizer.param_groups holds a group without its list of parameter ids")
+    elif not all(_in_range(0, MAX_ID)(p) for g in groups for p in g["params"]):
+        wrong = next(p for g in groups for p in g["params"] if not _in_range(0, MAX_ID)(p))
+        found.append(f"optimizer.param_groups holds the parameter id {wrong!r:.40}, not {_range_text(0, MAX_ID)}")
     return found
 
 
 def _scheduler_problems(scheduler: dict[str, Any]) -> list[str]:
     epoch = scheduler.get("last_epoch")
-    return [] if _is_int(epoch) else [f"scheduler.last_epoch is {_describe(epoch)}, not an int"]
+    return [] if _in_range(-1, MAX_COUNT)(epoch) else \
+        [f"scheduler.last_epoch is {_describe(epoch)}, not {_range_text(-1, MAX_COUNT)}"]
 
 
 def _scaler_problems(scaler: dict[str, Any]) -> list[str]:
     if not scaler:
         return []  # a float32 or bfloat16 run: no gradient scaler
     wrong = [k for k in _SCALER_KEYS if not _is_number(scaler.get(k))]
-    return [f"scaler lacks numeric {', '.join(wrong)}"] if wrong else []
+    if wrong:
+        return [f"scaler lacks numeric {', '.join(wrong)}"]
+    return [f"{SCALER}.{key} is {_describe(scaler[key])}, not {_range_text(low, MAX_ID)}"
+            for key, low in (("growth_interval", 1), ("_growth_tracker", 0)) if not _in_range(low, MAX_ID)(scaler[key])]
 
 
 def _sampler_problems(sampler: dict[str, Any]) -> list[str]:
-    if all(_is_int(sampler.get(k)) for k in ("seed", "index")) and sampler["index"] >= 0:
-        return []
-    return ["sampler is not a dict of int seed and index"]
+    if not all(_is_int(sampler.get(k)) for k in ("seed", "index")):
+        return ["sampler is not a dict of int seed and index"]
+    return [f"{SAMPLER}.{key} is {_describe(sampler[key])}, not {_range_text(low, high)}"
+            for key, (low, high) in (("seed", (0, MAX_SEED)), ("index", (0, MAX_COUNT)))
+            if not _in_range(low, high)(sampler[key])]
 
 
 def _ranks_problems(ranks: Any, world_size: int) -> list[str]:
@@ -224,9 +258,14 @@ def _rank_problems(index: int, rank: Any) -> list[str]:
     if not (isinstance(python, dict) and _is_int(python.get("version")) and _is_vector(python.get("keys"), 625)
             and _is_optional(_is_number)(python.get("gauss"))):
         found.append(f"{where}.rng.python is not python's random state")
+    elif not _in_range(0, MAX_ID)(python["version"]):
+        found.append(f"{where}.rng.python.version is {_describe(python['version'])}, not {_range_text(0, MAX_ID)}")
     if not (isinstance(numpy, dict) and isinstance(numpy.get("name"), str) and _is_vector(numpy.get("keys"), 624)
             and all(_is_int(numpy.get(k)) for k in ("pos", "has_gauss")) and _is_number(numpy.get("gauss"))):
         found.append(f"{where}.rng.numpy is not numpy's random state")
+    else:
+        found += [f"{where}.rng.numpy.{key} is {_describe(numpy[key])}, not {_range_text(0, high)}"
+                  for key, high in (("pos", 624), ("has_gauss", 1)) if not _in_range(0, high)(numpy[key])]
     torch_state = rng.get("torch")
     if not (_is_tensor(torch_state) and torch_state.dtype == torch.uint8
             and torch_state.shape == torch.get_rng_state().shape):

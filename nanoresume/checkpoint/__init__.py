@@ -9,6 +9,7 @@ Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 - :mod:`.folders`: a checkpoint folder's manifest, digests, removal and leftovers;
 - :mod:`.sharded`: writing and reading a folder through torch.distributed.checkpoint (DCP), which
   this package imports only when a folder is written or read;
+- :mod:`.dcpindex`: a folder's DCP index, read through an allow-list and checked to be well-formed;
 - :mod:`.snapshot`: a CPU copy of a state for a background write;
 - :mod:`.observe`: observers of checkpoint writes (tests and the chaos harness watch through them);
 - :mod:`.storage`: the few filesystem operations the rest needs, and the local disk's implementation;

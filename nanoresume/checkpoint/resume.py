@@ -27,9 +27,11 @@ def resolve_resume(
     ``advice`` words the fixes of refusals in the caller's terms (see :mod:`nanoresume.errors`).
 
     - ``"auto"``: the newest step checkpoint that verifies; each newer one that does not is
-      skipped with a warning. None if the folder holds no step checkpoints. If it holds some
-      and none can be used, refuse (CheckpointError): a new run there would prune or
-      overwrite files it could not read, and they may be all that is left of a run.
+      skipped with a warning, and none newer than the step a set-aside cut short by a kill was
+      keeping is considered (:meth:`CheckpointDir.pending_set_aside`; the resume completes it).
+      None if the folder holds no step checkpoints. If it holds some and none can be used, refuse
+      (CheckpointError): a new run there would prune or overwrite files it could not read, and
+      they may be all that is left of a run.
     - ``"none"``: None, but refuse if the folder already holds step checkpoints, so a
       finished run is never clobbered by accident.
     - anything else: a path that must load, or CheckpointError.
@@ -56,7 +58,12 @@ def _resolve(mode: str, folder: CheckpointDir, warn: Callable[[str], None], load
         return None
     if mode == "auto":
         candidates = folder.list()
-        for candidate in reversed(candidates):
+        kept = folder.pending_set_aside()  # a set-aside cut short by a kill: the run left what is newer
+        left = [c for c in candidates if kept is not None and c.step > kept]
+        if left:
+            warn(f"{', '.join(c.path.name for c in left[:3])}{', ...' if len(left) > 3 else ''}: newer than "
+                 f"step {kept}, which a run resumed from before it was stopped; they are set aside, not resumed")
+        for candidate in reversed([c for c in candidates if c not in left]):
             try:
                 return candidate.path, accept(candidate.path, load(candidate.path))
             except CheckpointError as e:

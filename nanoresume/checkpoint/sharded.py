@@ -21,7 +21,8 @@ Commit protocol (a crash at any point leaves either no folder under the step's n
 
 Reading is stricter than DCP itself, which unpickles ``.metadata`` with a plain ``pickle.load`` and
 the plain values in the shards with ``torch.load(weights_only=False)``: either could run code from a
-crafted folder. Here ``.metadata`` is read by an unpickler that builds only DCP's metadata classes,
+crafted folder. Here ``.metadata`` is read by an unpickler that builds only DCP's metadata classes
+(and checked to be well-formed before anything is built from it, :mod:`.dcpindex`),
 and every value in the shards is read with ``weights_only=True``, whatever the manifest says.
 """
 
@@ -41,23 +42,11 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from ..errors import REMEDY_FREE_SPACE, CheckpointError, CheckpointWriteError
+from .dcpindex import read_metadata
 from .files import FREE_SPACE_ADVICE, describe_write_failure, file_sha256
-from .folders import MANIFEST, METADATA, check_digests, is_plain_name, write_manifest
+from .folders import MANIFEST, METADATA, check_digests, write_manifest
 from .observe import CheckpointObserver, observers
 from .storage import LOCAL, FolderWriting
-
-# What a DCP index may be built from: its own dataclasses, and the torch and pathlib values they hold.
-_ALLOWED_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-}
 
 # DCP warns on every save or load without a process group; a single process is a case we intend.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -167,52 +156,6 @@ def verify_folder(folder: Path) -> dcp_metadata.Metadata:
             raise CheckpointError(f"{folder / METADATA}: points into {info.relative_path!r}, which {MANIFEST} "
                                   f"does not list; the folder is not a complete checkpoint")
     return metadata
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes and nothing else: any other global is refused before it is imported."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                    torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
-
-
-def read_metadata(path: Path) -> dcp_metadata.Metadata:
-    """DCP's index, unpickled with an allow-list; a one-line CheckpointError for anything else."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        if text.startswith("GLOBAL "):
-            raise CheckpointError(f"{path}: refused, it asks to import {text[7:]}, and loading it could run "
-                                  f"code; a checkpoint index holds only DCP's metadata") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint index ({text[:80]})") from None
-    except Exception as e:  # truncated or garbled pickles raise many kinds of errors
-        raise CheckpointError(f"{path}: not a readable checkpoint index ({type(e).__name__})") from None
-    problem = _metadata_problem(metadata)
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}")
-    return metadata
-
-
-def _metadata_problem(metadata: Any) -> Optional[str]:
-    if not isinstance(metadata, dcp_metadata.Metadata):
-        return f"holds an object of type {type(metadata).__name__}, not DCP's metadata"
-    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
-        return "is not a complete DCP index"
-    if not isinstance(metadata.planner_data, dict) or set(metadata.planner_data) != set(
-            metadata.state_dict_metadata):
-        return "does not say how its entries nest (not written by nanoresume)"
-    for info in metadata.storage_data.values():
-        if not is_plain_name(getattr(info, "relative_path", "")) or getattr(info, "transform_descriptors", None):
-            return f"points outside its folder or asks for a storage transform ({info!r:.80})"
-    return None
 
 
 # ---- reading -------------------------------------------------------------------------------------

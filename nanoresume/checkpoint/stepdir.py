@@ -8,17 +8,21 @@ else: a tool that only reads a run uses :class:`CheckpointDir` on its own.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
-from ..atomic import fsync_folder
+from ..atomic import AtomicFile, fsync_folder
 from .files import STEP_FOLDER_PATTERN, STEP_PATTERN, checksum_path, remove_leftovers, step_of
 from .folders import remove_unfinished
 from .storage import FILE, FOLDER, LOCAL, Storage, as_path, join, name_of
 
 ABANDONED = "abandoned"
+# In the checkpoints folder while checkpoints are being set aside: the step kept and the folder they go
+# to, so that a kill halfway never lets a later resume continue the timeline the user left.
+SET_ASIDE_INTENT = "set-aside.json"
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ class CheckpointDir:
     def remove_leftovers(self) -> list[Path]:
         """Delete what interrupted writes and deletions left (temp files and folders, orphan
         ``.sha256`` files, folders never committed); returns what was removed."""
-        return remove_leftovers(self.path, storage=self.storage) + remove_unfinished(self.path, self.storage)
+        return remove_leftovers(self.path, owned=(SET_ASIDE_INTENT,), storage=self.storage) + \
+            remove_unfinished(self.path, self.storage)
 
     def prune(self, keep: Path, keep_last: int) -> list[Path]:
         """Keep ``keep`` (just committed) and the newest ``keep_last`` step checkpoints up to it;
@@ -88,20 +93,25 @@ class CheckpointDir:
 
         After resuming from an older step (a corrupt newer file, or an explicit path) they belong to
         a timeline this run left: they must neither count for retention nor be picked by a later
-        resume, and they are never deleted or overwritten. Each file and its checksum are
-        hard-linked into the new folder before either name is removed here (the file first), so a
-        kill at any point leaves every pair complete in at least one of the two folders. A
-        checkpoint folder moves in one rename. Needs a local folder (links and renames).
+        resume, and they are never deleted or overwritten. The intent (``step`` and the folder) is
+        recorded first, in :data:`SET_ASIDE_INTENT`, and removed once every checkpoint has moved:
+        until then :meth:`pending_set_aside` names ``step``, ``resume="auto"`` picks nothing newer,
+        and the next set-aside of ``step`` completes the move into the same folder. Each file and
+        its checksum are hard-linked into the new folder before either name is removed here (the
+        file first), so a kill at any point leaves every pair complete in at least one of the two
+        folders. A checkpoint folder moves in one rename. Needs a local folder (links and renames).
         """
         assert isinstance(self.path, Path), "setting checkpoints aside needs a local folder"
         newer = [s for s in self.list() if s.step > step]
         if not newer:
+            self._clear_intent()
             return []
-        target = self._new_abandoned_folder()
+        target = self._abandoned_folder_for(step)
+        self._record_intent(step, target)
         moved = []
         for item in newer:
             if item.is_folder:
-                os.replace(item.path, target / item.path.name)
+                _rename(item.path, target / item.path.name)
                 fsync_folder(target)
                 moved.append(target / item.path.name)
                 continue
@@ -111,10 +121,52 @@ class CheckpointDir:
             fsync_folder(target)
             for source in pair:
                 if source.exists():
-                    source.unlink()
+                    _remove(source)
             moved.append(target / item.path.name)
         fsync_folder(self.path)
+        self._clear_intent()
         return moved
+
+    def pending_set_aside(self) -> Optional[int]:
+        """The step kept by a set-aside that a kill interrupted (checkpoints newer than it belong to a
+        timeline the run left, though some may still be here), or None."""
+        intent = self._read_intent()
+        return None if intent is None else intent[0]
+
+    def _read_intent(self) -> Optional[tuple[int, str]]:
+        """(step kept, name of its abandoned/ folder) from the intent file; None if there is none or it
+        is not one (it is replaced or removed by the next set-aside)."""
+        if not isinstance(self.path, Path):
+            return None
+        try:
+            intent = json.loads((self.path / SET_ASIDE_INTENT).read_text(encoding="utf-8"))
+            step, folder = intent["step"], intent["folder"]
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if type(step) is not int or step < 0 or not (isinstance(folder, str) and folder.isdigit()):
+            return None
+        return step, folder
+
+    def _record_intent(self, step: int, target: Path) -> None:
+        new = AtomicFile(self.path / SET_ASIDE_INTENT)
+        try:
+            new.file.write(json.dumps({"step": step, "folder": target.name}).encode())
+            new.publish()
+        finally:
+            new.discard()  # a no-op once published
+
+    def _clear_intent(self) -> None:
+        intent = self.path / SET_ASIDE_INTENT
+        if intent.exists():
+            _remove(intent)
+            fsync_folder(self.path)
+
+    def _abandoned_folder_for(self, step: int) -> Path:
+        """The folder an interrupted set-aside of ``step`` was filling, or a new one."""
+        intent = self._read_intent()
+        if intent is not None and intent[0] == step and (self.path / ABANDONED / intent[1]).is_dir():
+            return self.path / ABANDONED / intent[1]
+        return self._new_abandoned_folder()
 
     def _new_abandoned_folder(self) -> Path:
         root = self.path / ABANDONED
@@ -134,8 +186,17 @@ class CheckpointDir:
 
 def _link_or_move(source: Path, target: Path) -> None:
     """Hard-link ``source`` as ``target`` (both names exist until the caller removes ``source``);
-    where links are not supported, move it."""
+    where links are not supported, or ``target`` is there already (an interrupted set-aside linked
+    it), move it."""
     try:
         os.link(source, target)
     except OSError:
         os.replace(source, target)
+
+
+def _rename(source: Path, target: Path) -> None:
+    os.replace(source, target)
+
+
+def _remove(path: Path) -> None:
+    path.unlink()

@@ -232,3 +232,64 @@ def test_a_checkpoint_pruned_while_the_tool_lists_or_verifies_a_run_is_gone_not_
     oldest.write_bytes(step_path(tmp_path / "checkpoints", 6).read_bytes())
     assert ckpt.main(["verify", str(oldest)]) == 1  # a file asked for by name must verify: gone is BAD
     assert "BAD" in capsys.readouterr().out
+
+
+def test_a_resume_into_a_model_of_another_shape_names_the_tensor_and_both_shapes_and_loads_nothing(tmp_path):
+    Loop(tmp_path).train(0, 2)
+    for mode in ("auto", str(step_path(tmp_path, 2))):
+        loop = Loop(tmp_path)
+        wider = nn.Sequential(nn.Linear(4, 9), nn.Dropout(0.5), nn.Linear(9, 1))
+        before = {k: v.clone() for k, v in wider.state_dict().items()}
+        loop.checkpoints.objects["model"] = wider
+        with pytest.raises(CheckpointError) as info:
+            loop.checkpoints.resume(mode)
+        message = str(info.value)
+        assert "\n" not in message and "model" in message and "0.weight" in message, message
+        assert "(8, 4)" in message and "(9, 4)" in message, message
+        assert first_difference(wider.state_dict(), before) is None and loop.scheduler.last_epoch == 0
+        assert step_path(tmp_path, 2).exists()  # nothing was set aside
+
+
+def test_a_resume_into_a_model_with_other_parameter_names_says_which_in_one_line(tmp_path):
+    Loop(tmp_path).train(0, 2)
+    loop = Loop(tmp_path)
+    loop.checkpoints.objects["model"] = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1),
+                                                      nn.Linear(1, 1))
+    with pytest.raises(CheckpointError) as info:
+        loop.checkpoints.resume("auto")
+    assert "\n" not in str(info.value) and "3.weight" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("step", [-5, 10 ** 30])
+def test_a_checkpointer_file_with_a_step_out_of_bounds_is_refused_naming_the_bound(tmp_path, step):
+    from nanoresume.checkpoint import save_atomically
+
+    Loop(tmp_path / "run").train(0, 2)
+    state = load_checkpoint(step_path(tmp_path / "run", 2))
+    state["step"] = step
+    save_atomically(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"'step' is .*, not a step number in \[0, 2\*\*62 - 1\]"):
+        Loop(tmp_path / "other").checkpoints.resume(str(tmp_path / "bad.pt"))
+
+
+class History:
+    """An object whose state is a tensor that grows as it runs: its shape is no misfit."""
+
+    def __init__(self) -> None:
+        self.seen = torch.zeros(0)
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"].clone()
+
+
+def test_an_object_whose_tensors_grow_resumes_with_the_saved_ones(tmp_path):
+    history = History()
+    history.seen = torch.arange(5.0)
+    with Checkpointer(tmp_path, {"history": history}, every=1, background=False) as checkpoints:
+        checkpoints.save(1)
+    fresh = History()
+    assert Checkpointer(tmp_path, {"history": fresh}, every=1, background=False).resume("auto") == 1
+    assert torch.equal(fresh.seen, torch.arange(5.0))

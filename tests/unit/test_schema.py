@@ -75,3 +75,64 @@ def test_fields_a_newer_version_adds_are_ignored_and_ones_an_older_lacks_take_de
     state["config"]["from_a_future_version"] = [1, 2]
     del state["config"]["keep_last"]
     assert schema.problems(state) == []
+
+
+def _set(path: str, value: Any) -> Any:
+    """A mutation that puts ``value`` at ``path`` (``a.b.0.c``) of a state."""
+    def mutate(state: dict[str, Any]) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        node: Any = state
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return mutate
+
+
+# Every integer of a training state, a value just past each of its bounds, and what the line must name.
+OUT_OF_BOUNDS = [
+    ("step", -5, "'step'"), ("step", 10 ** 30, "'step'"), ("step", 2 ** 62, "'step'"),
+    ("tokens_seen", -1, "'tokens_seen'"), ("tokens_seen", 10 ** 30, "'tokens_seen'"),
+    ("evaluated_step", -2, "'evaluated_step'"), ("evaluated_step", 10 ** 30, "'evaluated_step'"),
+    ("world_size", 0, "'world_size'"), ("world_size", 10 ** 30, "'world_size'"),
+    ("format_version", 10 ** 30, "'format_version'"),
+    ("scheduler.last_epoch", -2, "scheduler.last_epoch"), ("scheduler.last_epoch", 10 ** 30, "scheduler.last_epoch"),
+    ("sampler.index", -1, "sampler.index"), ("sampler.index", 10 ** 30, "sampler.index"),
+    ("sampler.seed", -1, "sampler.seed"), ("sampler.seed", 2 ** 64, "sampler.seed"),
+    ("ranks.0.rng.numpy.pos", 625, "rng.numpy.pos"), ("ranks.0.rng.numpy.has_gauss", 2, "rng.numpy.has_gauss"),
+    ("ranks.0.rng.python.version", 10 ** 30, "rng.python.version"),
+    ("optimizer.param_groups.0.params.0", -1, "param_groups"),
+    ("optimizer.param_groups.0.params.0", 10 ** 30, "param_groups"),
+    ("config.n_embd", 10 ** 30, "config.n_embd"), ("config.n_layer", 0, "config.n_layer"),
+    ("config.seed", 2 ** 64, "config.seed"), ("config.max_steps", -5, "config.max_steps"),
+    ("config.grad_accum", 10 ** 20, "config.grad_accum"),
+    ("scaler", {"scale": 1.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 0,
+                "_growth_tracker": 0}, "scaler.growth_interval"),
+    ("scaler", {"scale": 1.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": 10 ** 30}, "scaler._growth_tracker"),
+]
+
+
+@pytest.mark.parametrize("path, value, named", OUT_OF_BOUNDS)
+def test_every_integer_out_of_its_bounds_is_one_line_naming_the_key_and_the_bound(states, path, value, named):
+    state = copy.deepcopy(states["train"])
+    _set(path, value)(state)
+    found = schema.problems(state)
+    assert len(found) == 1 and named in found[0] and "\n" not in found[0], found
+    assert " in [" in found[0], found  # the bound, as [low, high]
+
+
+@pytest.mark.parametrize("kind, path, value", [("train", "step", 2 ** 62 - 1), ("train", "evaluated_step", -1),
+                                               ("train", "config.seed", 2 ** 64 - 1),
+                                               ("weights", "step", 2 ** 62 - 1), ("weights", "tokens_seen", 0)])
+def test_integers_at_their_bounds_are_accepted(states, kind, path, value):
+    state = copy.deepcopy(states[kind])
+    _set(path, value)(state)
+    assert schema.problems(state) == []
+
+
+@pytest.mark.parametrize("key, value", [("step", -5), ("step", 10 ** 30), ("tokens_seen", -1)])
+def test_a_weights_file_with_an_integer_out_of_bounds_is_refused(states, key, value):
+    state = copy.deepcopy(states["weights"])
+    state[key] = value
+    found = schema.problems(state)
+    assert len(found) == 1 and f"'{key}'" in found[0], found
