@@ -24,7 +24,7 @@ from .distributed import DistributedEnv
 from .errors import CheckpointError, ConfigError
 from .loading import load_valid
 from .rundir import RunDir
-from .training_state import CONFIG, WORLD_SIZE
+from .training_state import CONFIG, WORLD_SIZE, require_train_state
 
 Warn = Callable[[str], None]
 
@@ -130,7 +130,7 @@ def find_resume(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: Wa
     if env.is_main:
         try:
             resumed = checkpoint.resolve_resume(cfg.resume, checkpoint.CheckpointDir(run_dir.checkpoints), warn,
-                                                advice=run_dir.checkpoint_advice,
+                                                accept=require_train_state, advice=run_dir.checkpoint_advice,
                                                 load=lambda path: load_valid(path, tensors=False))
             unsaved = run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
             found = Found(resumed, unsaved)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping, Protocol
+
+from .errors import CheckpointError
 
 # What a step checkpoint of this version holds; a resume refuses another version, whose data order
 # this one cannot continue exactly.
@@ -124,3 +127,17 @@ def from_folder(state: dict[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`for_folder`; a part that is not a 1-tuple is left for the schema check to name."""
     return {key: value[0] if key in WHOLE_IN_FOLDERS and isinstance(value, tuple) and len(value) == 1 else value
             for key, value in state.items()}
+
+
+def require_train_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` if a run can resume from it, else CheckpointError saying why: the ``accept`` that the
+    trainer hands :func:`nanoresume.checkpoint.resolve_resume`."""
+    if state.get(KIND_KEY) != KIND:
+        raise CheckpointError(f"{path}: holds {state.get(KIND_KEY)!r} weights, not a full training state; "
+                              f"resume from a checkpoints/step_*.pt file")
+    if state.get(FORMAT_VERSION_KEY) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: a training state of format {state.get(FORMAT_VERSION_KEY)!r}, whose data "
+                              f"order this nanoresume (format {FORMAT_VERSION}) cannot continue exactly; finish that "
+                              f"run with the version that wrote it (its weights still work with sample, evaluate "
+                              f"and ckpt export)")
+    return state

@@ -25,7 +25,7 @@ from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_P
                     step_folder_path, step_of, step_path, verify_file, write_checksum_file)
 from .folders import is_checkpoint_folder, remove_unfinished
 from .manager import CheckpointManager
-from .resume import require_train_state, resolve_resume
+from .resume import resolve_resume
 from .observe import CheckpointObserver, observe
 from .stepdir import ABANDONED, CheckpointDir, StepCheckpoint
 from .storage import LOCAL, LocalStorage, Storage
@@ -34,7 +34,7 @@ __all__ = [
     "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "LOCAL", "STEP_FOLDER_PATTERN", "STEP_PATTERN",
     "CheckpointDir", "CheckpointError", "CheckpointManager", "CheckpointObserver", "CheckpointWriteError",
     "LocalStorage", "StepCheckpoint", "Storage", "accepted_digests", "checksum_path", "is_checkpoint_folder",
-    "load_checkpoint", "observe", "read_verified", "remove_leftovers", "remove_unfinished", "require_train_state",
+    "load_checkpoint", "observe", "read_verified", "remove_leftovers", "remove_unfinished",
     "resolve_resume", "save_atomically", "state_nbytes", "step_folder_path", "step_of", "step_path", "verify_file",
     "write_checksum_file"
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..errors import REMEDY_NONE_USABLE, REMEDY_RESUME_OR_ELSEWHERE, CheckpointError
-from .files import FORMAT_VERSION, load_checkpoint, step_of
+from .files import load_checkpoint, step_of
 from .stepdir import CheckpointDir
 
 
@@ -16,14 +16,15 @@ def resolve_resume(
     mode: str,
     folder: CheckpointDir,
     warn: Callable[[str], None],
+    *,
+    accept: Callable[[Path, dict[str, Any]], dict[str, Any]],
     load: Callable[[Path], dict[str, Any]] = load_checkpoint,
-    accept: Optional[Callable[[Path, dict[str, Any]], dict[str, Any]]] = None,
     advice: Optional[Mapping[str, str]] = None,
 ) -> Optional[tuple[Path, dict[str, Any]]]:
     """Which checkpoint a run starts from, as ``(path, state)``, or None for a fresh start.
 
     ``accept(path, state)`` returns the state if a run can resume from it, else raises
-    CheckpointError (default: :func:`require_train_state`, a nanoresume training state).
+    CheckpointError (the trainer passes :func:`nanoresume.training_state.require_train_state`).
     ``advice`` words the fixes of refusals in the caller's terms (see :mod:`nanoresume.errors`).
 
     - ``"auto"``: the newest step checkpoint that verifies; each newer one that does not is
@@ -37,7 +38,7 @@ def resolve_resume(
     - anything else: a path that must load, or CheckpointError.
     """
     try:
-        return _resolve(mode, folder, warn, load, accept or require_train_state)
+        return _resolve(mode, folder, warn, load, accept)
     except CheckpointError as e:
         raise e.reworded(advice or {}) from None
 
@@ -77,16 +78,3 @@ def _resolve(mode: str, folder: CheckpointDir, warn: Callable[[str], None], load
         return None
     path = Path(mode).expanduser()
     return path, accept(path, load(path))
-
-
-def require_train_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` if a run can resume from it, else CheckpointError saying why."""
-    if state.get("kind") != "train":
-        raise CheckpointError(f"{path}: holds {state.get('kind')!r} weights, not a full training state; "
-                              f"resume from a checkpoints/step_*.pt file")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: a training state of format {state.get('format_version')!r}, whose data "
-                              f"order this nanoresume (format {FORMAT_VERSION}) cannot continue exactly; finish that "
-                              f"run with the version that wrote it (its weights still work with sample, evaluate "
-                              f"and ckpt export)")
-    return state

@@ -24,7 +24,7 @@ import torch
 
 from .. import checkpoint, schema
 from .. import training_state as ts
-from ..checkpoint import (CheckpointDir, StepCheckpoint, is_checkpoint_folder, load_checkpoint, require_train_state,
+from ..checkpoint import (CheckpointDir, StepCheckpoint, is_checkpoint_folder, load_checkpoint,
                           resolve_resume)
 from ..checkpoint.folders import folder_nbytes
 from ..checkpointer import check_state_file, is_state_file
@@ -71,7 +71,7 @@ def read_any(path: Path, tensors: bool = True) -> dict[str, Any]:
 
 def accept_any(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     """What ``--resume auto`` would accept in this folder: a training state, or an own loop's state."""
-    return state if is_state_file(state) else require_train_state(path, state)
+    return state if is_state_file(state) else ts.require_train_state(path, state)
 
 
 class CachedLoader:

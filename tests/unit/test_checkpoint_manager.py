@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanoresume import checkpoint
+from nanoresume.training_state import require_train_state
 from nanoresume.checkpoint import (CheckpointDir, CheckpointManager, checksum_path, load_checkpoint, resolve_resume,
                                    save_atomically, step_path)
 from nanoresume.errors import CheckpointError, CheckpointWriteError
@@ -35,7 +36,7 @@ def manager_with_steps(folder: Path, steps: list[int], keep_last: int = 10) -> C
 def test_auto_resumes_from_the_newest_checkpoint(tmp_path):
     manager = manager_with_steps(tmp_path, [1, 2, 3])
     warnings: list[str] = []
-    path, state = resolve_resume("auto", manager.dir, warnings.append)
+    path, state = resolve_resume("auto", manager.dir, warnings.append, accept=require_train_state)
     assert path == step_path(tmp_path, 3) and state["step"] == 3
     assert warnings == []
 
@@ -45,16 +46,17 @@ def test_auto_falls_back_past_a_corrupt_newest_file_with_one_warning_naming_it(t
     newest = step_path(tmp_path, 3)
     newest.write_bytes(newest.read_bytes()[:50])
     warnings: list[str] = []
-    path, state = resolve_resume("auto", manager.dir, warnings.append)
+    path, state = resolve_resume("auto", manager.dir, warnings.append, accept=require_train_state)
     assert path == step_path(tmp_path, 2) and state["step"] == 2
     assert len(warnings) == 1 and str(newest) in warnings[0]
 
 
 def test_auto_returns_none_on_an_empty_or_missing_folder(tmp_path):
     warnings: list[str] = []
-    assert resolve_resume("auto", CheckpointDir(tmp_path / "missing"), warnings.append) is None
     (tmp_path / "empty").mkdir()
-    assert resolve_resume("auto", CheckpointDir(tmp_path / "empty"), warnings.append) is None
+    for folder in ("missing", "empty"):
+        assert resolve_resume("auto", CheckpointDir(tmp_path / folder), warnings.append,
+                              accept=require_train_state) is None
     assert warnings == []
 
 
@@ -66,13 +68,14 @@ def test_auto_refuses_and_touches_nothing_when_checkpoints_exist_but_none_can_be
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     warnings: list[str] = []
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager.dir, warnings.append)
+        resolve_resume("auto", manager.dir, warnings.append, accept=require_train_state)
     message = str(info.value)
     assert "\n" not in message and "step_00000001.pt" in message and "step_00000002.pt" in message
     assert "move them away" in message and "--" not in message  # library terms: no command-line flags
     assert len(warnings) == 2
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager.dir, warnings.append, advice=RunDir.checkpoint_advice)
+        resolve_resume("auto", manager.dir, warnings.append, advice=RunDir.checkpoint_advice,
+                       accept=require_train_state)
     message = str(info.value)  # the training command's words: how to see why, and its flags
     assert f"ckpt verify {tmp_path}" in message and "--out-dir" in message and "step_00000002.pt" in message
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -82,7 +85,7 @@ def test_step_files_copied_without_their_sidecars_are_resumed_not_destroyed(tmp_
     manager = manager_with_steps(tmp_path, [1, 2, 3])
     for sidecar in tmp_path.glob("*.sha256"):
         sidecar.unlink()
-    path, state = resolve_resume("auto", manager.dir, print)
+    path, state = resolve_resume("auto", manager.dir, print, accept=require_train_state)
     assert path == step_path(tmp_path, 3) and state["step"] == 3
 
 
@@ -90,28 +93,28 @@ def test_a_folder_named_like_a_step_checkpoint_is_refused_at_start_naming_it(tmp
     manager = manager_with_steps(tmp_path, [10])
     (tmp_path / "step_00000025.pt").mkdir()
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("auto", manager.dir, print)
+        resolve_resume("auto", manager.dir, print, accept=require_train_state)
     assert "step_00000025.pt is a folder" in str(info.value) and "move it out" in str(info.value)
 
 
 def test_none_refuses_when_checkpoints_exist_pointing_at_resume_auto_and_out_dir(tmp_path):
     manager = manager_with_steps(tmp_path, [4])
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("none", manager.dir, print)
+        resolve_resume("none", manager.dir, print, accept=require_train_state)
     message = str(info.value)
     assert "mode 'auto'" in message and "--" not in message and "step_00000004.pt" in message
     with pytest.raises(CheckpointError) as info:
-        resolve_resume("none", manager.dir, print, advice=RunDir.checkpoint_advice)
+        resolve_resume("none", manager.dir, print, advice=RunDir.checkpoint_advice, accept=require_train_state)
     message = str(info.value)
     assert "--resume auto" in message and "--out-dir" in message and "step_00000004.pt" in message
-    assert resolve_resume("none", CheckpointDir(tmp_path / "fresh"), print) is None
+    assert resolve_resume("none", CheckpointDir(tmp_path / "fresh"), print, accept=require_train_state) is None
 
 
 def test_an_explicit_path_must_exist_and_load(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        resolve_resume(str(tmp_path / "missing.pt"), CheckpointDir(tmp_path), print)
+        resolve_resume(str(tmp_path / "missing.pt"), CheckpointDir(tmp_path), print, accept=require_train_state)
     manager = manager_with_steps(tmp_path, [1, 2])
-    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager.dir, print)
+    path, state = resolve_resume(str(step_path(tmp_path, 1)), manager.dir, print, accept=require_train_state)
     assert state["step"] == 1
 
 
@@ -119,7 +122,7 @@ def test_an_explicit_path_to_inference_weights_is_refused(tmp_path):
     best = tmp_path / "best.pt"
     save_atomically({"format_version": 1, "kind": "weights", "model": {}}, best)
     with pytest.raises(CheckpointError, match="not a full training state"):
-        resolve_resume(str(best), CheckpointDir(tmp_path), print)
+        resolve_resume(str(best), CheckpointDir(tmp_path), print, accept=require_train_state)
 
 
 # ---- retention and leftovers --------------------------------------------------------------------

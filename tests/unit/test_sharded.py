@@ -15,6 +15,7 @@ import torch
 
 from nanoresume.checkpoint import (ABANDONED, CheckpointManager, CheckpointObserver, remove_unfinished, resolve_resume,
                                    step_folder_path)
+from nanoresume.training_state import require_train_state
 from nanoresume.checkpoint import sharded
 from nanoresume.checkpoint.folders import MANIFEST, METADATA, file_sha256, manifest_digests, write_manifest
 from nanoresume.errors import CheckpointError, CheckpointWriteError
@@ -206,11 +207,11 @@ def test_auto_falls_back_past_a_corrupt_newest_folder_and_none_refuses_folders(t
         sharded.verify_folder(path)
         return sharded.read_folder(path)
 
-    path, state = resolve_resume("auto", manager.dir, warnings.append, load=load)
+    path, state = resolve_resume("auto", manager.dir, warnings.append, load=load, accept=require_train_state)
     assert path == step_folder_path(tmp_path, 1) and state["step"] == 1
     assert len(warnings) == 1 and str(step_folder_path(tmp_path, 2) / "__0_0.distcp") in warnings[0]
     with pytest.raises(CheckpointError, match="already holds 2 checkpoint"):
-        resolve_resume("none", manager.dir, print)
+        resolve_resume("none", manager.dir, print, accept=require_train_state)
 
 
 def test_folders_newer_than_the_resumed_step_move_to_an_abandoned_timeline_whole(tmp_path):
@@ -227,7 +228,7 @@ def test_a_file_named_like_a_checkpoint_folder_is_an_obstacle(tmp_path):
     manager = folder_manager(tmp_path, [1])
     (tmp_path / "step_00000002").write_text("not a folder")
     with pytest.raises(CheckpointError, match="step_00000002 is a file, in the way"):
-        resolve_resume("auto", manager.dir, print)
+        resolve_resume("auto", manager.dir, print, accept=require_train_state)
 
 
 # ---- a single process writing folders -----------------------------------------------------------
