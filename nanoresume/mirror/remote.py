@@ -1,0 +1,328 @@
+"""The mirror of one run: what is uploaded where, in which order, how each upload is checked, the
+pointer written last, and retention. Downloading is :mod:`.restore`'s business.
+
+The mirror holds the run folder's layout below its URL::
+
+    URL/checkpoints/step_00000040.pt (+ .sha256)   or  URL/checkpoints/step_00000040/ (MANIFEST.sha256 last)
+    URL/LATEST.json                                  the pointer: the newest checkpoint uploaded and checked
+    URL/best.pt (+ .sha256), config.json, metrics.jsonl, tb/..., exit_code
+
+Call ``Mirror(url, options).probe()`` at start-up; then (from one thread, the :class:`~.uploader.Uploader`)
+``upload_extras(out_dir)``, ``upload_checkpoint(path, step)`` and ``prune(keep_last, protect)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..checkpoint.fileformat import COMMENT_LEN, MAGIC
+from ..checkpoint.files import CHECKSUM_SUFFIX, STEP_FOLDER_PATTERN, STEP_PATTERN
+from ..checkpoint.folders import MANIFEST, manifest_digests
+from ..rundir import RunDir
+from .store import Store, md5_reported
+
+POINTER = "LATEST.json"
+CHECKPOINTS = "checkpoints"
+POINTER_FORMAT = 1
+# What is compared byte for byte where the store reports no MD5: an object's last 64 KiB (a whole
+# small file; for a checkpoint file, the trailer holding the digest of every byte before it).
+TAIL_BYTES = 64 << 10
+# s3fs uploads a file in one PUT below twice its part size, else in parts of this size; S3's ETag is
+# then the MD5 of the bytes, or the MD5 of the parts' MD5s followed by "-<parts>".
+_S3_PART = 50 << 20
+_HASH_BLOCK = 8 << 20
+
+
+class UploadMismatch(OSError):
+    """An object on the mirror does not match the local file it was uploaded from (retried)."""
+
+
+class LocalGone(Exception):
+    """The local file to upload was deleted before the upload began (pruned, or superseded)."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """``LATEST.json``: the newest checkpoint uploaded and checked. ``digest`` is the digest a step file
+    carries in its trailer, or the SHA-256 of a folder's manifest; ``size`` is bytes in all."""
+
+    step: int
+    name: str  # relative to the mirror's root: checkpoints/step_00000040.pt or checkpoints/step_00000040
+    kind: str  # "file" or "folder"
+    size: int
+    digest: str
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps({"format": POINTER_FORMAT, **asdict(self)}, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Pointer":
+        """Raises ValueError for anything that is not a pointer this version writes."""
+        record = json.loads(data)
+        if not isinstance(record, dict) or record.get("format") != POINTER_FORMAT:
+            raise ValueError("not a nanoresume pointer of format 1")
+        pointer = cls(step=record["step"], name=record["name"], kind=record["kind"], size=record["size"],
+                      digest=record["digest"])
+        if (not isinstance(pointer.step, int) or not isinstance(pointer.size, int) or pointer.kind not in
+                ("file", "folder") or not isinstance(pointer.name, str) or not isinstance(pointer.digest, str)):
+            raise ValueError("a field of the wrong type")
+        return pointer
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A step checkpoint listed on the mirror (not yet checked)."""
+
+    step: int
+    name: str  # relative to the mirror's root
+    kind: str  # "file" or "folder"
+    size: Optional[int]  # a file's size as listed; None for a folder
+
+
+class Mirror:
+    """A run's mirror at ``url`` (a folder or any fsspec URL; ``options`` are fsspec storage options).
+
+    Constructing it opens the filesystem (a missing extra is a :class:`~.store.MirrorError`);
+    :meth:`probe` proves it is writable. Not thread-safe: one thread uploads.
+    """
+
+    def __init__(self, url: str, options: Optional[dict[str, Any]] = None) -> None:
+        self.store = Store(url, options)
+        self.url = self.store.url
+        self._sent: dict[str, tuple[int, int]] = {}  # extra's name -> (size, mtime_ns) last uploaded
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="nanoresume-mirror-md5")
+
+    def probe(self) -> None:
+        """Write and delete a small object; raises MirrorError in one line if the mirror cannot work."""
+        self.store.probe()
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+
+    # ---- uploading -------------------------------------------------------------------------------
+
+    def upload_checkpoint(self, local: Path, step: int) -> Pointer:
+        """Upload a committed step file (and its ``.sha256``) or folder (every file, its manifest last),
+        check every object, then write the pointer. Returns the pointer written.
+
+        Raises LocalGone if ``local`` vanished first (pruned locally: a newer one is on its way),
+        UploadMismatch if an object does not match, and the store's own errors otherwise.
+        """
+        local = Path(local)
+        if local.is_dir():
+            name = f"{CHECKPOINTS}/{local.name}"
+            try:
+                listed = manifest_digests(local)
+            except FileNotFoundError:
+                raise LocalGone(str(local)) from None
+            size = 0
+            for file in sorted(listed):
+                size += self._upload_checked(local / file, f"{name}/{file}")
+            manifest = (local / MANIFEST).read_bytes()
+            size += self._upload_checked(local / MANIFEST, f"{name}/{MANIFEST}")
+            pointer = Pointer(step, name, "folder", size, hashlib.sha256(manifest).hexdigest())
+        else:
+            name = f"{CHECKPOINTS}/{local.name}"
+            digest = embedded_digest(local)
+            size = self._upload_checked(local, name)
+            sidecar = local.with_name(local.name + CHECKSUM_SUFFIX)
+            if sidecar.is_file():
+                try:
+                    self._upload_checked(sidecar, name + CHECKSUM_SUFFIX)
+                except LocalGone:
+                    pass  # an extra: the file verifies by itself
+            pointer = Pointer(step, name, "file", size, digest or "")
+        self.write_pointer(pointer)
+        return pointer
+
+    def write_pointer(self, pointer: Pointer) -> None:
+        data = pointer.to_bytes()
+        self.store.put_bytes(data, POINTER)
+        if self.store.read(POINTER) != data:
+            raise UploadMismatch(f"{self.store.where(POINTER)} does not read back as written")
+
+    def upload_extras(self, out_dir: Path) -> list[str]:
+        """Upload what changed since the last call among ``best.pt`` (+ ``.sha256``), ``config.json``,
+        ``metrics.jsonl``, the TensorBoard event files and ``exit_code``; returns the names uploaded.
+        Files that grow while training runs are uploaded from a snapshot copy."""
+        run = RunDir(Path(out_dir))
+        files = [run.best, run.best.with_name(run.best.name + CHECKSUM_SUFFIX), run.config, run.metrics,
+                 run.exit_code]
+        if run.tensorboard.is_dir():
+            files += sorted(p for p in run.tensorboard.rglob("*") if p.is_file() and not p.name.startswith("."))
+        uploaded = []
+        for file in files:
+            try:
+                stat = file.stat()
+            except FileNotFoundError:
+                continue
+            name = file.relative_to(run.root).as_posix()
+            signature = (stat.st_size, stat.st_mtime_ns)
+            if self._sent.get(name) == signature:
+                continue
+            if file == run.best:
+                self._upload_checked(file, name)  # committed by a rename: its bytes never change in place
+            else:
+                with tempfile.TemporaryDirectory(prefix="nanoresume-mirror-") as scratch:
+                    snapshot = Path(scratch) / file.name
+                    try:
+                        shutil.copyfile(file, snapshot)
+                    except FileNotFoundError:
+                        continue
+                    self._upload_checked(snapshot, name)
+            self._sent[name] = signature
+            uploaded.append(name)
+        return uploaded
+
+    def _upload_checked(self, local: Path, name: str) -> int:
+        """Upload one file and check the object; returns its size."""
+        try:
+            size = local.stat().st_size
+        except FileNotFoundError:
+            raise LocalGone(str(local)) from None
+        md5: Optional[Future] = self._hasher.submit(local_md5, local, size) if self.store.reports_md5 else None
+        try:
+            self.store.put_file(local, name)
+        except FileNotFoundError:
+            if not local.exists():
+                raise LocalGone(str(local)) from None
+            raise
+        finally:
+            expected = _result_or_none(md5)
+        self.check_object(local, name, size, expected)
+        return size
+
+    def check_object(self, local: Path, name: str, size: int, expected_md5: Optional[str]) -> str:
+        """Check an uploaded object against the local file; returns what was checked, raises UploadMismatch.
+
+        - always the size the store reports;
+        - where the store reports an MD5 (S3's ETag of a PUT or of a multipart upload in s3fs's parts,
+          GCS's md5Hash): that MD5 against the local file's;
+        - otherwise (a path, memory://, a multipart upload in other parts): the object's last 64 KiB read
+          back and compared byte for byte; that is all of a small file and, for a checkpoint file, the
+          trailer holding the digest of every byte before it.
+        """
+        found = self.store.info(name)
+        where = self.store.where(name)
+        if found is None:
+            raise UploadMismatch(f"{where}: missing right after its upload")
+        if int(found.get("size", -1)) != size:
+            raise UploadMismatch(f"{where}: holds {found.get('size')} bytes, the local file {size}")
+        reported = md5_reported(found)
+        if reported is not None and expected_md5 is not None and _comparable(reported, expected_md5):
+            if reported != expected_md5:
+                raise UploadMismatch(f"{where}: its MD5 ({reported}) differs from the local file's ({expected_md5})")
+            return "size and MD5"
+        start = max(0, size - TAIL_BYTES)
+        with open(local, "rb") as f:
+            f.seek(start)
+            mine = f.read()
+        if self.store.read(name, start, size) != mine:
+            raise UploadMismatch(f"{where}: its last {size - start} bytes differ from the local file's")
+        return "size and last bytes"
+
+    # ---- reading the mirror's state --------------------------------------------------------------
+
+    def pointer(self) -> Optional[Pointer]:
+        """The pointer, or None if there is none; ValueError if it is unreadable."""
+        if self.store.info(POINTER) is None:
+            return None
+        return Pointer.from_bytes(self.store.read(POINTER))
+
+    def checkpoints(self) -> list[RemoteCheckpoint]:
+        """Step files and folders under ``checkpoints/``, oldest first (nothing is checked here)."""
+        found = []
+        for base, info in self.store.list(CHECKPOINTS).items():
+            is_folder = info.get("type") == "directory"
+            match = (STEP_FOLDER_PATTERN if is_folder else STEP_PATTERN).match(base)
+            if match:
+                found.append(RemoteCheckpoint(int(match.group(1)), f"{CHECKPOINTS}/{base}",
+                                              "folder" if is_folder else "file",
+                                              None if is_folder else int(info.get("size") or 0)))
+        return sorted(found, key=lambda c: (c.step, c.kind))
+
+    # ---- retention -------------------------------------------------------------------------------
+
+    def prune(self, keep_last: int, protect: Iterable[int] = ()) -> list[str]:
+        """Delete old step checkpoints on the mirror, only below the pointer's step: keeps the newest
+        ``keep_last`` up to the pointer, the pointer's own checkpoint and every step in ``protect`` (the
+        one the run resumed from). ``best.pt`` and the other files are never touched. Returns the names
+        deleted. Does nothing without a readable pointer."""
+        try:
+            pointer = self.pointer()
+        except ValueError:
+            return []
+        if pointer is None:
+            return []
+        committed = [c for c in self.checkpoints() if c.step <= pointer.step]
+        newest = sorted({c.step for c in committed})[-max(1, keep_last):]
+        keep = set(newest) | {pointer.step} | set(protect)
+        deleted = []
+        for old in committed:
+            if old.step in keep:
+                continue
+            if old.kind == "folder":
+                self.store.remove(f"{old.name}/{MANIFEST}")  # uncommitted first, then its files
+                self.store.remove_tree(old.name)
+            else:
+                self.store.remove(old.name)
+                self.store.remove(old.name + CHECKSUM_SUFFIX)
+            deleted.append(old.name)
+        return deleted
+
+
+def embedded_digest(path: Path) -> Optional[str]:
+    """The digest a checkpoint file carries in its trailer (not checked here), or None."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        if f.tell() < COMMENT_LEN:
+            return None
+        f.seek(-COMMENT_LEN, 2)
+        tail = f.read()
+    if not tail.startswith(MAGIC):
+        return None
+    return tail[len(MAGIC):].decode("ascii", errors="replace").lower()
+
+
+def local_md5(path: Path, size: int) -> Optional[str]:
+    """The MD5 S3 reports for ``path`` once s3fs has uploaded it: of the bytes, or of its parts' MD5s."""
+    try:
+        with open(path, "rb") as f:
+            if size < 2 * _S3_PART:
+                whole = hashlib.md5()
+                while block := f.read(_HASH_BLOCK):
+                    whole.update(block)
+                return whole.hexdigest()
+            parts = []
+            for _ in range(math.ceil(size / _S3_PART)):
+                part = hashlib.md5()
+                left = _S3_PART
+                while left and (block := f.read(min(_HASH_BLOCK, left))):
+                    part.update(block)
+                    left -= len(block)
+                parts.append(part.digest())
+            return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+    except OSError:
+        return None
+
+
+def _comparable(reported: str, expected: str) -> bool:
+    """Both plain MD5s, or both multipart ETags of the same number of parts."""
+    return reported.partition("-")[2] == expected.partition("-")[2]
+
+
+def _result_or_none(job: Optional[Future]) -> Optional[str]:
+    if job is None:
+        return None
+    try:
+        return job.result()
+    except Exception:
+        return None
