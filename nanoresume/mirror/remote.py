@@ -131,7 +131,10 @@ class Mirror:
             pointer = Pointer(step, name, "folder", size, hashlib.sha256(manifest).hexdigest())
         else:
             name = f"{CHECKPOINTS}/{local.name}"
-            digest = embedded_digest(local)
+            try:
+                digest = embedded_digest(local)
+            except FileNotFoundError:
+                raise LocalGone(str(local)) from None
             size = self._upload_checked(local, name)
             sidecar = local.with_name(local.name + CHECKSUM_SUFFIX)
             if sidecar.is_file():
