@@ -3,7 +3,7 @@ pointer written last, and retention. Downloading is :mod:`.restore`'s business.
 
 The mirror holds the run folder's layout below its URL::
 
-    URL/checkpoints/step_00000040.pt (+ .sha256)   or  URL/checkpoints/step_00000040/ (MANIFEST.sha256 last)
+    URL/checkpoints/step_00000040.pt               or  URL/checkpoints/step_00000040/ (MANIFEST.sha256 last)
     URL/LATEST.json                                  the pointer: the newest checkpoint uploaded and checked
     URL/best.pt (+ .sha256), config.json, metrics.jsonl, tb/..., exit_code
 
@@ -18,18 +18,21 @@ import json
 import math
 import shutil
 import tempfile
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from ..atomic import is_temp_path
 from ..checkpoint.fileformat import COMMENT_LEN, MAGIC
 from ..checkpoint.files import CHECKSUM_SUFFIX, STEP_FOLDER_PATTERN, STEP_PATTERN
 from ..checkpoint.folders import MANIFEST, manifest_digests
 from ..rundir import RunDir
-from .store import Store, md5_reported
+from .store import Store, crc32_reported, md5_reported
 
 POINTER = "LATEST.json"
+RUN_CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
 POINTER_FORMAT = 1
 # What is compared byte for byte where the store reports no MD5: an object's last 64 KiB (a whole
@@ -39,6 +42,7 @@ TAIL_BYTES = 64 << 10
 # then the MD5 of the bytes, or the MD5 of the parts' MD5s followed by "-<parts>".
 _S3_PART = 50 << 20
 _HASH_BLOCK = 8 << 20
+ONE_PUT_BYTES = 64 << 20  # on an object store, files below this go up from memory in one PUT
 
 
 class UploadMismatch(OSError):
@@ -110,7 +114,7 @@ class Mirror:
     # ---- uploading -------------------------------------------------------------------------------
 
     def upload_checkpoint(self, local: Path, step: int) -> Pointer:
-        """Upload a committed step file (and its ``.sha256``) or folder (every file, its manifest last),
+        """Upload a committed step file or folder (every file, its manifest last),
         check every object, then write the pointer. Returns the pointer written.
 
         Raises LocalGone if ``local`` vanished first (pruned locally: a newer one is on its way),
@@ -135,22 +139,23 @@ class Mirror:
                 digest = embedded_digest(local)
             except FileNotFoundError:
                 raise LocalGone(str(local)) from None
-            size = self._upload_checked(local, name)
-            sidecar = local.with_name(local.name + CHECKSUM_SUFFIX)
-            if sidecar.is_file():
-                try:
-                    self._upload_checked(sidecar, name + CHECKSUM_SUFFIX)
-                except LocalGone:
-                    pass  # an extra: the file verifies by itself
+            size = self._upload_checked(local, name)  # not its .sha256: the file verifies by itself
             pointer = Pointer(step, name, "file", size, digest or "")
         self.write_pointer(pointer)
         return pointer
 
     def write_pointer(self, pointer: Pointer) -> None:
+        """Write ``LATEST.json`` and check it like any upload (size, and the MD5 the store reports or
+        its bytes read back)."""
         data = pointer.to_bytes()
-        self.store.put_bytes(data, POINTER)
-        if self.store.read(POINTER) != data:
-            raise UploadMismatch(f"{self.store.where(POINTER)} does not read back as written")
+        if self.check_answer(POINTER, data, self.store.put_bytes(data, POINTER)) is not None:
+            return
+        found = self.store.info(POINTER)
+        reported = md5_reported(found) if found is not None else None
+        if found is None or int(found.get("size", -1)) != len(data) or (
+                reported != hashlib.md5(data).hexdigest() if reported is not None
+                else self.store.read(POINTER) != data):
+            raise UploadMismatch(f"{self.store.where(POINTER)}: does not match what was written")
 
     def upload_extras(self, out_dir: Path) -> list[str]:
         """Upload what changed since the last call among ``best.pt`` (+ ``.sha256``), ``config.json``,
@@ -191,6 +196,15 @@ class Mirror:
             size = local.stat().st_size
         except FileNotFoundError:
             raise LocalGone(str(local)) from None
+        if not self.store.is_path and size < ONE_PUT_BYTES:  # from memory, as s3fs's put_file would anyway
+            try:
+                data = local.read_bytes()
+            except FileNotFoundError:
+                raise LocalGone(str(local)) from None
+            answer = self.store.put_bytes(data, name)
+            if self.check_answer(name, data, answer) is None:
+                self.check_object(local, name, len(data), None)
+            return len(data)
         md5: Optional[Future] = self._hasher.submit(local_md5, local, size) if self.store.reports_md5 else None
         try:
             self.store.put_file(local, name)
@@ -203,18 +217,39 @@ class Mirror:
         self.check_object(local, name, size, expected)
         return size
 
-    def check_object(self, local: Path, name: str, size: int, expected_md5: Optional[str]) -> str:
-        """Check an uploaded object against the local file; returns what was checked, raises UploadMismatch.
+    def check_answer(self, name: str, data: bytes, answer: Optional[dict[str, Any]]) -> Optional[str]:
+        """Check a PUT by what the store answered about the bytes it stored: S3's CRC32 (the flexible
+        checksum botocore sends and S3 validates; cheap to compute here) or else its ETag, the MD5.
+        Returns what was checked, None if the answer says nothing; raises UploadMismatch."""
+        where = self.store.where(name)
+        crc = crc32_reported(answer) if answer is not None else None
+        if crc is not None:
+            mine = zlib.crc32(data)
+            if crc != mine:
+                raise UploadMismatch(f"{where}: the store holds bytes whose CRC32 ({crc:08x}) differs from the "
+                                     f"local file's ({mine:08x})")
+            return "CRC32 of the bytes stored"
+        md5 = md5_reported(answer) if answer is not None else None
+        if md5 is not None and "-" not in md5:
+            mine_md5 = hashlib.md5(data).hexdigest()
+            if md5 != mine_md5:
+                raise UploadMismatch(f"{where}: the store holds bytes whose MD5 ({md5}) differs from the local "
+                                     f"file's ({mine_md5})")
+            return "MD5 of the bytes stored"
+        return None
 
-        - always the size the store reports;
-        - where the store reports an MD5 (S3's ETag of a PUT or of a multipart upload in s3fs's parts,
-          GCS's md5Hash): that MD5 against the local file's;
+    def check_object(self, local: Path, name: str, size: int, expected_md5: Optional[str]) -> str:
+        """Check an uploaded object against the local file by asking the store; returns what was checked,
+        raises UploadMismatch.
+
+        - the size the store reports (``info``), and where it reports an MD5 (S3's ETag of a PUT or of a
+          multipart upload in s3fs's parts, GCS's md5Hash), that MD5 against the local file's;
         - otherwise (a path, memory://, a multipart upload in other parts): the object's last 64 KiB read
           back and compared byte for byte; that is all of a small file and, for a checkpoint file, the
           trailer holding the digest of every byte before it.
         """
-        found = self.store.info(name)
         where = self.store.where(name)
+        found = self.store.info(name)
         if found is None:
             raise UploadMismatch(f"{where}: missing right after its upload")
         if int(found.get("size", -1)) != size:
@@ -236,9 +271,10 @@ class Mirror:
 
     def pointer(self) -> Optional[Pointer]:
         """The pointer, or None if there is none; ValueError if it is unreadable."""
-        if self.store.info(POINTER) is None:
+        try:
+            return Pointer.from_bytes(self.store.read(POINTER))
+        except FileNotFoundError:
             return None
-        return Pointer.from_bytes(self.store.read(POINTER))
 
     def checkpoints(self) -> list[RemoteCheckpoint]:
         """Step files and folders under ``checkpoints/``, oldest first (nothing is checked here)."""
@@ -251,6 +287,30 @@ class Mirror:
                                               "folder" if is_folder else "file",
                                               None if is_folder else int(info.get("size") or 0)))
         return sorted(found, key=lambda c: (c.step, c.kind))
+
+    def run_config(self) -> Optional[dict[str, Any]]:
+        """The ``config.json`` the mirror holds (the run it belongs to), or None; for refusing a mirror
+        that holds another run. ValueError if it is not JSON."""
+        try:
+            found = json.loads(self.store.read(RUN_CONFIG))
+        except FileNotFoundError:
+            return None
+        if not isinstance(found, dict):
+            raise ValueError(f"{self.store.where(RUN_CONFIG)} does not hold a JSON object")
+        return found
+
+    def remove_leftovers(self) -> list[str]:
+        """On a path mirror, delete the temp files of uploads a kill interrupted (``.name.tmp.<pid>``);
+        returns their names. An object store has none to delete: an upload that never completed is not
+        visible (a bucket lifecycle rule that aborts incomplete multipart uploads frees their parts)."""
+        if not self.store.is_path:
+            return []
+        removed = []
+        for name in self.store.walk_files(""):
+            if is_temp_path(Path(name)):
+                self.store.remove(name)
+                removed.append(name)
+        return removed
 
     # ---- retention -------------------------------------------------------------------------------
 
@@ -277,7 +337,6 @@ class Mirror:
                 self.store.remove_tree(old.name)
             else:
                 self.store.remove(old.name)
-                self.store.remove(old.name + CHECKSUM_SUFFIX)
             deleted.append(old.name)
         return deleted
 

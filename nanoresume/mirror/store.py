@@ -90,7 +90,9 @@ class Store:
         else:
             self.fs.put_file(str(local), self.key(name))
 
-    def put_bytes(self, data: bytes, name: str) -> None:
+    def put_bytes(self, data: bytes, name: str) -> Optional[dict[str, Any]]:
+        """Write ``data`` under ``name``, whole or not at all. Returns the store's answer where it gives one
+        (S3's PUT answers with the ETag and the CRC32 of the bytes it stored), else None."""
         if self.is_path:
             target = Path(self.key(name))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +107,9 @@ class Store:
                 remove_quietly(tmp)
                 raise
             _fsync_folder_quietly(target.parent)
-        else:
-            self.fs.pipe_file(self.key(name), data)
+            return None
+        answer = self.fs.pipe_file(self.key(name), data)
+        return answer if isinstance(answer, dict) else None
 
     def remove(self, name: str) -> None:
         """Delete one object; a missing one is not an error."""
@@ -221,6 +224,16 @@ def _option_value(raw: str) -> Any:
         except ValueError:
             pass
     return raw
+
+
+def crc32_reported(answer: dict[str, Any]) -> Optional[int]:
+    """The CRC32 of the bytes stored that an S3 PUT answers with (``ChecksumCRC32``, base64), or None."""
+    value = answer.get("ChecksumCRC32")
+    try:
+        raw = base64.b64decode(value) if isinstance(value, str) else b""
+    except (binascii.Error, ValueError):
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 4 else None
 
 
 def md5_reported(info: dict[str, Any]) -> Optional[str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .remote import LocalGone, Mirror
+from .remote import LocalGone, Mirror, UploadMismatch
 from .store import describe_failure
 
 Warn = Callable[[str], None]
@@ -173,7 +173,7 @@ class Uploader:
             try:
                 self.mirror.prune(self.keep_last, self.protect | {pointer.step})
             except Exception as e:  # an extra old checkpoint stays; the next pointer prunes again
-                reason = describe_failure(self.mirror.url, e).removeprefix(f"--mirror {self.mirror.url}: ")
+                reason = _reason(self.mirror.url, e)
                 self.warn(f"mirror {self.mirror.url}: could not delete old checkpoints ({reason})")
 
     def _done(self, recovered: bool = False) -> None:
@@ -193,7 +193,7 @@ class Uploader:
                 self._slot = job  # retried, unless a newer commit took its place meanwhile
             self._extras_due = self._extras_due or extras
             self._failures += 1
-            reason = describe_failure(self.mirror.url, error).removeprefix(f"--mirror {self.mirror.url}: ")
+            reason = _reason(self.mirror.url, error)
             if self.problem is None:
                 what = f"step {job.step}" if job is not None else "the run's files"
                 self.warn(f"mirror {self.mirror.url}: could not upload {what} ({reason}); training goes on and "
@@ -203,3 +203,10 @@ class Uploader:
             self._cond.notify_all()
             while not self._closing and time.monotonic() < resume_at:
                 self._cond.wait(resume_at - time.monotonic())
+
+
+def _reason(url: str, error: Exception) -> str:
+    """Why an upload failed, in a few words (the URL is named by the caller)."""
+    if isinstance(error, UploadMismatch):
+        return f"the upload did not check out: {error}"
+    return describe_failure(url, error).removeprefix(f"--mirror {url}: ")

@@ -129,6 +129,53 @@ def test_the_final_wait_uploads_the_exit_code_written_after_the_last_commit(path
         uploader.close()
 
 
+def test_a_full_mirror_falls_behind_with_one_warning_and_the_local_checkpoints_stay_intact(path_target, tmp_path):
+    import errno
+
+    mirror = path_target.open()
+
+    def full(local, name):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mirror.store.put_file = full
+    warnings: list[str] = []
+    folder = tmp_path / "out" / "checkpoints"
+    uploader = Uploader(mirror, tmp_path / "out", warnings.append, backoff=FAST).start()
+    try:
+        for step in (10, 20, 30):
+            uploader.committed(step, make_checkpoint(folder, step))
+        assert uploader.wait(0.3) is None
+        assert len(warnings) == 1 and "No space left on device" in warnings[0]
+        assert "holds no checkpoint of this run; step 30 is not mirrored: " in uploader.summary()
+        assert uploader.lag()[0] == 30
+    finally:
+        uploader.close()
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["step_00000010.pt", "step_00000020.pt",
+                                                            "step_00000030.pt"]
+
+
+def test_an_upload_that_does_not_check_out_is_named_as_such_and_retried(path_target, tmp_path):
+    mirror = path_target.open()
+    put_file, calls = mirror.store.put_file, []
+
+    def truncating(local, name):
+        calls.append(name)
+        if len(calls) == 1:
+            mirror.store.put_bytes(local.read_bytes()[:100], name)
+        else:
+            put_file(local, name)
+
+    mirror.store.put_file = truncating
+    warnings: list[str] = []
+    uploader = Uploader(mirror, tmp_path / "out", warnings.append, backoff=FAST).start()
+    try:
+        uploader.committed(10, make_checkpoint(tmp_path / "out" / "checkpoints", 10))
+        assert uploader.wait(30) == 10
+        assert "did not check out" in warnings[0] and "100 bytes" in warnings[0]
+    finally:
+        uploader.close()
+
+
 @pytest.mark.slow
 def test_a_server_stopped_mid_run_gives_one_warning_and_the_mirror_catches_up_when_it_is_back(
         s3_credentials, tmp_path):
