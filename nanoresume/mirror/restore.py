@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,7 +28,7 @@ from ..checkpoint import CheckpointError, checksum_path, load_checkpoint, requir
 from ..checkpoint.folders import MANIFEST, check_digests, delete_folder, is_plain_name
 from ..metrics import scan_for_cut
 from ..rundir import RunDir
-from .remote import POINTER, Mirror, RemoteCheckpoint
+from .remote import POINTER, Mirror, Pointer, RemoteCheckpoint
 from .store import MirrorError, describe_failure
 
 Warn = Callable[[str], None]
@@ -47,14 +48,56 @@ def mirror_candidates(mirror: Mirror, warn: Warn) -> list[RemoteCheckpoint]:
     """The mirror's checkpoints a resume may use, newest first: those at or below the pointer's step.
     Warns once for each object newer than the pointer, for a pointer naming a missing object, and
     once for a mirror that holds checkpoints but no pointer."""
-    where = mirror.store.where
-    listed = mirror.checkpoints()
+    with ThreadPoolExecutor(1, thread_name_prefix="nanoresume-mirror-list") as pool:
+        listing = pool.submit(mirror.checkpoints)  # two round trips at once: the listing and the pointer
+        pointer, problem = _read_pointer(mirror)
+        listed = listing.result()
+    return _usable(mirror, listed, pointer, problem, warn)
+
+
+def find_newest_on_mirror(mirror: Mirror, folder: Path, warn: Warn, newer_than: Optional[int] = None,
+                          check: Optional[Check] = None) -> Optional[Restored]:
+    """Download the newest checkpoint on the mirror that verifies into ``folder`` (OUT/checkpoints) and
+    return it; None if the mirror has none newer than ``newer_than`` (the newest local step that
+    verifies). Each one that fails is skipped with a warning. Network failures raise MirrorError.
+
+    The pointer's own checkpoint is downloaded while the mirror is listed (the listing only finds
+    older ones to fall back to, and what to warn about)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="nanoresume-mirror-list") as pool:
+        listing = pool.submit(mirror.checkpoints)
+        pointer, problem = _read_pointer(mirror)
+        first: Optional[object] = None
+        if pointer is not None and (newer_than is None or pointer.step > newer_than):
+            first = _attempt(mirror, RemoteCheckpoint(pointer.step, pointer.name, pointer.kind, pointer.size),
+                             folder, check)
+        listed = listing.result()
+    candidates = _usable(mirror, listed, pointer, problem, warn)
+    if isinstance(first, Restored):
+        return first
+    for candidate in candidates:
+        if newer_than is not None and candidate.step <= newer_than:
+            return None
+        outcome = first if pointer is not None and candidate.name == pointer.name and first is not None else \
+            _attempt(mirror, candidate, folder, check)
+        if isinstance(outcome, Restored):
+            return outcome
+        warn(f"skipping {outcome}")
+    return None
+
+
+def _read_pointer(mirror: Mirror) -> tuple[Optional[Pointer], Optional[str]]:
     try:
-        pointer = mirror.pointer()
+        return mirror.pointer(), None
     except (ValueError, KeyError) as e:
-        warn(f"skipping {where(POINTER)}: unreadable ({e}); it is written last, so no checkpoint can be trusted "
-             f"without it")
-        pointer = None
+        return None, str(e)
+
+
+def _usable(mirror: Mirror, listed: list[RemoteCheckpoint], pointer: Optional[Pointer], problem: Optional[str],
+            warn: Warn) -> list[RemoteCheckpoint]:
+    where = mirror.store.where
+    if problem is not None:
+        warn(f"skipping {where(POINTER)}: unreadable ({problem}); it is written last, so no checkpoint can be "
+             f"trusted without it")
     if pointer is None:
         if listed:
             warn(f"skipping {len(listed)} checkpoint(s) on {mirror.url} (newest {listed[-1].name}): the mirror has "
@@ -69,21 +112,13 @@ def mirror_candidates(mirror: Mirror, warn: Warn) -> list[RemoteCheckpoint]:
     return [c for c in reversed(listed) if c.step <= pointer.step]
 
 
-def find_newest_on_mirror(mirror: Mirror, folder: Path, warn: Warn, newer_than: Optional[int] = None,
-                          check: Optional[Check] = None) -> Optional[Restored]:
-    """Download the newest checkpoint on the mirror that verifies into ``folder`` (OUT/checkpoints) and
-    return it; None if the mirror has none newer than ``newer_than`` (the newest local step that
-    verifies). Each one that fails is skipped with a warning. Network failures raise MirrorError."""
-    for candidate in mirror_candidates(mirror, warn):
-        if newer_than is not None and candidate.step <= newer_than:
-            return None
-        try:
-            path = download_checkpoint(mirror, candidate, folder, check)
-        except CheckpointError as e:
-            warn(f"skipping {e}")
-            continue
-        return Restored(candidate.step, path, mirror.store.where(candidate.name))
-    return None
+def _attempt(mirror: Mirror, candidate: RemoteCheckpoint, folder: Path, check: Optional[Check]) -> object:
+    """A Restored, or the CheckpointError that says why this one cannot be used."""
+    try:
+        path = download_checkpoint(mirror, candidate, folder, check)
+    except CheckpointError as e:
+        return e
+    return Restored(candidate.step, path, mirror.store.where(candidate.name))
 
 
 def download_checkpoint(mirror: Mirror, candidate: RemoteCheckpoint, folder: Path,
