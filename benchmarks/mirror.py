@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """What the mirror costs over plain s3fs, against a loopback S3 server (moto), for checkpoints of a few sizes.
 
-    python benchmarks/mirror.py [--mb 16 64] [--repeats 5]
+    python benchmarks/mirror.py [--mb 16 128] [--repeats 3]
 
 Needs the dev extras (``moto[server]``, ``s3fs``). Each checkpoint is a real step file (random
 float32 weights, saved by nanoresume's commit, with its ``.sha256``). Per repetition, interleaved,
 and the median shown:
 
 - plain upload: ``s3fs.put_file`` of the same file to another key;
-- mirror upload: ``Mirror.upload_checkpoint``: the file and its ``.sha256``, the size and MD5 checks
-  (the MD5 hashed on a helper thread while the upload runs), then the pointer written and read back;
+- mirror upload: ``Mirror.upload_checkpoint``: the file, checked by the CRC32 S3 answers the PUT with
+  (below 64 MiB, one PUT from memory) or by its size and MD5/multipart ETag (above: s3fs's put_file,
+  in 50 MiB parts from 100 MiB on, the MD5 hashed on a helper thread while it uploads), then the
+  pointer written and checked the same way. 128 MiB takes the multipart path;
 - plain resume: ``s3fs.get_file`` then ``torch.load`` (``weights_only``, torch's default);
 - mirror resume: ``find_newest_on_mirror`` into an empty folder: list, read the pointer, download to
   a temp name, verify the digest, unpickle safely, check the training state's keys, commit.
@@ -109,8 +111,8 @@ def bench(size_mb: int, repeats: int, endpoint: str, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, nargs="+", default=[16, 64], help="checkpoint sizes in MiB")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mb", type=int, nargs="+", default=[16, 128], help="checkpoint sizes in MiB")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     server, endpoint = start_server()
     work = Path(tempfile.mkdtemp(prefix="nanoresume-bench-mirror-"))

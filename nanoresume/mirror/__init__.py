@@ -13,12 +13,14 @@ mirror; training never waits for the network.
 2. A step file goes under its final key (``checkpoints/step_00000040.pt``): it verifies itself
    (its digest is in its trailer), so no rename is needed. A step folder's files go first and its
    ``MANIFEST.sha256`` last: a folder counts only once its manifest lists every file.
-3. Every upload is checked before anything counts on it: the size the store reports, and the MD5 it
-   reports where it does (S3's ETag, also for s3fs's multipart uploads; GCS's md5Hash) against the
-   local file's; where it reports none (a path, memory://), the object's last 64 KiB are read back
-   and compared byte for byte, which for a checkpoint file is the trailer carrying the digest of
-   every byte before it, and for the small files (config, manifest, pointer) all of them.
-4. The pointer ``LATEST.json`` ({step, name, kind, size, digest}) is written last, and read back.
+3. Every upload is checked before anything counts on it, by what the store reports about the bytes it
+   holds: below 64 MiB (one PUT from memory) the CRC32 and/or MD5 an S3 PUT answers with, against
+   the same sums of the bytes sent; above, the size from ``info`` and the MD5 it reports (S3's ETag,
+   also of s3fs's multipart uploads; GCS's md5Hash) against the local file's, hashed while it
+   uploads. Where the store reports no sum (a path, memory://), the size, and the object's last
+   64 KiB read back and compared byte for byte: for a checkpoint file, the trailer carrying the
+   digest of every byte before it; for the small files (config, manifest, pointer), all of them.
+4. The pointer ``LATEST.json`` ({step, name, kind, size, digest}) is written last, and checked the same way.
    Only checkpoints at or below its step count; old ones are pruned only after a newer pointer is
    written, never the pointer's own nor the one the run resumed from; ``best.pt`` is never pruned.
 

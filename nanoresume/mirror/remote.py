@@ -202,8 +202,9 @@ class Mirror:
             except FileNotFoundError:
                 raise LocalGone(str(local)) from None
             answer = self.store.put_bytes(data, name)
-            if self.check_answer(name, data, answer) is None:
-                self.check_object(local, name, len(data), None)
+            if self.check_answer(name, data, answer) is None:  # the answer said nothing: ask the store
+                expected = hashlib.md5(data).hexdigest() if self.store.reports_md5 else None
+                self.check_object(local, name, len(data), expected)
             return len(data)
         md5: Optional[Future] = self._hasher.submit(local_md5, local, size) if self.store.reports_md5 else None
         try:
