@@ -149,8 +149,13 @@ def download_checkpoint(mirror: Mirror, candidate: RemoteCheckpoint, folder: Pat
     else:
         tmp = temp_path(target)
         try:
-            _download(mirror, candidate.name, tmp)
-            _checked(check or _load_train_state, tmp, source)
+            _download(mirror, candidate.name, tmp, fsync=False)
+            with ThreadPoolExecutor(1, thread_name_prefix="nanoresume-mirror-fsync") as pool:
+                syncing = pool.submit(_fsync_file, tmp)  # to disk while it is verified; both before the rename
+                try:
+                    _checked(check or _load_train_state, tmp, source)
+                finally:
+                    syncing.result()
             remove_quietly(checksum_path(target))  # a stale .sha256 must not outlive the file it was for
             os.replace(tmp, target)
         finally:
@@ -202,20 +207,25 @@ def _checked(check: Check, tmp: Path, source: str) -> None:
         raise CheckpointError(str(e).replace(str(tmp), source)) from None
 
 
-def _download(mirror: Mirror, name: str, local: Path) -> None:
+def _download(mirror: Mirror, name: str, local: Path, fsync: bool = True) -> None:
     try:
         mirror.store.get_file(name, local)
-        fd = os.open(local, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if fsync:
+            _fsync_file(local)
     except FileNotFoundError:
         if not local.parent.is_dir():
             raise
         raise CheckpointError(f"{mirror.store.where(name)}: listed on the mirror but gone when downloaded") from None
     except OSError as e:
         raise MirrorError(describe_failure(mirror.url, e)) from None
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _download_folder(mirror: Mirror, name: str, tmp: Path) -> None:

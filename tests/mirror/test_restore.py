@@ -153,3 +153,15 @@ def test_the_runs_files_come_back_with_metrics_cut_after_the_resumed_step(target
     assert (new / "tb" / "events.out.tfevents.1").read_bytes() == b"events"
     assert load_checkpoint(new / "best.pt")["step"] == 20
     assert restore_run_files(mirror, new, 20, print) == [], "what OUT already holds is not downloaded again"
+
+
+def test_a_memory_url_works_end_to_end_as_any_fsspec_url(tmp_path):
+    import uuid
+
+    from nanoresume.mirror import Mirror
+    from tests.mirror.helpers import MirrorTarget
+
+    mirror = MirrorTarget(f"memory://nanoresume-tests/{uuid.uuid4().hex}", {}).open()
+    upload_steps(mirror, tmp_path / "old" / "checkpoints", [10, 20])
+    restored = find_newest_on_mirror(Mirror(mirror.url), tmp_path / "new", print)
+    assert restored.step == 20 and load_checkpoint(restored.path)["step"] == 20
