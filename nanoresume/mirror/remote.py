@@ -176,16 +176,18 @@ class Mirror:
             signature = (stat.st_size, stat.st_mtime_ns)
             if self._sent.get(name) == signature:
                 continue
-            if file == run.best:
-                self._upload_checked(file, name)  # committed by a rename: its bytes never change in place
-            else:
-                with tempfile.TemporaryDirectory(prefix="nanoresume-mirror-") as scratch:
-                    snapshot = Path(scratch) / file.name
-                    try:
+            try:
+                if file == run.best:
+                    self._upload_checked(file, name)  # committed by a rename: its bytes never change in place
+                else:
+                    with tempfile.TemporaryDirectory(prefix="nanoresume-mirror-") as scratch:
+                        snapshot = Path(scratch) / file.name
                         shutil.copyfile(file, snapshot)
-                    except FileNotFoundError:
-                        continue
-                    self._upload_checked(snapshot, name)
+                        self._upload_checked(snapshot, name)
+            except (LocalGone, FileNotFoundError):
+                if file.exists():
+                    raise
+                continue  # replaced or removed just now: the next call uploads what is there then
             self._sent[name] = signature
             uploaded.append(name)
         return uploaded
@@ -204,7 +206,7 @@ class Mirror:
             answer = self.store.put_bytes(data, name)
             if self.check_answer(name, data, answer) is None:  # the answer said nothing: ask the store
                 expected = hashlib.md5(data).hexdigest() if self.store.reports_md5 else None
-                self.check_object(local, name, len(data), expected)
+                self.check_object(local, name, len(data), expected, data)
             return len(data)
         md5: Optional[Future] = self._hasher.submit(local_md5, local, size) if self.store.reports_md5 else None
         try:
@@ -239,7 +241,8 @@ class Mirror:
             return "MD5 of the bytes stored"
         return None
 
-    def check_object(self, local: Path, name: str, size: int, expected_md5: Optional[str]) -> str:
+    def check_object(self, local: Path, name: str, size: int, expected_md5: Optional[str],
+                     data: Optional[bytes] = None) -> str:
         """Check an uploaded object against the local file by asking the store; returns what was checked,
         raises UploadMismatch.
 
@@ -261,9 +264,12 @@ class Mirror:
                 raise UploadMismatch(f"{where}: its MD5 ({reported}) differs from the local file's ({expected_md5})")
             return "size and MD5"
         start = max(0, size - TAIL_BYTES)
-        with open(local, "rb") as f:
-            f.seek(start)
-            mine = f.read()
+        if data is not None:  # the bytes that were sent (``local`` may have been replaced since)
+            mine = data[start:]
+        else:
+            with open(local, "rb") as f:
+                f.seek(start)
+                mine = f.read()
         if self.store.read(name, start, size) != mine:
             raise UploadMismatch(f"{where}: its last {size - start} bytes differ from the local file's")
         return "size and last bytes"

@@ -102,6 +102,31 @@ def test_a_checkpoint_pruned_locally_before_its_upload_is_dropped_quietly(path_t
         uploader.close()
 
 
+def test_a_best_pt_replaced_during_its_upload_does_not_hold_back_the_checkpoint(path_target, tmp_path):
+    from nanoresume.checkpoint import save_atomically
+
+    mirror = path_target.open()
+    out = tmp_path / "out"
+    out.mkdir()
+    save_atomically({"format_version": 2, "kind": "weights"}, out / "best.pt")
+    put_file = mirror.store.put_file
+
+    def best_goes_away(local, name):
+        if name == "best.pt":
+            local.unlink()  # as a rename onto best.pt, or a cleanup, would make it vanish for this upload
+            raise FileNotFoundError(local)
+        put_file(local, name)
+
+    mirror.store.put_file = best_goes_away
+    warnings: list[str] = []
+    uploader = Uploader(mirror, out, warnings.append, backoff=FAST).start()
+    try:
+        uploader.committed(10, make_checkpoint(out / "checkpoints", 10))
+        assert uploader.wait(30) == 10 and warnings == []
+    finally:
+        uploader.close()
+
+
 def test_retention_on_the_mirror_never_deletes_the_step_the_run_resumed_from(target, tmp_path):
     mirror = target.open()
     folder = tmp_path / "out" / "checkpoints"
