@@ -165,3 +165,15 @@ def test_a_memory_url_works_end_to_end_as_any_fsspec_url(tmp_path):
     upload_steps(mirror, tmp_path / "old" / "checkpoints", [10, 20])
     restored = find_newest_on_mirror(Mirror(mirror.url), tmp_path / "new", print)
     assert restored.step == 20 and load_checkpoint(restored.path)["step"] == 20
+
+
+def test_the_candidates_are_the_checkpoints_up_to_the_pointer_newest_first(target, tmp_path):
+    from nanoresume.mirror import mirror_candidates
+
+    mirror = target.open()
+    old = tmp_path / "old" / "checkpoints"
+    upload_steps(mirror, old, [10, 20])
+    mirror.store.put_file(make_checkpoint(old, 30), "checkpoints/step_00000030.pt")
+    warnings: list[str] = []
+    assert [(c.step, c.kind) for c in mirror_candidates(mirror, warnings.append)] == [(20, "file"), (10, "file")]
+    assert len(warnings) == 1 and "step_00000030.pt" in warnings[0]
