@@ -78,6 +78,11 @@ class Pointer:
         if (not isinstance(pointer.step, int) or not isinstance(pointer.size, int) or pointer.kind not in
                 ("file", "folder") or not isinstance(pointer.name, str) or not isinstance(pointer.digest, str)):
             raise ValueError("a field of the wrong type")
+        folder, _, base = pointer.name.rpartition("/")
+        match = (STEP_PATTERN if pointer.kind == "file" else STEP_FOLDER_PATTERN).match(base)
+        if folder != CHECKPOINTS or not match or int(match.group(1)) != pointer.step:
+            raise ValueError(f"it names {pointer.name[:80]!r}, not the {pointer.kind} of step {pointer.step} "
+                             f"under {CHECKPOINTS}/")
         return pointer
 
 

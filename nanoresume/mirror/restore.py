@@ -98,6 +98,7 @@ def _usable(mirror: Mirror, listed: list[RemoteCheckpoint], pointer: Optional[Po
     if problem is not None:
         warn(f"skipping {where(POINTER)}: unreadable ({problem}); it is written last, so no checkpoint can be "
              f"trusted without it")
+        return []
     if pointer is None:
         if listed:
             warn(f"skipping {len(listed)} checkpoint(s) on {mirror.url} (newest {listed[-1].name}): the mirror has "

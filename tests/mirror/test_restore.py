@@ -177,3 +177,13 @@ def test_the_candidates_are_the_checkpoints_up_to_the_pointer_newest_first(targe
     warnings: list[str] = []
     assert [(c.step, c.kind) for c in mirror_candidates(mirror, warnings.append)] == [(20, "file"), (10, "file")]
     assert len(warnings) == 1 and "step_00000030.pt" in warnings[0]
+
+
+def test_a_pointer_that_names_something_outside_the_checkpoints_is_refused(target, tmp_path):
+    mirror = target.open()
+    upload_steps(mirror, tmp_path / "old" / "checkpoints", [10])
+    mirror.store.put_bytes(json.dumps({"format": 1, "step": 10, "name": "checkpoints/../../step_00000010.pt",
+                                       "kind": "file", "size": 1, "digest": ""}).encode(), POINTER)
+    warnings: list[str] = []
+    assert find_newest_on_mirror(mirror, tmp_path / "new", warnings.append) is None
+    assert len(warnings) == 1 and "unreadable" in warnings[0] and "not the file of step 10" in warnings[0]
