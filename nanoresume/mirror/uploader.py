@@ -53,8 +53,10 @@ class Uploader:
     """Mirrors the run in ``out_dir`` to ``mirror`` on a daemon thread (see the module docstring).
 
     ``keep_last``: prune the mirror to that many checkpoints after each pointer (None: never prune);
-    ``protect``: steps never pruned (the one the run resumed from); ``held``: the step the mirror
-    already holds at start, if any (it counts for :meth:`lag` and :meth:`summary`).
+    ``protect``: steps never pruned (the one the run resumed from); ``held``: the step of this run the
+    mirror holds at start, if any (the one resumed from, when the mirror's pointer names it); it counts
+    for :meth:`lag` and :meth:`summary`. The mirror is up to date when its pointer names the newest
+    local commit (a pointer of a timeline the run left, at a higher step, is not).
     """
 
     def __init__(self, mirror: Mirror, out_dir: Path, warn: Warn, keep_last: Optional[int] = None,
@@ -96,11 +98,12 @@ class Uploader:
         """(steps, seconds) the mirror is behind the newest local commit: 0 and 0.0 when it holds it;
         else the steps between the two and the time since the oldest commit it does not hold."""
         with self._cond:
-            if self._newest is None or (self.held is not None and self.held >= self._newest):
+            if self._newest is None or self.held == self._newest:
                 return 0, 0.0
-            waiting = [at for step, at in self._committed_at.items() if self.held is None or step > self.held]
+            behind = self.held is not None and self.held < self._newest
+            waiting = [at for step, at in self._committed_at.items() if not behind or step > self.held]
             seconds = self.clock() - min(waiting) if waiting else 0.0
-            return self._newest - (self.held or 0), seconds
+            return self._newest - (self.held if behind else 0), seconds
 
     def wait(self, timeout: float) -> Optional[int]:
         """Upload the run's small files once more (``exit_code``, the last metrics) and wait, for at most
@@ -121,7 +124,7 @@ class Uploader:
         """One line for the end of the run: what the mirror holds, and why the newest is missing."""
         with self._cond:
             url = self.mirror.url
-            if self._newest is not None and self.held is not None and self.held >= self._newest:
+            if self._newest is not None and self.held == self._newest:
                 return f"mirrored step {self.held} to {url}"
             holds = f"holds step {self.held}" if self.held is not None else "holds no checkpoint of this run"
             if self._newest is None:

@@ -235,3 +235,18 @@ def test_a_server_stopped_mid_run_gives_one_warning_and_the_mirror_catches_up_wh
     finally:
         uploader.close()
         server.stop()
+
+
+def test_a_mirror_ahead_on_a_timeline_the_run_left_does_not_count_as_up_to_date(path_target, tmp_path):
+    mirror = path_target.open()
+    gate = Gate(mirror)
+    uploader = Uploader(mirror, tmp_path / "out", print, held=60, backoff=FAST).start()
+    try:
+        uploader.committed(50, make_checkpoint(tmp_path / "out" / "checkpoints", 50))  # resumed from 40
+        assert gate.entered.wait(10)
+        assert uploader.lag()[0] == 50 and "step 50 is not mirrored" in uploader.summary()
+        gate.open.set()
+        assert uploader.wait(30) == 50 and uploader.lag() == (0, 0.0)
+    finally:
+        gate.open.set()
+        uploader.close()
