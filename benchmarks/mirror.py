@@ -9,7 +9,7 @@ and the median shown:
 
 - plain upload: ``s3fs.put_file`` of the same file to another key;
 - mirror upload: ``Mirror.upload_checkpoint``: the file, checked by the CRC32 S3 answers the PUT with
-  (below 64 MiB, one PUT from memory) or by its size and MD5/multipart ETag (above: s3fs's put_file,
+  (below 100 MiB, one PUT from memory) or by its size and MD5/multipart ETag (above: s3fs's put_file,
   in 50 MiB parts from 100 MiB on, the MD5 hashed on a helper thread while it uploads), then the
   pointer written and checked the same way. 128 MiB takes the multipart path;
 - plain resume: ``s3fs.get_file`` then ``torch.load`` (``weights_only``, torch's default);

@@ -14,7 +14,7 @@ mirror; training never waits for the network.
    (its digest is in its trailer), so no rename is needed. A step folder's files go first and its
    ``MANIFEST.sha256`` last: a folder counts only once its manifest lists every file.
 3. Every upload is checked before anything counts on it, by what the store reports about the bytes it
-   holds: below 64 MiB (one PUT from memory) the CRC32 and/or MD5 an S3 PUT answers with, against
+   holds: below 100 MiB (one PUT from memory) the CRC32 and/or MD5 an S3 PUT answers with, against
    the same sums of the bytes sent; above, the size from ``info`` and the MD5 it reports (S3's ETag,
    also of s3fs's multipart uploads; GCS's md5Hash) against the local file's, hashed while it
    uploads. Where the store reports no sum (a path, memory://), the size, and the object's last

@@ -42,7 +42,7 @@ TAIL_BYTES = 64 << 10
 # then the MD5 of the bytes, or the MD5 of the parts' MD5s followed by "-<parts>".
 _S3_PART = 50 << 20
 _HASH_BLOCK = 8 << 20
-ONE_PUT_BYTES = 64 << 20  # on an object store, files below this go up from memory in one PUT
+ONE_PUT_BYTES = 2 * _S3_PART  # on an object store, files below this go up in one PUT from memory, as in s3fs
 
 
 class UploadMismatch(OSError):
