@@ -29,10 +29,11 @@ from ..checkpoint.fileformat import COMMENT_LEN, MAGIC
 from ..checkpoint.files import CHECKSUM_SUFFIX, STEP_FOLDER_PATTERN, STEP_PATTERN
 from ..checkpoint.folders import MANIFEST, manifest_digests
 from ..rundir import RunDir
-from .store import Store, crc32_reported, md5_reported
+from .store import MirrorError, Store, crc32_reported, md5_reported
 
 POINTER = "LATEST.json"
 RUN_CONFIG = "config.json"
+RUN_IDENTITY = "RUN.json"  # what the run mirrored here trains: its data fingerprint and model shape
 CHECKPOINTS = "checkpoints"
 POINTER_FORMAT = 1
 # What is compared byte for byte where the store reports no MD5: an object's last 64 KiB (a whole
@@ -310,6 +311,29 @@ class Mirror:
         if not isinstance(found, dict):
             raise ValueError(f"{self.store.where(RUN_CONFIG)} does not hold a JSON object")
         return found
+
+    def claim(self, identity: dict[str, Any]) -> None:
+        """Record ``identity`` (what makes a run the same run: its data fingerprint, its model's shape)
+        as the run this mirror holds, or raise MirrorError if it holds another one. A mirror is one
+        run's: checkpoints of two runs under one pointer could not be told apart."""
+        try:
+            held = json.loads(self.store.read(RUN_IDENTITY))
+        except FileNotFoundError:
+            held = None
+        except ValueError:
+            held = {}
+        if held is None:
+            data = (json.dumps(identity, sort_keys=True) + "\n").encode()
+            self.store.put_bytes(data, RUN_IDENTITY)
+            return
+        def shown(value: Any) -> str:
+            return repr(value[:12] if isinstance(value, str) and len(value) > 40 else value)
+
+        differences = [f"{key} {shown(held.get(key) if isinstance(held, dict) else None)} there, {shown(value)} here"
+                       for key, value in identity.items() if not isinstance(held, dict) or held.get(key) != value]
+        if differences:
+            raise MirrorError(f"--mirror {self.url} holds another run ({'; '.join(differences)}); choose another "
+                              f"--mirror for this run, or resume that run with its data and model settings")
 
     def remove_leftovers(self) -> list[str]:
         """On a path mirror, delete the temp files of uploads a kill interrupted (``.name.tmp.<pid>``);

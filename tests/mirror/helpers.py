@@ -74,3 +74,17 @@ def make_malicious_checkpoint(folder: Path, step: int, marker: Path) -> Path:
     path = step_path(folder, step)
     save_atomically({"format_version": FORMAT_VERSION, "kind": "train", "payload": TouchOnLoad(marker)}, path)
     return path
+
+
+def mirror_flags(target: MirrorTarget) -> list[str]:
+    """``--mirror URL`` and a ``--mirror-option`` for each storage option (nested ones dotted)."""
+    def pairs(options: dict[str, Any], prefix: str = "") -> list[str]:
+        found = []
+        for key, value in options.items():
+            if isinstance(value, dict):
+                found += pairs(value, f"{prefix}{key}.")
+            else:
+                found.append(f"{prefix}{key}={value}")
+        return found
+
+    return ["--mirror", target.url, *[flag for pair in pairs(target.options) for flag in ("--mirror-option", pair)]]
