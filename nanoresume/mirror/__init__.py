@@ -34,9 +34,10 @@ holds and why the newest is missing.
 
 Modules: :mod:`.store` (the fsspec seam, the probe, one-line errors), :mod:`.remote` (uploads,
 checks, pointer, retention), :mod:`.uploader` (the background thread), :mod:`.restore` (download,
-verify, commit; the run's other files).
+verify, commit; the run's other files), :mod:`.fetch` (the tools' verified copies in a cache).
 """
 
+from .fetch import cache_folder, fetch, fetch_checkpoint, is_url, local_checkpoint
 from .remote import POINTER, LocalGone, Mirror, Pointer, RemoteCheckpoint, UploadMismatch
 from .restore import Restored, download_checkpoint, find_newest_on_mirror, mirror_candidates, restore_run_files
 from .store import MirrorError, Store, describe_failure, parse_options
@@ -44,6 +45,7 @@ from .uploader import Backoff, Uploader
 
 __all__ = [
     "POINTER", "Backoff", "LocalGone", "Mirror", "MirrorError", "Pointer", "RemoteCheckpoint", "Restored", "Store",
-    "UploadMismatch", "Uploader", "describe_failure", "download_checkpoint", "find_newest_on_mirror",
-    "mirror_candidates", "parse_options", "restore_run_files",
+    "UploadMismatch", "Uploader", "cache_folder", "describe_failure", "download_checkpoint", "fetch",
+    "fetch_checkpoint", "find_newest_on_mirror", "is_url", "local_checkpoint", "mirror_candidates", "parse_options",
+    "restore_run_files",
 ]
