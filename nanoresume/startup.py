@@ -1,6 +1,7 @@
 """Start-up of a training run: what to train and from where, decided before anything is built.
 
-``open_run_dir`` locks OUT, ``find_resume`` looks in it (rank 0 reads, every rank gets the
+``open_mirror`` probes ``--mirror`` (before OUT is touched), ``open_run_dir`` locks OUT,
+``find_resume`` looks in it and, with ``--resume auto``, on the mirror (rank 0 reads, every rank gets the
 answer), and :func:`plan_start` turns what was found and what was asked into a
 :class:`StartPlan`: which config to train, which changes to log, and whether to resume, to
 train again the run a config.json describes, or to start fresh. :func:`choose_parallelism`
@@ -13,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,13 +22,11 @@ from . import checkpoint, distributed
 from .config import MUST_MATCH_ON_RESUME, TrainConfig, merge_resumed_config, mirror_problems, validate
 from .data import check_block_size, load_tokens
 from .distributed import DistributedEnv
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NanoresumeError
 from .loading import load_valid
+from .mirror import Mirror, MirrorError, describe_failure, find_newest_on_mirror, parse_options, restore_run_files
 from .rundir import RunDir
 from .training_state import CONFIG, STEP, WORLD_SIZE
-
-if TYPE_CHECKING:  # the mirror imports fsspec: only a run with --mirror loads it
-    from .mirror import Mirror
 
 Warn = Callable[[str], None]
 
@@ -161,7 +160,12 @@ def _find_resume(cfg: TrainConfig, run_dir: RunDir, warn: Warn, mirror: Optional
         mirror_step = _pointer_step(mirror)
     if mirror is not None and cfg.resume == "auto":
         local_step = int(resumed[1][STEP]) if resumed is not None else None
-        fetched = fetch_from_mirror(mirror, run_dir, local_step, warn, load)
+        try:
+            fetched = fetch_from_mirror(mirror, run_dir, local_step, warn, load)
+        except NanoresumeError:
+            raise
+        except Exception as e:  # the store's own errors (network, credentials): one line
+            raise MirrorError(describe_failure(mirror.url, e)) from None
         if fetched is not None:
             resumed, source = fetched[:2], fetched[2]
     if resumed is None and local_error is not None:
@@ -176,8 +180,6 @@ def fetch_from_mirror(mirror: Mirror, run_dir: RunDir, newer_than: Optional[int]
     newest local step that verifies), into OUT (temp name, verify, commit), and restore the run's other
     files (config.json, metrics.jsonl cut at its step, TensorBoard, best.pt). Returns (path, state,
     where it came from), or None."""
-    from .mirror import find_newest_on_mirror, restore_run_files
-
     states: dict[str, dict[str, Any]] = {}
 
     def check(path: Path) -> None:  # the same load a local checkpoint gets; kept so it is read once
@@ -196,8 +198,6 @@ def _pointer_step(mirror: Mirror) -> Optional[int]:
     except (ValueError, KeyError):
         return None  # unreadable: find_newest_on_mirror says so
     except OSError as e:
-        from .mirror import MirrorError, describe_failure
-
         raise MirrorError(describe_failure(mirror.url, e)) from None
     return pointer.step if pointer is not None else None
 
@@ -215,9 +215,7 @@ def open_mirror(cfg: TrainConfig, env: DistributedEnv) -> Optional[Mirror]:
             problems = mirror_problems(cfg)
             if problems:
                 raise ConfigError("; ".join(problems))
-            from .mirror import Mirror as Opened, MirrorError, parse_options
-
-            mirror = Opened(cfg.mirror, parse_options(cfg.mirror_option or []))
+            mirror = Mirror(cfg.mirror, parse_options(cfg.mirror_option or []))
             mirror.probe()
             if cfg.resume == "none":
                 held = _pointer_step(mirror)
