@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,6 +102,15 @@ def test_sigterm_waits_for_the_final_upload_and_the_stop_line_names_what_the_mir
     mirror = Mirror(target.url, target.options)
     assert mirror.pointer().step == 13
     assert mirror.store.read("exit_code").strip() == b"143"
+    evaluations = [line for line in lines if line.startswith("step ")]
+    assert len(evaluations) == 2 and all(re.search(r" \| mirror (up to date|-[\d,]+ steps, \d+ s)$", line)
+                                         for line in evaluations), evaluations
+    out_dir = Path(flags[flags.index("--out-dir") + 1])
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "mirror/lag_steps" in r] == [0, 10]
+    curves = event_accumulator.EventAccumulator(str(out_dir / "tb"), size_guidance={event_accumulator.SCALARS: 0})
+    curves.Reload()
+    assert {"mirror/lag_steps", "mirror/lag_seconds"} <= set(curves.Tags()["scalars"])
 
 
 @pytest.mark.slow
@@ -130,6 +140,26 @@ def test_a_server_stopped_mid_run_costs_one_warning_and_training_goes_on(s3_cred
                                                     f"mirrored: cannot reach the store"), out
     assert train_steps(tmp_path / "out") == list(range(1, 31))
     load_checkpoint(tmp_path / "out" / "checkpoints" / "step_00000030.pt")  # the local checkpoints are intact
+
+
+@pytest.mark.slow
+def test_a_full_mirror_costs_one_warning_and_the_local_checkpoints_stay_intact(path_target, tiny_cli_args, tmp_path,
+                                                                               capsys, monkeypatch):
+    from nanoresume.mirror import Store
+
+    def full(self: Store, local: Path, name: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Store, "put_file", full)  # the probe (a small write from memory) still passes
+    flags = [*tiny_cli_args(max_steps=20, eval_interval=10), *mirror_flags(path_target), "--mirror-wait", "0"]
+    result = run_main(cli.main, flags, capsys)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len([line for line in result.stderr.splitlines() if "could not upload" in line]) == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert result.stdout.rstrip().splitlines()[-1].startswith(
+        f"the mirror {path_target.url} holds no checkpoint of this run; step 20 is not mirrored"), result.stdout
+    for step in (10, 20):
+        load_checkpoint(tmp_path / "out" / "checkpoints" / f"step_{step:08d}.pt")
 
 
 # ---- a mirror that cannot work: exit 2 before training, one line, OUT untouched ---------------------------
