@@ -24,7 +24,7 @@ import pytest
 from nanoresume.checkpoint import load_checkpoint
 from nanoresume.mirror import Mirror
 from nanoresume.tools import cli
-from tests.helpers import REPO, assert_one_line_error, launch_tree, run_main, run_train
+from tests.helpers import REPO, assert_one_line_error, flip_a_byte, launch_tree, run_main, run_train
 from tests.mirror.helpers import MirrorTarget, mirror_flags, s3_options
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -238,3 +238,20 @@ def test_retention_on_the_mirror_never_deletes_the_checkpoint_the_run_resumed_fr
     assert f"resumed from {path_target.url}/checkpoints/step_00000010.pt" in resumed.stdout
     assert [c.step for c in mirror.checkpoints()] == [10, 25], "the one resumed from stays, with the newest"
     assert (Path(path_target.url) / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_on_the_mirror_is_skipped_with_one_line_and_the_resume_falls_back(
+        path_target, tiny_cli_args, tmp_path, capsys):
+    flags = [*tiny_cli_args(max_steps=20, eval_interval=5), *mirror_flags(path_target)]
+    assert run_main(cli.main, [*flags, "--max-steps", "10"], capsys).returncode == 0
+    flip_a_byte(Path(path_target.url) / "checkpoints" / "step_00000010.pt")
+    shutil.rmtree(tmp_path / "out")
+    resumed = run_main(cli.main, [*flags, "--resume", "auto"], capsys)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    skipped = [line for line in resumed.stderr.splitlines() if "step_00000010.pt" in line]
+    assert len(skipped) == 1 and "skipping" in skipped[0], resumed.stderr
+    assert f"resumed from {path_target.url}/checkpoints/step_00000005.pt at step 5" in resumed.stdout
+    assert train_steps(tmp_path / "out") == list(range(1, 21))
+    assert resumed.stdout.rstrip().splitlines()[-1] == f"mirrored step 20 to {path_target.url}"
+
