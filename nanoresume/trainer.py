@@ -6,7 +6,9 @@ which parallelism) come from :mod:`nanoresume.startup`; everything that must sur
 lives in :class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the
 one that never stopped; whether to go on after a step is decided once per step by
 :class:`~nanoresume.stopping.StepDecisions`; every line the run prints comes from
-:mod:`nanoresume.messages`.
+:mod:`nanoresume.messages`. With ``--mirror``, rank 0 hands each committed checkpoint to a
+background :class:`~nanoresume.mirror.Uploader` and, at the end, waits at most ``--mirror-wait``
+for the last one (see :mod:`nanoresume.mirror`).
 
 Under torchrun every rank runs this same loop on its share of each global batch, with the
 model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
