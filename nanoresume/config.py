@@ -51,7 +51,13 @@ MUST_MATCH_ON_RESUME = ARCHITECTURE_FIELDS + DATA_SPLIT_FIELDS
 # Fields always taken from the current command line, never from a resumed checkpoint. The
 # numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
 # the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
-RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress", "async_save")
+RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress", "async_save", "mirror",
+                  "mirror_option", "mirror_wait", "mirror_keep_last")
+# How long a stop waits for the final checkpoint's upload. Spot and preemptible VMs on GCP and Azure,
+# and Kubernetes pods (terminationGracePeriodSeconds), get about 30 s between the stop signal and the
+# kill (AWS spot: 2 min); the local save and the exit must fit in those 30 s too, so 20 s is left for
+# the upload. A longer grace period (SLURM's --signal, AWS) can afford a longer --mirror-wait.
+MIRROR_WAIT_SECONDS = 20.0
 PROGRESS_HELP = ("progress bar on stderr (default: only when stderr is a terminal; without one, a plain "
                  "line every --log-interval steps)")
 
@@ -125,6 +131,22 @@ class TrainConfig:
     resume: str = _opt("none", "'auto': newest checkpoint in OUT that verifies (or start fresh if none); "
                                "a path: exactly that checkpoint file or folder; 'none': start fresh, refusing if "
                                "OUT already holds checkpoints")
+    # the mirror: a copy of every committed checkpoint on storage that outlives the machine
+    mirror: Optional[str] = _opt(None, "also copy each committed checkpoint (and best.pt, config.json, metrics.jsonl, "
+                                       "tb/, exit_code) in the background to this folder (a mounted Google Drive, "
+                                       "NFS) or fsspec URL (s3://bucket/prefix, gs://bucket/prefix); with --resume "
+                                       "auto, a new machine resumes from it when it holds a newer checkpoint than OUT",
+                                 metavar="URL")
+    mirror_option: Optional[list[str]] = _opt(None, "a storage option for --mirror as KEY=VALUE, repeatable; a dotted "
+                                                    "key nests (client_kwargs.endpoint_url=http://host:9000, "
+                                                    "profile=NAME). config.json records them: keep secrets in the "
+                                                    "environment (AWS_ACCESS_KEY_ID, ...)", repeat=True)
+    mirror_wait: float = _opt(MIRROR_WAIT_SECONDS, "at a stop or the end, wait at most this many seconds for the final "
+                                                   "checkpoint's upload (fits a 30 s preemption notice with the "
+                                                   "local save; never past --time-limit)", metavar="SECONDS")
+    mirror_keep_last: Optional[int] = _opt(None, "step checkpoints to keep on the mirror (default: --keep-last); "
+                                                 "best.pt and the checkpoint the run resumed from are always kept",
+                                           metavar="K")
     # runtime
     device: str = _opt("auto", "where to train; auto picks cuda when available", choices=("auto", "cpu", "cuda"))
     parallel: str = _opt("ddp", "how torchrun's processes share the model: 'ddp', a whole copy of model and "
@@ -244,11 +266,31 @@ def validate(cfg: TrainConfig) -> list[str]:
         check(problem is None, str(problem))
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
     check(cfg.log_interval >= 1, f"--log-interval {cfg.log_interval} must be at least 1")
+    problems += mirror_problems(cfg)
     if cfg.vocab_size is None:
         problems.append("--token-dtype uint16 needs --vocab-size: the vocabulary the data was prepared with "
                         "(50304 for nanoGPT's GPT-2 data; nanoresume does not unpickle meta.pkl)")
     else:
         check(cfg.vocab_size >= 1, f"--vocab-size {cfg.vocab_size} must be at least 1")
+    return problems
+
+
+def mirror_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with the --mirror flags (the mirror itself is probed at start-up)."""
+    problems = []
+    if cfg.mirror is not None and not cfg.mirror.strip():
+        problems.append("--mirror must not be empty; give a folder or a URL such as s3://bucket/prefix")
+    if cfg.mirror is None and cfg.mirror_option:
+        problems.append("--mirror-option only applies to --mirror; add --mirror URL, or leave it out")
+    for pair in cfg.mirror_option or []:
+        key, sep, _ = pair.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--mirror-option {pair!r} must be KEY=VALUE, e.g. client_kwargs.endpoint_url=http://"
+                            f"127.0.0.1:9000")
+    if not (math.isfinite(cfg.mirror_wait) and cfg.mirror_wait >= 0):
+        problems.append(f"--mirror-wait {cfg.mirror_wait:g} must be 0 or more seconds")
+    if cfg.mirror_keep_last is not None and cfg.mirror_keep_last < 1:
+        problems.append(f"--mirror-keep-last {cfg.mirror_keep_last} must be at least 1")
     return problems
 
 
@@ -269,6 +311,9 @@ def command_line_flags(values: dict[str, Any]) -> list[str]:
             continue
         if isinstance(value, bool):
             args.append(flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):  # a repeatable flag
+            for item in value:
+                args += [flag(name), str(item)]
         else:
             args += [flag(name), str(value)]
     return args
@@ -306,9 +351,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"help": f.metadata["help"] + shown_default, "default": f.default, "dest": f.name}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata.get("repeat"):
+            kwargs.update(action="append", type=str, metavar="KEY=VALUE")
         else:
             kwargs["type"] = parse_duration if f.metadata.get("parse") == "duration" else base
-            kwargs["metavar"] = f.name.upper()
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
                 kwargs.pop("metavar")
@@ -426,6 +473,11 @@ def _checked_value(f: dataclasses.Field, kind: Any, value: Any) -> Any:
             return None
         raise ValueError("cannot be empty (null)")
     base = _base_type(kind)
+    if f.metadata.get("repeat"):
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"must be a string or a list of strings, not {value!r}")
+        return list(values)
     if f.metadata.get("parse") == "duration":
         if isinstance(value, str):
             try:

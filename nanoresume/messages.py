@@ -21,7 +21,7 @@ def config_change(change: str, resumed: bool) -> str:
     return f"changed on resume: {change}" if resumed else f"changed since the last start: {change}"
 
 
-def resumed(path: Path, step: int) -> str:
+def resumed(path: "Path | str", step: int) -> str:
     return f"resumed from {path} at step {step:,}"
 
 
@@ -86,6 +86,11 @@ def evaluation(step: int, train_loss: Optional[float], val_loss: float, perplexi
     train = f"{train_loss:.4f}" if train_loss is not None else "-"
     rate = f"{tokens_per_second:,.0f} tok/s" if tokens_per_second is not None else "-"
     return f"step {step:>6} | train loss {train} | val loss {val_loss:.4f} | val ppl {perplexity:.2f} | {rate}"
+
+
+def mirror_lag(steps: int, seconds: float) -> str:
+    """What the evaluation line adds with --mirror: how far the mirror is behind the newest local commit."""
+    return " | mirror up to date" if steps == 0 else f" | mirror -{steps:,} steps, {seconds:.0f} s"
 
 
 def slow_step(step: int, seconds: float) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
 # Called with (step, metrics): every training step ({"train/loss", "train/lr", "train/grad_norm",
-# "train/tokens_per_s"}) and every evaluation ({"val/loss", "val/perplexity"}).
+# "train/tokens_per_s"}) and every evaluation ({"val/loss", "val/perplexity"}; with --mirror, then
+# {"mirror/lag_steps", "mirror/lag_seconds"}: how far the mirror is behind the newest local commit).
 MetricsCallback = Callable[[int, dict[str, float]], None]
 Warn = Callable[[str], None]
 

@@ -1,6 +1,7 @@
 """Start-up of a training run: what to train and from where, decided before anything is built.
 
-``open_run_dir`` locks OUT, ``find_resume`` looks in it (rank 0 reads, every rank gets the
+``open_mirror`` probes ``--mirror`` (before OUT is touched), ``open_run_dir`` locks OUT,
+``find_resume`` looks in it and, with ``--resume auto``, on the mirror (rank 0 reads, every rank gets the
 answer), and :func:`plan_start` turns what was found and what was asked into a
 :class:`StartPlan`: which config to train, which changes to log, and whether to resume, to
 train again the run a config.json describes, or to start fresh. :func:`choose_parallelism`
@@ -18,13 +19,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint, distributed
-from .config import MUST_MATCH_ON_RESUME, TrainConfig, merge_resumed_config, validate
+from .config import MUST_MATCH_ON_RESUME, TrainConfig, merge_resumed_config, mirror_problems, validate
 from .data import check_block_size, load_tokens
 from .distributed import DistributedEnv
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NanoresumeError
 from .loading import load_valid
+from .mirror import Mirror, MirrorError, describe_failure, find_newest_on_mirror, parse_options, restore_run_files
 from .rundir import RunDir
-from .training_state import CONFIG, WORLD_SIZE, require_train_state
+from .training_state import CONFIG, STEP, WORLD_SIZE, require_train_state
 
 Warn = Callable[[str], None]
 
@@ -42,6 +44,8 @@ class Found:
 
     checkpoint: Optional[tuple[Path, dict[str, Any]]] = None
     unsaved_config: Optional[dict[str, Any]] = None
+    source: Optional[str] = None  # where the checkpoint came from when it was downloaded from --mirror
+    mirror_step: Optional[int] = None  # the step the mirror's pointer names, if it can be read
 
 
 @dataclass(frozen=True)
@@ -118,26 +122,129 @@ def open_run_dir(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: W
     distributed.raise_if_any_failed(error)
 
 
-def find_resume(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: Warn) -> Found:
+def find_resume(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: Warn,
+                mirror: Optional[Mirror] = None) -> Found:
     """What to start from, as rank 0 sees it, on every rank.
 
     Rank 0 picks and loads the checkpoint (without a folder's tensors) and hands it to every rank,
     so ranks that see a shared folder differently (stale caches) cannot disagree, and the others
     never need to read OUT at all. With ``--resume auto`` and no checkpoint, rank 0 reads
-    ``OUT/config.json``.
+    ``OUT/config.json``. With ``--resume auto`` and a ``mirror`` (rank 0's, from :func:`open_mirror`)
+    that holds a newer checkpoint that verifies, rank 0 first downloads it into OUT with the run's
+    other files (:func:`fetch_from_mirror`).
     """
     found, error = Found(), None
     if env.is_main:
         try:
-            resumed = checkpoint.resolve_resume(cfg.resume, checkpoint.CheckpointDir(run_dir.checkpoints), warn,
-                                                accept=require_train_state, advice=run_dir.checkpoint_advice,
-                                                load=lambda path: load_valid(path, tensors=False))
-            unsaved = run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
-            found = Found(resumed, unsaved)
+            found = _find_resume(cfg, run_dir, warn, mirror)
         except Exception as e:
             error = e
     distributed.raise_if_any_failed(error)
     return distributed.broadcast_object(found)
+
+
+def _find_resume(cfg: TrainConfig, run_dir: RunDir, warn: Warn, mirror: Optional[Mirror]) -> Found:
+    def load(path: Path) -> dict[str, Any]:
+        return load_valid(path, tensors=False)
+
+    try:
+        resumed = checkpoint.resolve_resume(cfg.resume, checkpoint.CheckpointDir(run_dir.checkpoints), warn,
+                                            accept=require_train_state, advice=run_dir.checkpoint_advice,
+                                            load=load)
+        local_error = None
+    except CheckpointError as e:  # OUT holds checkpoints and none verifies: the mirror may hold one that does
+        if mirror is None or cfg.resume != "auto":
+            raise
+        resumed, local_error = None, e
+    source, mirror_step = None, None
+    if mirror is not None:
+        mirror_step = _pointer_step(mirror)
+    if mirror is not None and cfg.resume == "auto":
+        local_step = int(resumed[1][STEP]) if resumed is not None else None
+        try:
+            fetched = fetch_from_mirror(mirror, run_dir, local_step, warn, load)
+        except NanoresumeError:
+            raise
+        except Exception as e:  # the store's own errors (network, credentials): one line
+            raise MirrorError(describe_failure(mirror.url, e)) from None
+        if fetched is not None:
+            resumed, source = fetched[:2], fetched[2]
+    if resumed is None and local_error is not None:
+        raise local_error
+    unsaved = run_dir.read_config() if resumed is None and cfg.resume == "auto" else None
+    return Found(resumed, unsaved, source, mirror_step)
+
+
+def fetch_from_mirror(mirror: Mirror, run_dir: RunDir, newer_than: Optional[int], warn: Warn,
+                      load: Callable[[Path], dict[str, Any]]) -> Optional[tuple[Path, dict[str, Any], str]]:
+    """Download the mirror's newest checkpoint that verifies, if it is newer than ``newer_than`` (the
+    newest local step that verifies), into OUT (temp name, verify, commit), and restore the run's other
+    files (config.json, metrics.jsonl cut at its step, TensorBoard, best.pt). Returns (path, state,
+    where it came from), or None."""
+    states: dict[str, dict[str, Any]] = {}
+
+    def check(path: Path) -> None:  # the same load a local checkpoint gets; kept so it is read once
+        states["state"] = checkpoint.require_train_state(path, load(path))
+
+    restored = find_newest_on_mirror(mirror, run_dir.checkpoints, warn, newer_than=newer_than, check=check)
+    if restored is None:
+        return None
+    restore_run_files(mirror, run_dir.root, restored.step, warn)
+    return restored.path, states["state"], restored.source
+
+
+def _pointer_step(mirror: Mirror) -> Optional[int]:
+    try:
+        pointer = mirror.pointer()
+    except (ValueError, KeyError):
+        return None  # unreadable: find_newest_on_mirror says so
+    except OSError as e:
+        raise MirrorError(describe_failure(mirror.url, e)) from None
+    return pointer.step if pointer is not None else None
+
+
+def open_mirror(cfg: TrainConfig, env: DistributedEnv) -> Optional[Mirror]:
+    """Rank 0 opens ``--mirror`` and proves it can write there (a small object written and deleted),
+    before OUT is created; a mirror that cannot work stops every rank with one line (MirrorError,
+    exit 2). With ``--resume none`` a mirror that already holds checkpoints is refused, as OUT is.
+    Returns the mirror on rank 0, None elsewhere and without ``--mirror``."""
+    if cfg.mirror is None:
+        return None
+    mirror, error = None, None
+    if env.is_main:
+        try:
+            problems = mirror_problems(cfg)
+            if problems:
+                raise ConfigError("; ".join(problems))
+            mirror = Mirror(cfg.mirror, parse_options(cfg.mirror_option or []))
+            mirror.probe()
+            if cfg.resume == "none":
+                held = _pointer_step(mirror)
+                if held is not None or mirror.checkpoints():
+                    what = f"step {held}" if held is not None else "unfinished uploads"
+                    raise MirrorError(f"--mirror {mirror.url} already holds checkpoints of a run ({what}); continue "
+                                      f"it with --resume auto, or choose another --mirror for a new run")
+        except Exception as e:
+            error = e
+    distributed.raise_if_any_failed(error)
+    return mirror
+
+
+def claim_mirror(mirror: Optional[Mirror], cfg: TrainConfig, fingerprint: str, env: DistributedEnv) -> None:
+    """Refuse a mirror that holds another run (other data, or a model of another shape): its checkpoints
+    would mix with this run's. The first run to use a mirror records what it trains there. Collective."""
+    error = None
+    if mirror is not None and env.is_main:
+        try:
+            mirror.claim(run_identity(cfg, fingerprint))
+        except Exception as e:
+            error = e
+    distributed.raise_if_any_failed(error)
+
+
+def run_identity(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+    """What makes two runs the same run, for a mirror: the data and the fields a resume must match."""
+    return {"data_fingerprint": fingerprint, **{name: getattr(cfg, name) for name in MUST_MATCH_ON_RESUME}}
 
 
 def load_data(cfg: TrainConfig, env: DistributedEnv, warn: Warn) -> Any:

@@ -6,7 +6,9 @@ which parallelism) come from :mod:`nanoresume.startup`; everything that must sur
 lives in :class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the
 one that never stopped; whether to go on after a step is decided once per step by
 :class:`~nanoresume.stopping.StepDecisions`; every line the run prints comes from
-:mod:`nanoresume.messages`.
+:mod:`nanoresume.messages`. With ``--mirror``, rank 0 hands each committed checkpoint to a
+background :class:`~nanoresume.mirror.Uploader` and, at the end, waits at most ``--mirror-wait``
+for the last one (see :mod:`nanoresume.mirror`).
 
 Under torchrun every rank runs this same loop on its share of each global batch, with the
 model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
@@ -38,6 +40,7 @@ from .errors import NonFiniteLossError
 from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
+from .mirror import Uploader
 from .model import GPT
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
@@ -113,6 +116,9 @@ class Trainer:
             if hasattr(self, "manager"):
                 self.manager.close()
         finally:
+            if getattr(self, "uploader", None) is not None:
+                self.uploader.close()  # an upload in flight is abandoned: the mirror keeps its previous pointer
+                self.uploader = None
             torch.use_deterministic_algorithms(self._was_deterministic)
             self.run_dir.close()
             self.process_group.close()
@@ -121,8 +127,10 @@ class Trainer:
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         env, warn = self.env, self.console.warn
+        self.uploader: Optional[Uploader] = None  # rank 0's, with --mirror: started once the start point is known
+        self.mirror = startup.open_mirror(cfg, env)  # probed before OUT is created
         startup.open_run_dir(cfg, env, self.run_dir, warn)
-        found = startup.find_resume(cfg, env, self.run_dir, warn)
+        found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror)
         plan = startup.plan_start(found.checkpoint[1] if found.checkpoint else None, found.unsaved_config, cfg,
                                   explicit, env.world_size, unsaved_source=str(self.run_dir.config))
         for change in plan.changes:
@@ -140,18 +148,19 @@ class Trainer:
             # a folder's writes coordinate over a group of their own: they may run on the writer thread
             group=distributed.new_group() if self.folder_checkpoints else None,
             token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
-            on_commit=lambda step, path: setattr(self.stop, "last_committed_step", step),
+            on_commit=self._committed,
             advice=self.run_dir.checkpoint_advice)
         self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = startup.load_data(cfg, env, warn)
+        startup.claim_mirror(self.mirror, cfg, self.data.fingerprint, env)
         self._build_model(cfg)
         self.decisions = StepDecisions(self.stop, env, self.manager, cfg.time_limit, self.started)
 
         if found.checkpoint is not None:
-            self._resume_from(*found.checkpoint)
+            self._resume_from(*found.checkpoint, source=found.source)
         elif plan.mode is StartMode.RERUN:
             self.console.log(messages.training_unsaved_run_again(self.run_dir.checkpoints, self.run_dir.config))
         elif cfg.resume == "auto":
@@ -159,6 +168,8 @@ class Trainer:
         self.resumed_from = found.checkpoint[0] if found.checkpoint else None
         if env.is_main:
             self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
+        if self.mirror is not None:
+            self._start_uploader(found)
 
     def _build_model(self, cfg: TrainConfig) -> None:
         """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
@@ -183,13 +194,44 @@ class Trainer:
                                    self.sampler, self.sharded_model, warn=lambda text: self.console.warn(text))
         self.counters = self.parts.counters
 
-    def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
+    def _resume_from(self, path: Path, state: dict[str, Any], source: Optional[str] = None) -> None:
+        """``source``: where the checkpoint was downloaded from (the mirror), named in the resume line."""
         self.parts.load(path, state)
         self.stop.last_committed_step = self._newest_checkpoint = self.counters.step
-        self.console.log(messages.resumed(path, self.counters.step))
+        self.console.log(messages.resumed(source or path, self.counters.step))
         if not self.env.is_main:
             return
         self.manager.adopt(path, self.counters.step, self.console.warn)  # newer checkpoints are set aside
+
+    # ---- the mirror (rank 0, with --mirror) ----------------------------------------------------
+
+    def _start_uploader(self, found: startup.Found) -> None:
+        """Start the background uploader. The mirror holds the step resumed from when it came from there
+        or the mirror's pointer names it; otherwise that checkpoint goes up first (the mirror is behind)."""
+        cfg, resumed = self.cfg, self.counters.step if found.checkpoint is not None else None
+        held = resumed if resumed is not None and (found.source is not None or found.mirror_step == resumed) else None
+        self.uploader = Uploader(self.mirror, self.run_dir.root, lambda text: self.console.warn(text),
+                                 keep_last=cfg.mirror_keep_last or cfg.keep_last,
+                                 protect=() if resumed is None else (resumed,), held=held).start()
+        if resumed is not None and held is None and self.manager.committed_path is not None:
+            self.uploader.committed(resumed, self.manager.committed_path)
+
+    def _committed(self, step: int, path: Path) -> None:
+        """A step checkpoint was committed locally (on the writer thread in background mode)."""
+        self.stop.last_committed_step = step
+        if self.uploader is not None:
+            self.uploader.committed(step, path)  # returns at once: training never waits for the network
+
+    def _finish_mirror(self) -> None:
+        """After the last local commit: wait at most --mirror-wait (never past --time-limit) for the final
+        upload, then say what the mirror holds."""
+        if self.uploader is None:
+            return
+        wait = self.cfg.mirror_wait
+        if self.cfg.time_limit is not None:
+            wait = min(wait, max(0.0, self.cfg.time_limit - (time.monotonic() - self.started)))
+        self.uploader.wait(wait)
+        self.console.log(self.uploader.summary())
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -366,6 +408,7 @@ class Trainer:
                                                self.run_dir.best, time.monotonic() - self.started))
         if self.env.is_main:
             self.run_dir.write_exit_code(result.exit_code)
+            self._finish_mirror()  # the exit code stays the stop's
 
     def _log_step(self, metrics: Metrics, window: TrainWindow, loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:
@@ -419,7 +462,12 @@ class Trainer:
         self.counters.evaluated_step = step
         ppl = math.exp(min(val_loss, 50.0))
         metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
-        self.console.log(messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second))
+        line = messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second)
+        if self.uploader is not None:
+            lag_steps, lag_seconds = self.uploader.lag()
+            metrics.log(step, {"mirror/lag_steps": float(lag_steps), "mirror/lag_seconds": lag_seconds})
+            line += messages.mirror_lag(lag_steps, lag_seconds)
+        self.console.log(line)
         window.reset()
         if val_loss < self.counters.best_val_loss:
             self.counters.best_val_loss = val_loss

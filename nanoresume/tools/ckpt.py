@@ -31,8 +31,9 @@ from ..checkpointer import check_state_file, is_state_file
 from .clitools import make_parser, run_reporting_errors
 from ..compare import plain_equal, tensors_identical
 from ..config import RUNTIME_FIELDS, config_from_dict
-from ..errors import CheckpointError, CheckpointWriteError, UserError
+from ..errors import CheckpointError, CheckpointWriteError, NanoresumeError, UserError
 from ..loading import check_model_tensors, check_schema, load_valid
+from ..mirror.fetch import is_url
 from ..rundir import RunDir
 
 # Config fields that describe how a run was started, not what it computed: an
@@ -212,6 +213,116 @@ def cmd_verify(target: Path) -> int:
     checked = len(files) - gone
     print(f"{checked - bad} of {checked} checkpoint(s) verify" + (f"; {gone} {GONE}" if gone else ""))
     return 1 if bad else 0
+
+
+# ---- list and verify a mirror ----------------------------------------------------------------
+
+def mirror_options(pairs: Optional[list[str]]) -> dict[str, Any]:
+    from ..mirror import parse_options
+
+    return parse_options(pairs or [])
+
+
+def cmd_list_mirror(url: str, options: dict[str, Any]) -> int:
+    """``list`` for a mirror's URL: every step checkpoint it holds, each downloaded to the cache and
+    verified, which one a ``--resume auto`` with this ``--mirror`` would pick, and best.pt."""
+    from ..mirror import Mirror, RemoteCheckpoint, fetch_checkpoint, mirror_candidates
+
+    mirror = Mirror(url, options)
+    notes: list[str] = []
+    listed = _reading(url, mirror.checkpoints)
+    usable = {c.name for c in _reading(url, lambda: mirror_candidates(mirror, notes.append))}
+    load = CachedLoader()
+    print(f"step checkpoints on {url}:")
+    print(f"  {'step':>8}  {'tokens seen':>13}  {'best val':>8}  {'size':>8}  status")
+    bad, picked = 0, None
+    for candidate in listed:
+        size = human_size(candidate.size) if candidate.size is not None else "-"
+        if candidate.name not in usable:
+            print(f"  {candidate.step:>8}  {'-':>13}  {'-':>8}  {size:>8}  skipped: not covered by LATEST.json")
+            continue
+        try:
+            path = _reading(url, lambda c=candidate: fetch_checkpoint(mirror, c, read_any))
+            reason = problem(path, load)
+        except CheckpointError as e:
+            path, reason = None, str(e)
+        if reason is not None:
+            print(f"  {candidate.step:>8}  {'-':>13}  {'-':>8}  {size:>8}  BAD: {reason}")
+            bad += 1
+            continue
+        state = load(path)
+        tokens, best = ("-", "-") if is_state_file(state) else (f"{state[ts.TOKENS_SEEN]:,}",
+                                                                  format_loss(state[ts.BEST_VAL_LOSS]))
+        print(f"  {candidate.step:>8}  {tokens:>13}  {best:>8}  {human_size(size_on_disk(path)):>8}  ok")
+        picked = candidate
+    if not listed:
+        print("  (none)")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"--resume auto would pick: {mirror.store.where(picked.name) if picked else 'nothing on the mirror'}")
+    found = _reading(url, lambda: mirror.store.info("best.pt"))
+    if found is not None:
+        try:
+            best_path = _reading(url, lambda: fetch_checkpoint(
+                mirror, RemoteCheckpoint(0, "best.pt", "file", int(found["size"])), read_any))
+            state = load(best_path)
+            print(f"best.pt: step {state[ts.STEP]:,}, val loss {format_loss(state[schema.VAL_LOSS])}")
+        except CheckpointError as e:
+            print(f"best.pt: BAD: {e}")
+            bad += 1
+    return 1 if bad else 0
+
+
+def cmd_verify_mirror(url: str, options: dict[str, Any]) -> int:
+    """``verify`` for a URL: one checkpoint (``URL/checkpoints/step_*.pt``, ``URL/best.pt``), or every
+    step checkpoint a resume could use and best.pt of a mirror, each downloaded to the cache and verified."""
+    from ..mirror import Mirror, RemoteCheckpoint, fetch, fetch_checkpoint, mirror_candidates
+
+    base = url.rstrip("/").rpartition("/")[2]
+    if base.endswith(".pt") or is_step_name(base):
+        try:
+            _reading(url, lambda: fetch(url, options, read_any))
+        except CheckpointError as e:
+            print(f"BAD  {e}")
+            return 1
+        print(f"ok   {url}")
+        return 0
+    mirror = Mirror(url, options)
+    notes: list[str] = []
+    candidates = list(reversed(_reading(url, lambda: mirror_candidates(mirror, notes.append))))
+    found = _reading(url, lambda: mirror.store.info("best.pt"))
+    if found is not None:
+        candidates.append(RemoteCheckpoint(0, "best.pt", "file", int(found["size"])))
+    for note in notes:
+        print(f"note: {note}")
+    if not candidates:
+        raise UserError(f"{url}: holds no checkpoint a resume could use; `nanoresume ckpt list {url}` says why")
+    bad = 0
+    for candidate in candidates:
+        try:
+            path = _reading(url, lambda c=candidate: fetch_checkpoint(mirror, c, read_any))
+            reason = problem(path, read_any)
+        except CheckpointError as e:
+            reason = str(e)
+        if reason is None:
+            print(f"ok   {mirror.store.where(candidate.name)}")
+        else:
+            print(f"BAD  {reason}")
+            bad += 1
+    print(f"{len(candidates) - bad} of {len(candidates)} checkpoint(s) verify")
+    return 1 if bad else 0
+
+
+def _reading(url: str, read: Callable[[], Any]) -> Any:
+    """``read()``, with the store's errors (network, credentials, a missing bucket) as one line."""
+    from ..mirror import MirrorError, describe_failure
+
+    try:
+        return read()
+    except (NanoresumeError, CheckpointError):
+        raise
+    except Exception as e:  # the store's own: OSError, botocore's NoCredentialsError, ...
+        raise MirrorError(describe_failure(url, e).replace(f"--mirror {url}", url, 1)) from None
 
 
 # ---- show ------------------------------------------------------------------------------------
@@ -439,12 +550,15 @@ def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
     sub = command("list", "every step checkpoint in OUT/checkpoints, file or folder (step, tokens, best val loss "
                           "so far, size, time written, verifies?), which one --resume auto would pick, and "
                           "best.pt; exit 1 if any is bad")
-    sub.add_argument("out", type=Path, metavar="OUT", help="the run's --out-dir")
+    sub.add_argument("out", metavar="OUT|URL", help="the run's --out-dir, or its --mirror URL (s3://bucket/run)")
+    add_mirror_option(sub)
     sub = command("verify", "check checksums, safe load and schema of one checkpoint (file or folder), or of "
                             "every step checkpoint and best.pt of a run; exit 0 only if all verify, else 1 with "
                             "a line per bad one")
-    sub.add_argument("target", type=Path, metavar="PATH|OUT",
-                     help="a checkpoint file or folder, or a run's --out-dir")
+    sub.add_argument("target", metavar="PATH|OUT|URL",
+                     help="a checkpoint file or folder, or a run's --out-dir; or a run's --mirror URL, or a "
+                          "checkpoint under it (s3://bucket/run/best.pt), downloaded to a cache and verified")
+    add_mirror_option(sub)
     sub = command("show", "config, format version, state keys, model tensor shapes/dtypes/norms, "
                           "and a summary of optimizer, scheduler, scaler and RNG state")
     sub.add_argument("path", type=Path, metavar="PATH", help="a checkpoint file or folder")
@@ -466,11 +580,18 @@ def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
     return parser
 
 
+def add_mirror_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="a storage option for a URL, as in train's --mirror-option (repeatable)")
+
+
 def main(argv: Optional[list[str]] = None, prog: str = "ckpt.py") -> int:
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     commands: dict[str, Callable[[], int]] = {
-        "list": lambda: cmd_list(args.out),
-        "verify": lambda: cmd_verify(args.target),
+        "list": lambda: (cmd_list_mirror(args.out, mirror_options(args.mirror_option)) if is_url(args.out)
+                         else cmd_list(Path(args.out))),
+        "verify": lambda: (cmd_verify_mirror(args.target, mirror_options(args.mirror_option))
+                           if is_url(args.target) else cmd_verify(Path(args.target))),
         "show": lambda: cmd_show(args.path),
         "diff": lambda: cmd_diff(args.a, args.b, args.strict),
         "export": lambda: cmd_export(args.path, args.to, args.force),

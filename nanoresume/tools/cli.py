@@ -10,13 +10,15 @@ signal N (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Optional
 
 from .. import PROCESS_STARTED
 from .clitools import exit_now, run_reporting_errors
-from ..config import read_command_line
+from ..config import TrainConfig, read_command_line
+from ..console import log
 from ..invocation import command_words
 
 
@@ -28,7 +30,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
         if line.self_test is not None:
             from .selftest import test_training
 
-            return test_training(line.cfg, line.explicit, processes=line.self_test)
+            return test_training(without_mirror(line.cfg), line.explicit, processes=line.self_test)
         from .. import distributed  # after parsing: --help stays fast
         from ..trainer import Trainer
 
@@ -45,6 +47,13 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
     return run_reporting_errors(train, quiet=os.environ.get("RANK", "0") != "0")  # rank 0 speaks for all
 
+
+def without_mirror(cfg: TrainConfig) -> TrainConfig:
+    """The self-test's runs train in a temporary folder and never touch a --mirror (said once)."""
+    if cfg.mirror is None:
+        return cfg
+    log.warning("--self-test ignores --mirror: its runs train in a temporary folder and upload nothing")
+    return dataclasses.replace(cfg, mirror=None, mirror_option=None)
 
 
 if __name__ == "__main__":

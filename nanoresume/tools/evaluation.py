@@ -28,6 +28,7 @@ from ..data import iterate_in_order, read_token_file
 from ..runtime import resolve_device
 from ..errors import DataError, UserError
 from ..loading import load_model
+from ..mirror import local_checkpoint, parse_options
 from ..model import GPT
 from ..training_state import STEP
 
@@ -121,8 +122,12 @@ def read_eval_tokens(path: Path, token_dtype: Optional[str], vocab_size: int) ->
 def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     parser = make_parser(prog, "Validation loss and perplexity of a checkpoint on a whole file, "
                                "every token predicted once, in order.")
-    parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
-                        help="checkpoint to evaluate (OUT/best.pt, an export, or a step checkpoint); required")
+    parser.add_argument("--ckpt", required=True, metavar="PATH|URL", default=argparse.SUPPRESS,
+                        help="checkpoint to evaluate (OUT/best.pt, an export, or a step checkpoint), or its URL on a "
+                             "--mirror (downloaded to a cache and verified); required")
+    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="with a URL --ckpt (s3://bucket/run/best.pt): a storage option, as in train's "
+                             "--mirror-option (repeatable)")
     parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
                         help="file to evaluate on: text, read as raw bytes, or a .bin/.npy token file; required")
     parser.add_argument("--token-dtype", choices=TOKEN_DTYPES, default=None,
@@ -144,7 +149,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "evaluate.py") -> int:
         if not Path(args.data).is_file():
             raise DataError(f"--data {args.data}: no such file; point --data at a text or token file")
         device = resolve_device(args.device)
-        model, state = load_model(Path(args.ckpt), device)
+        model, state = load_model(local_checkpoint(args.ckpt, parse_options(args.mirror_option or [])), device)
         vocab_size = model.config.vocab_size
         tokens = read_eval_tokens(Path(args.data), args.token_dtype, vocab_size)
         result = evaluate_tokens(model, tokens, args.batch_size, device, progress=wants_bar(args.progress))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,6 +20,7 @@ from .clitools import add_device_flag, make_parser, run_reporting_errors
 from ..console import log
 from ..errors import UserError
 from ..loading import load_model
+from ..mirror import local_checkpoint, parse_options
 from ..model import GPT
 from ..runtime import resolve_device
 from ..textcodec import TextCodec, codec_for
@@ -39,8 +39,12 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
 def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     parser = make_parser(prog, "Generate text from a checkpoint: OUT/best.pt, an export, "
                                "or any OUT/checkpoints/step_* file or folder.")
-    parser.add_argument("--ckpt", required=True, metavar="PATH", default=argparse.SUPPRESS,
-                        help="checkpoint to sample from (kind 'weights' or 'train'); required")
+    parser.add_argument("--ckpt", required=True, metavar="PATH|URL", default=argparse.SUPPRESS,
+                        help="checkpoint to sample from (kind 'weights' or 'train'), or its URL on a --mirror "
+                             "(s3://bucket/run/best.pt: downloaded to a cache and verified); required")
+    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="with a URL --ckpt (s3://bucket/run/best.pt): a storage option, as in train's "
+                             "--mirror-option (repeatable)")
     parser.add_argument("--prompt", default="", help="text to continue; the default %(default)r starts from a newline "
                                                      "(or GPT-2's <|endoftext|>)")
     parser.add_argument("--prompt-ids", default=None, metavar="IDS",
@@ -100,7 +104,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "sample.py") -> int:
     def body() -> int:
         check_args(args)
         device = resolve_device(args.device)
-        model, _ = load_model(Path(args.ckpt), device)
+        model, _ = load_model(local_checkpoint(args.ckpt, parse_options(args.mirror_option or [])), device)
         codec = codec_for(model.config.vocab_size, log.warning)
         prompt = prompt_tokens(args, codec)
         tokens = generate_tokens(model, prompt or [codec.start_token], args.max_new_tokens, args.temperature,

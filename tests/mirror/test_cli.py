@@ -1,0 +1,257 @@
+"""The mirror through the real command line: a machine lost mid-run resumes from the mirror bit for bit,
+a SIGTERM waits for the final upload, a mirror that cannot work is refused before training, a server that
+goes away costs one warning, and retention keeps the checkpoint a run resumed from.
+
+Process tests start ``tests.mirror.held_train`` (scripts/train.py's main, paused at a known step so that a
+test can kill it there) or scripts/train.py itself; every wait is bounded, nothing is timed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nanoresume.checkpoint import load_checkpoint
+from nanoresume.mirror import Mirror
+from nanoresume.tools import cli
+from tests.helpers import REPO, assert_one_line_error, flip_a_byte, launch_tree, run_main, run_train
+from tests.mirror.helpers import MirrorTarget, mirror_flags, s3_options
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def launch_held(mode: str, marker: Path, step: int, flags: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return launch_tree([sys.executable, "-m", "tests.mirror.held_train", mode, str(marker), str(step), *flags],
+                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the run never reached its held step:\n{out}\n{err}")
+
+
+def final_state(out: Path, step: int) -> dict[str, Any]:
+    """The training state a run ended with, less its config (out_dir, resume and the mirror differ)."""
+    state = load_checkpoint(out / "checkpoints" / f"step_{step:08d}.pt")
+    del state["config"]
+    return state
+
+
+def train_steps(out: Path) -> list[int]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [record["step"] for record in records if "train/loss" in record]
+
+
+def tensorboard_steps(out: Path) -> list[int]:
+    curves = event_accumulator.EventAccumulator(str(out / "tb"), size_guidance={event_accumulator.SCALARS: 0})
+    curves.Reload()
+    return [event.step for event in curves.Scalars("train/loss")]
+
+
+@pytest.mark.slow
+def test_a_machine_lost_mid_run_resumes_from_the_mirror_as_if_never_stopped(target, tiny_cli_args, reference_cli_run,
+                                                                           tmp_path, assert_same_state):
+    settings = dict(max_steps=30, eval_interval=10)
+    flags = [*tiny_cli_args(**settings), *mirror_flags(target)]
+    out, marker = tmp_path / "out", tmp_path / "held"
+    first = launch_held("hold", marker, 15, flags)  # trained to step 15; the mirror holds step 10
+    wait_for(marker, first)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    shutil.rmtree(out)  # the machine is gone, and its disk with it
+
+    time.sleep(1.02 - time.time() % 1)  # TensorBoard event file names start with whole seconds: keep them in order
+    resumed = run_train([*flags, "--resume", "auto"], timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {target.url}/checkpoints/step_00000010.pt at step 10" in resumed.stdout
+    assert resumed.stdout.rstrip().splitlines()[-1] == f"mirrored step 30 to {target.url}"
+    assert "warning" not in resumed.stderr.lower(), resumed.stderr
+    assert_same_state(final_state(out, 30), final_state(reference_cli_run(**settings), 30))
+    assert train_steps(out) == list(range(1, 31)), "metrics.jsonl reads as one run"
+    assert tensorboard_steps(out) == list(range(1, 31)), "TensorBoard reads as one run"
+    mirror = Mirror(target.url, target.options)
+    assert mirror.pointer().step == 30 and mirror.store.read("exit_code").strip() == b"0"
+
+
+@pytest.mark.slow
+def test_sigterm_waits_for_the_final_upload_and_the_stop_line_names_what_the_mirror_holds(target, tiny_cli_args,
+                                                                                          tmp_path):
+    flags = [*tiny_cli_args(max_steps=1000, eval_interval=10), *mirror_flags(target), "--mirror-wait", "60"]
+    run = launch_held("sigterm", tmp_path / "held", 12, flags)
+    out, err = run.communicate(timeout=180)
+    assert run.returncode == 143, out + err  # the signal's, whatever the mirror did
+    lines = out.splitlines()
+    stop = next(i for i, line in enumerate(lines) if line.startswith("stopped by SIGTERM after step 13;"))
+    assert lines[stop + 1] == f"mirrored step 13 to {target.url}", out
+    mirror = Mirror(target.url, target.options)
+    assert mirror.pointer().step == 13
+    assert mirror.store.read("exit_code").strip() == b"143"
+    evaluations = [line for line in lines if line.startswith("step ")]
+    assert len(evaluations) == 2 and all(re.search(r" \| mirror (up to date|-[\d,]+ steps, \d+ s)$", line)
+                                         for line in evaluations), evaluations
+    out_dir = Path(flags[flags.index("--out-dir") + 1])
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "mirror/lag_steps" in r] == [0, 10]
+    curves = event_accumulator.EventAccumulator(str(out_dir / "tb"), size_guidance={event_accumulator.SCALARS: 0})
+    curves.Reload()
+    assert {"mirror/lag_steps", "mirror/lag_seconds"} <= set(curves.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_run_costs_one_warning_and_training_goes_on(s3_credentials, tiny_cli_args, tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    from tests.mirror.conftest import new_bucket
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        target = MirrorTarget(f"s3://{new_bucket(endpoint)}/run", s3_options(endpoint))
+        flags = [*tiny_cli_args(max_steps=30, eval_interval=10), *mirror_flags(target), "--mirror-wait", "2"]
+        marker = tmp_path / "held"
+        run = launch_held("pause", marker, 12, flags)  # the mirror holds step 10
+        wait_for(marker, run)
+    finally:
+        server.stop()
+    (tmp_path / "held.go").touch()
+    out, err = run.communicate(timeout=180)
+    assert run.returncode == 0, out + err
+    assert len([line for line in err.splitlines() if "could not upload" in line]) == 1, err
+    assert "training goes on" in err
+    assert out.rstrip().splitlines()[-1].startswith(f"the mirror {target.url} holds step 10; step 30 is not "
+                                                    f"mirrored: cannot reach the store"), out
+    assert train_steps(tmp_path / "out") == list(range(1, 31))
+    load_checkpoint(tmp_path / "out" / "checkpoints" / "step_00000030.pt")  # the local checkpoints are intact
+
+
+@pytest.mark.slow
+def test_a_full_mirror_costs_one_warning_and_the_local_checkpoints_stay_intact(path_target, tiny_cli_args, tmp_path,
+                                                                               capsys, monkeypatch):
+    from nanoresume.mirror import Store
+
+    def full(self: Store, local: Path, name: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Store, "put_file", full)  # the probe (a small write from memory) still passes
+    flags = [*tiny_cli_args(max_steps=20, eval_interval=10), *mirror_flags(path_target), "--mirror-wait", "0"]
+    result = run_main(cli.main, flags, capsys)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len([line for line in result.stderr.splitlines() if "could not upload" in line]) == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert result.stdout.rstrip().splitlines()[-1].startswith(
+        f"the mirror {path_target.url} holds no checkpoint of this run; step 20 is not mirrored"), result.stdout
+    for step in (10, 20):
+        load_checkpoint(tmp_path / "out" / "checkpoints" / f"step_{step:08d}.pt")
+
+
+# ---- a mirror that cannot work: exit 2 before training, one line, OUT untouched ---------------------------
+
+def test_a_mirror_folder_whose_parent_is_missing_is_refused_before_training(tiny_cli_args, tmp_path, capsys):
+    refused = run_main(cli.main, [*tiny_cli_args(), "--mirror", str(tmp_path / "no-drive" / "run")], capsys)
+    assert_one_line_error(refused, f"--mirror {tmp_path / 'no-drive' / 'run'}", "mount the drive")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_mirror_folder_is_refused_before_training(tiny_cli_args, tmp_path, capsys, monkeypatch):
+    from nanoresume.mirror import Store
+
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Store, "put_bytes", read_only)  # root writes through permissions; a read-only mount does not
+    refused = run_main(cli.main, [*tiny_cli_args(), "--mirror", str(tmp_path / "mirror")], capsys)
+    assert_one_line_error(refused, "not writable")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_mirror_flags_are_one_line_errors(tiny_cli_args, tmp_path, capsys):
+    for flags, needle in [(["--mirror-option", "a=1"], "only applies to --mirror"),
+                          (["--mirror", str(tmp_path), "--mirror-option", "novalue"], "KEY=VALUE"),
+                          (["--mirror", str(tmp_path), "--mirror-wait", "-1"], "--mirror-wait -1"),
+                          (["--mirror", str(tmp_path), "--mirror-keep-last", "0"], "--mirror-keep-last 0")]:
+        assert_one_line_error(run_main(cli.main, [*tiny_cli_args(), *flags], capsys), needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_missing_bucket_is_refused_before_training(s3_endpoint, tiny_cli_args, tmp_path):
+    target = MirrorTarget("s3://no-such-bucket/run", s3_options(s3_endpoint))
+    refused = run_train([*tiny_cli_args(), *mirror_flags(target)])
+    assert_one_line_error(refused, "--mirror s3://no-such-bucket/run", "bucket does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_wrong_credentials_are_refused_before_training(s3_target, tiny_cli_args, tmp_path, capsys, monkeypatch):
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks keys from now on
+    refused = run_main(cli.main, [*tiny_cli_args(), *mirror_flags(s3_target)], capsys)
+    assert_one_line_error(refused, f"--mirror {s3_target.url}", "access denied")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- another run, and retention ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_mirror_holding_another_run_is_refused_unless_that_run_is_resumed(path_target, tiny_cli_args, tmp_path,
+                                                                             capsys):
+    flags = [*tiny_cli_args(max_steps=10, eval_interval=10), *mirror_flags(path_target)]
+    assert run_main(cli.main, flags, capsys).returncode == 0
+    again = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "new")], capsys)
+    assert_one_line_error(again, "already holds checkpoints of a run (step 10)", "--resume auto")
+    other = tmp_path / "other.txt"
+    other.write_text("another corpus, another run. " * 2000)
+    refused = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "other"), "--data", str(other),
+                                  "--resume", "auto"], capsys)
+    assert_one_line_error(refused, "holds another run", "data_fingerprint")
+
+
+@pytest.mark.slow
+def test_retention_on_the_mirror_never_deletes_the_checkpoint_the_run_resumed_from(path_target, tiny_cli_args,
+                                                                                   tmp_path, capsys):
+    flags = [*tiny_cli_args(max_steps=10, eval_interval=5), *mirror_flags(path_target), "--mirror-keep-last", "1"]
+    assert run_main(cli.main, flags, capsys).returncode == 0
+    mirror = Mirror(path_target.url)
+    assert [c.step for c in mirror.checkpoints()] == [10]
+    shutil.rmtree(tmp_path / "out")
+    resumed = run_main(cli.main, [*flags, "--max-steps", "25", "--resume", "auto"], capsys)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {path_target.url}/checkpoints/step_00000010.pt" in resumed.stdout
+    assert [c.step for c in mirror.checkpoints()] == [10, 25], "the one resumed from stays, with the newest"
+    assert (Path(path_target.url) / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_on_the_mirror_is_skipped_with_one_line_and_the_resume_falls_back(
+        path_target, tiny_cli_args, tmp_path, capsys):
+    flags = [*tiny_cli_args(max_steps=20, eval_interval=5), *mirror_flags(path_target)]
+    assert run_main(cli.main, [*flags, "--max-steps", "10"], capsys).returncode == 0
+    flip_a_byte(Path(path_target.url) / "checkpoints" / "step_00000010.pt")
+    shutil.rmtree(tmp_path / "out")
+    resumed = run_main(cli.main, [*flags, "--resume", "auto"], capsys)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    skipped = [line for line in resumed.stderr.splitlines() if "step_00000010.pt" in line]
+    assert len(skipped) == 1 and "skipping" in skipped[0], resumed.stderr
+    assert f"resumed from {path_target.url}/checkpoints/step_00000005.pt at step 5" in resumed.stdout
+    assert train_steps(tmp_path / "out") == list(range(1, 21))
+    assert resumed.stdout.rstrip().splitlines()[-1] == f"mirrored step 20 to {path_target.url}"
+

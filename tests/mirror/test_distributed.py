@@ -1,0 +1,68 @@
+"""torchrun (gloo, CPU): a 2-process run mirrored, stopped and "lost" resumes on a new OUT from the mirror
+with 2 processes, bit for bit, and with 1 (the global batch kept by accumulation). Rank 0 alone uploads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanoresume.checkpoint import load_checkpoint
+from tests.harness.probes import STOP_ENV
+from tests.helpers import REPO, TINY_FLAGS, cli_flags, run_tree
+
+HARNESS = REPO / "tests" / "harness"  # its sitecustomize installs the probes (STOP_ENV) in every process
+FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=20, eval_interval=10, ckpt_interval=10, progress=False)
+
+
+def torchrun(nproc: int, flags: list[str], **env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "--monitor-interval=0.1", "--shutdown-timeout=10", "-m", "nanoresume.tools.chaos", "child"]
+    if nproc == 1:
+        command = [sys.executable, "-m", "nanoresume.tools.chaos", "child"]
+    path = os.pathsep.join(p for p in (str(HARNESS), os.environ.get("PYTHONPATH")) if p)
+    environ = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=path, **env)
+    return run_tree(command + flags, 180, env=environ, cwd=REPO)
+
+
+def final_state(out: Path) -> dict:
+    state = load_checkpoint(out / "checkpoints" / "step_00000020.pt")
+    del state["config"]
+    return state
+
+
+@pytest.mark.slow
+def test_a_two_process_run_lost_after_its_mirror_resumes_from_it_with_two_processes_and_with_one(
+        tiny_text, tmp_path, assert_same_state):
+    def flags(out: str, mirror: Path, **more: object) -> list[str]:
+        return cli_flags(dict(FLAGS, data=str(tiny_text), out_dir=str(tmp_path / out),
+                              cache_dir=str(tmp_path / "cache"), mirror=str(mirror), **more))
+
+    reference = torchrun(2, cli_flags(dict(FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "reference"),
+                                           cache_dir=str(tmp_path / "cache"))))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    mirror = tmp_path / "mirror"
+    stopped = torchrun(2, flags("out", mirror), **{STOP_ENV: "10"})  # as a SIGTERM at step 10, on every rank
+    assert "stopped by SIGTERM after step 10" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert f"mirrored step 10 to {mirror}" in stopped.stdout
+    assert stopped.stdout.count("mirrored step") == 1, "rank 0 alone uploads and speaks"
+    shutil.copytree(mirror, tmp_path / "mirror-for-one")
+    shutil.rmtree(tmp_path / "out")  # the machine is lost
+
+    two = torchrun(2, flags("out", mirror, resume="auto"))
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert f"resumed from {mirror}/checkpoints/step_00000010.pt at step 10" in two.stdout
+    assert_same_state(final_state(tmp_path / "out"), final_state(tmp_path / "reference"))
+
+    one = torchrun(1, flags("one", tmp_path / "mirror-for-one", resume="auto"))
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert f"resumed from {tmp_path / 'mirror-for-one'}/checkpoints/step_00000010.pt at step 10" in one.stdout
+    assert "--grad-accum: 1 -> 2" in one.stdout  # the global batch of 2 processes, kept
+    records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 21))
