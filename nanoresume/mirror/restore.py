@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..atomic import fsync_folder, remove_quietly, temp_path, write_file_atomically
-from ..checkpoint import CheckpointError, checksum_path, load_checkpoint, require_train_state
+from ..checkpoint import CheckpointError, checksum_path, load_checkpoint
 from ..checkpoint.folders import MANIFEST, check_digests, delete_folder, is_plain_name
 from ..metrics import scan_for_cut
 from ..rundir import RunDir
+from ..training_state import require_train_state
 from .remote import POINTER, Mirror, Pointer, RemoteCheckpoint
 from .store import MirrorError, describe_failure
 
