@@ -130,7 +130,8 @@ class Trainer:
         self.uploader: Optional[Uploader] = None  # rank 0's, with --mirror: started once the start point is known
         self.mirror = startup.open_mirror(cfg, env)  # probed before OUT is created
         startup.open_run_dir(cfg, env, self.run_dir, warn)
-        found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror)
+        found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror,  # refuses before a download commits
+                                    accept=lambda state: startup.plan_start(state, None, cfg, explicit, env.world_size))
         plan = startup.plan_start(found.checkpoint[1] if found.checkpoint else None, found.unsaved_config, cfg,
                                   explicit, env.world_size, unsaved_source=str(self.run_dir.config))
         for change in plan.changes:

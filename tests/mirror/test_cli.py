@@ -218,6 +218,10 @@ def test_a_mirror_holding_another_run_is_refused_unless_that_run_is_resumed(path
     assert run_main(cli.main, flags, capsys).returncode == 0
     again = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "new")], capsys)
     assert_one_line_error(again, "already holds checkpoints of a run (step 10)", "--resume auto")
+    wider = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "wide"), "--n-embd", "64", "--resume", "auto"],
+                     capsys)
+    assert_one_line_error(wider, "--n-embd is 32 in the checkpoint but 64 now", "nothing was copied")
+    assert not list((tmp_path / "wide").rglob("step_*")), "a refused checkpoint is never committed into OUT"
     other = tmp_path / "other.txt"
     other.write_text("another corpus, another run. " * 2000)
     refused = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "other"), "--data", str(other),
