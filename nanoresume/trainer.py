@@ -339,6 +339,7 @@ class Trainer:
                 self.console.log(messages.nothing_to_do(counters.step, cfg.max_steps))
                 if self.env.is_main:
                     self.run_dir.write_exit_code(0)
+                    self._finish_mirror()  # a mirror behind a finished run catches up
                 return result
             self._start_metrics(metrics)
             self._finish(self._loop(metrics), result)

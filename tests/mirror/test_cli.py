@@ -216,6 +216,10 @@ def test_a_mirror_holding_another_run_is_refused_unless_that_run_is_resumed(path
                                                                              capsys):
     flags = [*tiny_cli_args(max_steps=10, eval_interval=10), *mirror_flags(path_target)]
     assert run_main(cli.main, flags, capsys).returncode == 0
+    # A finished run started again with a mirror that lacks it: nothing to train, and the mirror catches up.
+    again = run_main(cli.main, [*flags, "--resume", "auto", "--mirror", str(tmp_path / "late")], capsys)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert again.stdout.rstrip().splitlines()[-1] == f"mirrored step 10 to {tmp_path / 'late'}"
     again = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "new")], capsys)
     assert_one_line_error(again, "already holds checkpoints of a run (step 10)", "--resume auto")
     wider = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "wide"), "--n-embd", "64", "--resume", "auto"],
