@@ -123,7 +123,7 @@ def open_run_dir(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: W
 
 
 def find_resume(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: Warn,
-                mirror: Optional[Mirror] = None) -> Found:
+                mirror: Optional[Mirror] = None, accept: Optional[Callable[[dict[str, Any]], Any]] = None) -> Found:
     """What to start from, as rank 0 sees it, on every rank.
 
     Rank 0 picks and loads the checkpoint (without a folder's tensors) and hands it to every rank,
@@ -131,19 +131,22 @@ def find_resume(cfg: TrainConfig, env: DistributedEnv, run_dir: RunDir, warn: Wa
     never need to read OUT at all. With ``--resume auto`` and no checkpoint, rank 0 reads
     ``OUT/config.json``. With ``--resume auto`` and a ``mirror`` (rank 0's, from :func:`open_mirror`)
     that holds a newer checkpoint that verifies, rank 0 first downloads it into OUT with the run's
-    other files (:func:`fetch_from_mirror`).
+    other files (:func:`fetch_from_mirror`); ``accept(state)`` (for example :func:`plan_start` with the
+    flags given) raises CheckpointError or ConfigError for a checkpoint this start cannot continue, which
+    is refused before anything of it is committed into OUT.
     """
     found, error = Found(), None
     if env.is_main:
         try:
-            found = _find_resume(cfg, run_dir, warn, mirror)
+            found = _find_resume(cfg, run_dir, warn, mirror, accept)
         except Exception as e:
             error = e
     distributed.raise_if_any_failed(error)
     return distributed.broadcast_object(found)
 
 
-def _find_resume(cfg: TrainConfig, run_dir: RunDir, warn: Warn, mirror: Optional[Mirror]) -> Found:
+def _find_resume(cfg: TrainConfig, run_dir: RunDir, warn: Warn, mirror: Optional[Mirror],
+                 accept: Optional[Callable[[dict[str, Any]], Any]]) -> Found:
     def load(path: Path) -> dict[str, Any]:
         return load_valid(path, tensors=False)
 
@@ -162,7 +165,7 @@ def _find_resume(cfg: TrainConfig, run_dir: RunDir, warn: Warn, mirror: Optional
     if mirror is not None and cfg.resume == "auto":
         local_step = int(resumed[1][STEP]) if resumed is not None else None
         try:
-            fetched = fetch_from_mirror(mirror, run_dir, local_step, warn, load)
+            fetched = fetch_from_mirror(mirror, run_dir, local_step, warn, load, accept)
         except NanoresumeError:
             raise
         except Exception as e:  # the store's own errors (network, credentials): one line
@@ -176,15 +179,23 @@ def _find_resume(cfg: TrainConfig, run_dir: RunDir, warn: Warn, mirror: Optional
 
 
 def fetch_from_mirror(mirror: Mirror, run_dir: RunDir, newer_than: Optional[int], warn: Warn,
-                      load: Callable[[Path], dict[str, Any]]) -> Optional[tuple[Path, dict[str, Any], str]]:
+                      load: Callable[[Path], dict[str, Any]], accept: Optional[Callable[[dict[str, Any]], Any]] = None
+                      ) -> Optional[tuple[Path, dict[str, Any], str]]:
     """Download the mirror's newest checkpoint that verifies, if it is newer than ``newer_than`` (the
     newest local step that verifies), into OUT (temp name, verify, commit), and restore the run's other
     files (config.json, metrics.jsonl cut at its step, TensorBoard, best.pt). Returns (path, state,
-    where it came from), or None."""
+    where it came from), or None. A checkpoint that ``accept(state)`` refuses (the flags given contradict
+    it) is a MirrorError, raised before it is committed."""
     states: dict[str, dict[str, Any]] = {}
 
     def check(path: Path) -> None:  # the same load a local checkpoint gets; kept so it is read once
         states["state"] = checkpoint.require_train_state(path, load(path))
+        if accept is not None:
+            try:
+                accept(states["state"])
+            except (CheckpointError, ConfigError) as e:  # not skipped, as a damaged one is: this is another run
+                raise MirrorError(f"{e} (--mirror {mirror.url} holds that checkpoint; nothing was copied into "
+                                  f"{run_dir.root})") from None
 
     restored = find_newest_on_mirror(mirror, run_dir.checkpoints, warn, newer_than=newer_than, check=check)
     if restored is None:

@@ -130,7 +130,8 @@ class Trainer:
         self.uploader: Optional[Uploader] = None  # rank 0's, with --mirror: started once the start point is known
         self.mirror = startup.open_mirror(cfg, env)  # probed before OUT is created
         startup.open_run_dir(cfg, env, self.run_dir, warn)
-        found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror)
+        found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror,  # refuses before a download commits
+                                    accept=lambda state: startup.plan_start(state, None, cfg, explicit, env.world_size))
         plan = startup.plan_start(found.checkpoint[1] if found.checkpoint else None, found.unsaved_config, cfg,
                                   explicit, env.world_size, unsaved_source=str(self.run_dir.config))
         for change in plan.changes:
@@ -338,6 +339,7 @@ class Trainer:
                 self.console.log(messages.nothing_to_do(counters.step, cfg.max_steps))
                 if self.env.is_main:
                     self.run_dir.write_exit_code(0)
+                    self._finish_mirror()  # a mirror behind a finished run catches up
                 return result
             self._start_metrics(metrics)
             self._finish(self._loop(metrics), result)

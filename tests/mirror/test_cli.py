@@ -162,6 +162,34 @@ def test_a_full_mirror_costs_one_warning_and_the_local_checkpoints_stay_intact(p
         load_checkpoint(tmp_path / "out" / "checkpoints" / f"step_{step:08d}.pt")
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 800 KB tmpfs (room for one tiny checkpoint and best.pt): a path mirror that fills up. Needs root."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and a container that allows it)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_path_mirror_on_a_tmpfs_that_fills_costs_one_warning_and_training_goes_on(small_tmpfs, tiny_cli_args,
+                                                                                    tmp_path, capsys):
+    mirror = small_tmpfs / "run"
+    flags = [*tiny_cli_args(max_steps=30, eval_interval=10), "--mirror", str(mirror), "--mirror-wait", "1"]
+    result = run_main(cli.main, flags, capsys)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "could not upload" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], result.stderr
+    assert result.stdout.rstrip().splitlines()[-1].startswith(
+        f"the mirror {mirror} holds step 10; step 30 is not mirrored"), result.stdout
+    assert Mirror(str(mirror)).pointer().step == 10
+    for step in (10, 20, 30):
+        load_checkpoint(tmp_path / "out" / "checkpoints" / f"step_{step:08d}.pt")  # the local ones are intact
+
+
 # ---- a mirror that cannot work: exit 2 before training, one line, OUT untouched ---------------------------
 
 def test_a_mirror_folder_whose_parent_is_missing_is_refused_before_training(tiny_cli_args, tmp_path, capsys):
@@ -216,8 +244,16 @@ def test_a_mirror_holding_another_run_is_refused_unless_that_run_is_resumed(path
                                                                              capsys):
     flags = [*tiny_cli_args(max_steps=10, eval_interval=10), *mirror_flags(path_target)]
     assert run_main(cli.main, flags, capsys).returncode == 0
+    # A finished run started again with a mirror that lacks it: nothing to train, and the mirror catches up.
+    again = run_main(cli.main, [*flags, "--resume", "auto", "--mirror", str(tmp_path / "late")], capsys)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert again.stdout.rstrip().splitlines()[-1] == f"mirrored step 10 to {tmp_path / 'late'}"
     again = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "new")], capsys)
     assert_one_line_error(again, "already holds checkpoints of a run (step 10)", "--resume auto")
+    wider = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "wide"), "--n-embd", "64", "--resume", "auto"],
+                     capsys)
+    assert_one_line_error(wider, "--n-embd is 32 in the checkpoint but 64 now", "nothing was copied")
+    assert not list((tmp_path / "wide").rglob("step_*")), "a refused checkpoint is never committed into OUT"
     other = tmp_path / "other.txt"
     other.write_text("another corpus, another run. " * 2000)
     refused = run_main(cli.main, [*flags, "--out-dir", str(tmp_path / "other"), "--data", str(other),

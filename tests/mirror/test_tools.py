@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from nanoresume.mirror import Mirror
-from nanoresume.tools import ckpt, sampling
+from nanoresume.tools import ckpt, evaluation, sampling
 from tests.helpers import flip_a_byte, run_main
 from tests.mirror.helpers import make_malicious_checkpoint
 
@@ -73,3 +73,12 @@ def test_ckpt_verify_of_a_url_downloads_to_a_cache_and_refuses_a_malicious_pickl
 def test_sample_from_best_pt_on_a_mirror(mirrored_run, capsys):
     sampled = run_main(sampling.main, ["--ckpt", f"{mirrored_run}/best.pt", "--max-new-tokens", "5"], capsys)
     assert sampled.returncode == 0, sampled.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_a_step_checkpoint_on_a_mirror(mirrored_run, tiny_text, capsys):
+    url = f"{mirrored_run}/checkpoints/step_00000020.pt"
+    result = run_main(evaluation.main, ["--ckpt", url, "--data", str(tiny_text)], capsys)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{url} (step 20) on {tiny_text}:")
+
