@@ -189,7 +189,7 @@ def fetch_from_mirror(mirror: Mirror, run_dir: RunDir, newer_than: Optional[int]
     states: dict[str, dict[str, Any]] = {}
 
     def check(path: Path) -> None:  # the same load a local checkpoint gets; kept so it is read once
-        states["state"] = checkpoint.require_train_state(path, load(path))
+        states["state"] = require_train_state(path, load(path))
         if accept is not None:
             try:
                 accept(states["state"])
