@@ -28,7 +28,7 @@ from ..checkpoint import (CheckpointDir, StepCheckpoint, is_checkpoint_folder, l
                           resolve_resume)
 from ..checkpoint.folders import folder_nbytes
 from ..checkpointer import check_state_file, is_state_file
-from .clitools import make_parser, run_reporting_errors
+from .clitools import add_mirror_option_flag, make_parser, run_reporting_errors
 from ..compare import plain_equal, tensors_identical
 from ..config import RUNTIME_FIELDS, config_from_dict
 from ..errors import CheckpointError, CheckpointWriteError, NanoresumeError, UserError
@@ -581,8 +581,7 @@ def build_parser(prog: str = "ckpt.py") -> argparse.ArgumentParser:
 
 
 def add_mirror_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
-                        help="a storage option for a URL, as in train's --mirror-option (repeatable)")
+    add_mirror_option_flag(parser)
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "ckpt.py") -> int:

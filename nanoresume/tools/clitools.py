@@ -35,6 +35,13 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
                         help="where to run the model; auto picks cuda when available")
 
 
+def add_mirror_option_flag(parser: argparse.ArgumentParser) -> None:
+    """``--mirror-option KEY=VALUE``: how a tool reaches a checkpoint given as a URL on a mirror."""
+    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="with a URL checkpoint (s3://bucket/run/best.pt): a storage option, as in train's "
+                             "--mirror-option (repeatable)")
+
+
 def run_reporting_errors(body: Callable[[], int], quiet: bool = False) -> int:
     """Run a tool's body; turn every error a user can cause into one stderr line and an exit code.
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .clitools import add_device_flag, make_parser, run_reporting_errors
+from .clitools import add_device_flag, add_mirror_option_flag, make_parser, run_reporting_errors
 from ..config import TOKEN_DTYPES, VOCAB_SIZE
 from ..console import wants_bar
 from ..data import iterate_in_order, read_token_file
@@ -125,9 +125,7 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, metavar="PATH|URL", default=argparse.SUPPRESS,
                         help="checkpoint to evaluate (OUT/best.pt, an export, or a step checkpoint), or its URL on a "
                              "--mirror (downloaded to a cache and verified); required")
-    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
-                        help="with a URL --ckpt (s3://bucket/run/best.pt): a storage option, as in train's "
-                             "--mirror-option (repeatable)")
+    add_mirror_option_flag(parser)
     parser.add_argument("--data", required=True, metavar="FILE", default=argparse.SUPPRESS,
                         help="file to evaluate on: text, read as raw bytes, or a .bin/.npy token file; required")
     parser.add_argument("--token-dtype", choices=TOKEN_DTYPES, default=None,

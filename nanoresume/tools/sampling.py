@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .clitools import add_device_flag, make_parser, run_reporting_errors
+from .clitools import add_device_flag, add_mirror_option_flag, make_parser, run_reporting_errors
 from ..console import log
 from ..errors import UserError
 from ..loading import load_model
@@ -42,9 +42,7 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, metavar="PATH|URL", default=argparse.SUPPRESS,
                         help="checkpoint to sample from (kind 'weights' or 'train'), or its URL on a --mirror "
                              "(s3://bucket/run/best.pt: downloaded to a cache and verified); required")
-    parser.add_argument("--mirror-option", action="append", default=None, metavar="KEY=VALUE",
-                        help="with a URL --ckpt (s3://bucket/run/best.pt): a storage option, as in train's "
-                             "--mirror-option (repeatable)")
+    add_mirror_option_flag(parser)
     parser.add_argument("--prompt", default="", help="text to continue; the default %(default)r starts from a newline "
                                                      "(or GPT-2's <|endoftext|>)")
     parser.add_argument("--prompt-ids", default=None, metavar="IDS",
