@@ -31,6 +31,9 @@ SMOKE = {
                        [rf"1 process +{NUMBER} tok/s +save +{NUMBER} ms +decision +{NUMBER} us",
                         rf"2 processes \(DDP, gloo\) +{NUMBER} tok/s",
                         rf"2 vs 1: throughput {NUMBER}x, save {NUMBER}x"]),
+    "mirror.py": (["--mb", "1", "--repeats", "1"],
+                  [rf"1 MiB +plain upload +{NUMBER} MB/s +mirror upload +{NUMBER} MB/s +ratio {NUMBER}x",
+                   rf"plain resume +{NUMBER} ms +mirror resume +{NUMBER} ms +ratio {NUMBER}x"]),
     # one job of each parallelism and of each format (all four: the ratios between them too)
     "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1",
                                 "--combinations", "ddp/file", "fsdp/sharded"],
