@@ -122,8 +122,8 @@ def _install_save_and_resume_probes(rank: int) -> None:
     if dump:
         resume_from = Trainer._resume_from
 
-        def dumped_resume(self: Trainer, *args: Any) -> None:
-            resume_from(self, *args)
+        def dumped_resume(self: Trainer, *args: Any, **kwargs: Any) -> None:
+            resume_from(self, *args, **kwargs)
             state = self.state_dict()  # a collective: every rank takes part
             if self.env.is_main:
                 torch.save(state, dump)
