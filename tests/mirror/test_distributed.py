@@ -22,9 +22,9 @@ FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=20, eval_interval=
 
 def torchrun(nproc: int, flags: list[str], **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--monitor-interval=0.1", "--shutdown-timeout=10", "-m", "nanoresume.tools.chaos", "child"]
+               "--monitor-interval=0.1", "--shutdown-timeout=10", "-m", "nanoresume.tools.chaos_child", "child"]
     if nproc == 1:
-        command = [sys.executable, "-m", "nanoresume.tools.chaos", "child"]
+        command = [sys.executable, "-m", "nanoresume.tools.chaos_child", "child"]
     path = os.pathsep.join(p for p in (str(HARNESS), os.environ.get("PYTHONPATH")) if p)
     environ = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=path, **env)
     return run_tree(command + flags, 180, env=environ, cwd=REPO)
