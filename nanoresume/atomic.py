@@ -40,6 +40,15 @@ def temp_target(name: str, purposes: tuple[str, ...] = (WRITING,)) -> Optional[s
     return match.group("target") if match and match.group("purpose") in purposes else None
 
 
+def temp_writer_pid(name: str) -> Optional[int]:
+    """The pid of the process writing temp file ``name`` (``.<target>.tmp.<pid>``), or None if ``name``
+    is not such a name (or its tag is a shared token, not a pid)."""
+    match = _TEMP_NAME.match(name)
+    if match is None or match.group("purpose") != WRITING or not match.group("tag").isdigit():
+        return None
+    return int(match.group("tag"))
+
+
 def is_temp_path(path: Path) -> bool:
     """Whether ``path`` is named like a :func:`temp_path`: a write that has not been committed (yet)."""
     return temp_target(path.name) is not None

@@ -24,12 +24,12 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .atomic import write_file_atomically
+from .atomic import temp_target, temp_writer_pid, write_file_atomically
 from .errors import CheckpointError, DataError
 
 CACHE_FORMAT = 2  # 2: cache files named by the tokens' SHA-256; 1 named them by path, size and mtime
-# Temp files of cache writes (atomic.temp_path: ".<target>.tmp.<pid>"), format 2 and format 1 names.
-_CACHE_TEMP_FILE = re.compile(r"^\.(tokens-v\d+-[0-9a-f]{32}\.bin|[0-9a-f]{24}\.(?:bin|json))\.tmp\.(\d+)$")
+# Names of cache files, format 2 and format 1 (their temp names follow the one scheme in nanoresume.atomic).
+_CACHE_FILE = re.compile(r"^(tokens-v\d+-[0-9a-f]{32}\.bin|[0-9a-f]{24}\.(?:bin|json))$")
 _DATA_ADVICE = ("point --data at a .txt file, a folder of .txt files, a .bin/.npy token file, or a folder "
                 "holding train.bin and val.bin")
 _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
@@ -270,8 +270,10 @@ def _remove_abandoned_temp_files(folder: Path, warn: Callable[[str], None]) -> N
     except OSError:
         return  # no cache folder yet, or none we can list
     for entry in entries:
-        match = _CACHE_TEMP_FILE.match(entry.name)
-        if match is None or _process_exists(int(match.group(2))) or not entry.is_file():
+        target, pid = temp_target(entry.name), temp_writer_pid(entry.name)
+        if target is None or pid is None or not _CACHE_FILE.match(target) or _process_exists(pid):
+            continue
+        if not entry.is_file():
             continue
         try:
             entry.unlink()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nanoresume import atomic
-from nanoresume.atomic import (DELETING, AtomicFile, is_temp_path, temp_name, temp_path, temp_target,
+from nanoresume.atomic import (DELETING, AtomicFile, is_temp_path, temp_name, temp_path, temp_target, temp_writer_pid,
                                write_file_atomically)
 
 
@@ -40,6 +40,12 @@ def test_the_recognizer_ignores_names_that_are_not_writes_in_progress(name):
 
 def test_a_folder_being_deleted_is_recognized_only_when_asked_for():
     assert temp_target(".step_00000005.deleting.3", (atomic.WRITING, DELETING)) == "step_00000005"
+
+
+@pytest.mark.parametrize("name, pid", [(".data.bin.tmp.4242", 4242), (".data.bin.tmp.ab12cd", None),
+                                       (".data.bin.deleting.4242", None), ("data.bin", None)])
+def test_the_writer_pid_is_read_only_from_a_write_in_progress_named_by_a_pid(name, pid):
+    assert temp_writer_pid(name) == pid
 
 
 def test_write_file_atomically_replaces_the_file_and_leaves_no_temp_file(tmp_path):
