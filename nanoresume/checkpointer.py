@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .checkpoint import FORMAT_VERSION, CheckpointManager, CheckpointObserver, remove_leftovers, resolve_resume
+from .checkpoint import (FORMAT_VERSION, FORMAT_VERSION_KEY, KIND_KEY, CheckpointManager, CheckpointObserver,
+                         remove_leftovers, resolve_resume)
 from .errors import CheckpointError
 from .schema import MAX_COUNT
 from .signals import StopFlag
@@ -128,7 +129,7 @@ class Checkpointer:
 
     def build_state(self, step: int) -> dict[str, Any]:
         """What a checkpoint of ``step`` holds (references to live tensors: save or copy it at once)."""
-        state = {"format_version": FORMAT_VERSION, "kind": KIND, "step": step,
+        state = {FORMAT_VERSION_KEY: FORMAT_VERSION, KIND_KEY: KIND, "step": step,
                  "objects": {name: obj.state_dict() for name, obj in self.objects.items()}}
         if self.rng:
             state["rng"] = capture_rng_state()
@@ -231,14 +232,14 @@ def _refuse_several_processes(folder: Union[str, Path]) -> None:
 
 def is_state_file(state: Any) -> bool:
     """Whether a loaded checkpoint says it was written by a :class:`Checkpointer`."""
-    return isinstance(state, dict) and state.get("kind") == KIND
+    return isinstance(state, dict) and state.get(KIND_KEY) == KIND
 
 
 def check_state_file(path: Path, state: Any) -> dict[str, Any]:
     """``state`` if it has a Checkpointer file's shape (step, named objects, optional RNG streams),
     else a one-line CheckpointError. What each object holds is its owner's business."""
     if not is_state_file(state):
-        kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        kind = state.get(KIND_KEY) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a checkpoint written by nanoresume.Checkpointer (kind {kind!r})")
     step, objects = state.get("step"), state.get("objects")
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_COUNT:

@@ -21,16 +21,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
+from .checkpoint import FORMAT_VERSION, FORMAT_VERSION_KEY, KIND_KEY
 from .errors import CheckpointError
 
-# What a step checkpoint of this version holds; a resume refuses another version, whose data order
-# this one cannot continue exactly.
-FORMAT_VERSION = 2
+# The header (version and kind) is shared with every other nanoresume file, so the checkpoint
+# package owns it. What the version means for a step checkpoint (a resume refuses another version,
+# whose data order this one cannot continue exactly): 2: the data position is one sampler for all
+# ranks (batches depend on the step only) and ranks hold only their RNG streams; 1: a sampler per
+# rank, drawn per micro-batch.
 KIND = "train"
-
-# The header, shared with every other nanoresume file (weights files, Checkpointer files).
-FORMAT_VERSION_KEY = "format_version"
-KIND_KEY = "kind"
 HEADER = (FORMAT_VERSION_KEY, KIND_KEY)
 
 # The counters: the fields of Counters, at the top level of the dict.

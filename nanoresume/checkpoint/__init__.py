@@ -20,7 +20,8 @@ Knows nothing about GPTs: it saves and loads dicts of tensors and plain values.
 """
 
 from ..errors import CheckpointError, CheckpointWriteError
-from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, STEP_FOLDER_PATTERN, STEP_PATTERN, accepted_digests,
+from .files import (CHECKSUM_SUFFIX, FORMAT_VERSION, FORMAT_VERSION_KEY, KIND_KEY, STEP_FOLDER_PATTERN, STEP_PATTERN,
+                    accepted_digests,
                     checksum_path, load_checkpoint, read_verified, remove_leftovers, save_atomically, state_nbytes,
                     step_folder_path, step_of, step_path, verify_file, write_checksum_file)
 from .folders import is_checkpoint_folder, remove_unfinished
@@ -31,7 +32,8 @@ from .stepdir import ABANDONED, CheckpointDir, StepCheckpoint
 from .storage import LOCAL, LocalStorage, Storage
 
 __all__ = [
-    "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "LOCAL", "STEP_FOLDER_PATTERN", "STEP_PATTERN",
+    "ABANDONED", "CHECKSUM_SUFFIX", "FORMAT_VERSION", "FORMAT_VERSION_KEY", "KIND_KEY", "LOCAL", "STEP_FOLDER_PATTERN",
+    "STEP_PATTERN",
     "CheckpointDir", "CheckpointError", "CheckpointManager", "CheckpointObserver", "CheckpointWriteError",
     "LocalStorage", "StepCheckpoint", "Storage", "accepted_digests", "checksum_path", "is_checkpoint_folder",
     "load_checkpoint", "observe", "read_verified", "remove_leftovers", "remove_unfinished",

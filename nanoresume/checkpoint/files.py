@@ -49,9 +49,12 @@ from .observe import CheckpointObserver, observers
 from .storage import (FILE, FOLDER, LOCAL, NotAFileError, P, Reading, Storage, Writing, as_path, join, name_of,
                       parent_of)
 
-# 2: the data position is one sampler for all ranks (batches depend on the step only) and ranks
-# hold only their RNG streams; 1: a sampler per rank, drawn per micro-batch.
+# The header every nanoresume file starts with: its format version and its kind ("train", "weights",
+# "checkpointer"). This package owns it; what a version means for a training state is written
+# in nanoresume.training_state. A file of a newer version than this is refused as "upgrade".
 FORMAT_VERSION = 2
+FORMAT_VERSION_KEY = "format_version"
+KIND_KEY = "kind"
 CHECKSUM_SUFFIX = ".sha256"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
 STEP_FOLDER_PATTERN = re.compile(r"^step_(\d{8,})$")  # a sharded checkpoint (see sharded.py)
@@ -242,9 +245,9 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", storage: Storage = LO
         _check_digest(path, found.result(), storage)  # a corrupt file is named as corrupt, not as unreadable
         if unreadable is not None:
             raise unreadable
-    if not isinstance(state, dict) or "format_version" not in state or "kind" not in state:
-        raise CheckpointError(f"{path}: not a nanoresume checkpoint (no format_version/kind)")
-    version = state["format_version"]
+    if not isinstance(state, dict) or FORMAT_VERSION_KEY not in state or KIND_KEY not in state:
+        raise CheckpointError(f"{path}: not a nanoresume checkpoint (no {FORMAT_VERSION_KEY}/{KIND_KEY})")
+    version = state[FORMAT_VERSION_KEY]
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer nanoresume (format {version}, "
                               f"this one reads up to {FORMAT_VERSION}); upgrade nanoresume")
