@@ -378,9 +378,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nanoresume {__version__}")
     parser.add_argument("--config", metavar="FILE", default=None,
-                        help="read settings from a JSON file (such as a run's OUT/config.json) or a TOML file "
-                             "(Python 3.11+), named like the flags (max_steps = 5000); flags given here "
-                             "override it")
+                        help="read settings from a JSON file (such as a run's OUT/config.json) or a TOML file, "
+                             "named like the flags (max_steps = 5000); flags given here override it")
     parser.add_argument("--self-test", action="store_true",
                         help="instead of training: prove that this configuration resumes bit-exactly on this "
                              "machine. Trains it for a few steps (--max-steps %d unless given) in a temporary "
