@@ -150,3 +150,18 @@ def test_self_test_processes_are_bounded_both_ways():
         read_command_line(["--self-test", "--self-test-nproc", "0"])
     with pytest.raises(ConfigError, match=f"--self-test-nproc {10**9} must be at most {MAX_SELF_TEST_PROCESSES}"):
         read_command_line(["--self-test", "--self-test-nproc", str(10**9)])
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("lr = nan", "--lr nan must be in (0, 1]"),
+    ("grad_accum = 100000000000000000", "--grad-accum 100000000000000000 must be at most 2**31 - 1"),
+    ("time_limit = -5", "--time-limit -5.0 must be in (0, 1e+09] seconds"),
+    ('time_limit = "-5"', "time_limit '-5' is negative"),
+    ("weight_decay = -inf", "--weight-decay -inf must be in [0, inf)"),
+])
+def test_a_toml_config_goes_through_the_same_ranges(line, needle, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as info:
+        read_command_line(["--config", str(path)])
+    assert needle in str(info.value) and "\n" not in str(info.value)
