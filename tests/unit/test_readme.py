@@ -154,13 +154,21 @@ def test_ci_runs_exactly_the_readmes_install_lint_and_test_commands():
     assert {"ruff check .", "pytest"} <= readme_commands
 
 
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: ``## DDP or FSDP`` -> ``ddp-or-fsdp``."""
+    headings = re.findall(r"^#+ (.*)$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
 def test_every_relative_link_in_the_readme_and_docs_exists():
     for document in DOCUMENTS:
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", document.read_text()):
-            path = (document.parent / target).resolve()
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)]*))?\)", document.read_text()):
+            path = (document.parent / target).resolve() if target else document
             if path.name in PENDING_DOCS:
                 continue
             assert path.exists(), f"{document.relative_to(REPO)} links {target}, which does not exist"
+            if anchor:
+                assert anchor in anchors(path.read_text()), f"{document.relative_to(REPO)} links #{anchor} of {target}"
 
 
 def test_the_readme_stays_a_guide():
