@@ -236,8 +236,8 @@ def resolve_config(cfg: TrainConfig, check: bool = True) -> TrainConfig:
     return filled
 
 
-# The range of every numeric field (None: an optional field left unset is not checked).
-# Ints: (lowest, highest). Floats: (lowest, highest, the interval as it is written), always finite.
+# The range of every numeric field (an optional field left unset, None, is not checked). Ints are
+# (lowest, highest); floats must also be finite.
 INT_RANGES: dict[str, tuple[int, int]] = {
     **{name: (1, MAX_SIZE) for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
                                         "grad_accum", "eval_iters")},
@@ -313,7 +313,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         check(problem is None, str(problem))
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
     problems += mirror_problems(cfg)
-    if cfg.vocab_size is None:  # after from_file or a library caller; resolve_config fills it otherwise
+    if cfg.vocab_size is None:
         problems.append("--token-dtype uint16 needs --vocab-size: the vocabulary the data was prepared with "
                         "(50304 for nanoGPT's GPT-2 data; nanoresume does not unpickle meta.pkl)")
     return problems
