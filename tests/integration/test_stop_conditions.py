@@ -46,7 +46,7 @@ def test_steps_longer_than_the_grace_period_warn_once_with_advice_for_the_settin
                                                                                    capsys):
     monkeypatch.setattr(slowsteps, "SLOW_STEP_SECONDS", 0.0)  # every step counts as slow
     monkeypatch.setattr(slowsteps, "SUSTAINED_STEPS", 2)
-    Trainer(make_config(max_steps=4, eval_interval=100, grad_accum=2)).run()
+    Trainer(make_config(max_steps=3, eval_interval=100, grad_accum=2)).run()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "grace period" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: steps 1-2 each took over 0 s"), warnings
     assert "Lower --grad-accum (now 2" in warnings[0]
