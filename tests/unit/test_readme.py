@@ -164,8 +164,8 @@ def test_every_relative_link_in_the_readme_and_docs_exists():
     for document in DOCUMENTS:
         for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)]*))?\)", document.read_text()):
             path = (document.parent / target).resolve() if target else document
-            if path.name in PENDING_DOCS:
-                continue
+            if path.name in PENDING_DOCS and not path.exists():
+                continue  # checked once its branch has landed
             assert path.exists(), f"{document.relative_to(REPO)} links {target}, which does not exist"
             if anchor:
                 assert anchor in anchors(path.read_text()), f"{document.relative_to(REPO)} links #{anchor} of {target}"
