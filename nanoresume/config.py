@@ -25,6 +25,15 @@ MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
 TOKEN_DTYPES = ("uint8", "uint16")  # how a .bin file stores its tokens (nanoGPT's prepare.py: uint16)
 PARALLEL_MODES = ("ddp", "fsdp")
 CKPT_FORMATS = ("auto", "file", "sharded")
+# Bounds of every number a run takes. The int bounds match the checkpoint schema's (schema.MAX_COUNT for
+# counters, schema.MAX_ID for sizes), so a config that validates is one a checkpoint may hold.
+MAX_COUNT = 2**62 - 1  # steps and intervals
+MAX_SIZE = 2**31 - 1  # model and batch sizes
+# Sequences per optimizer step and process (--batch-size x --grad-accum): the sampler draws an index array
+# of them each step, 8 bytes a sequence, before the memory check's model-sized numbers could refuse it.
+MAX_SEQUENCES_PER_STEP = 2**24
+MAX_SECONDS = 1e9  # durations (about 31 years): well below what sleeps and thread joins accept
+MAX_SELF_TEST_PROCESSES = 1024  # the self-test's torchrun is --standalone: one machine
 SELF_TEST_STEPS = 30  # --max-steps of a --self-test unless given: about a minute for the cpu preset on 2 cores
 # Options of the train command that are not config fields.
 COMMAND_OPTIONS = ("config", "self_test", "self_test_nproc")
@@ -199,7 +208,9 @@ def parse_duration(text: str) -> float:
         numbers = [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not seconds or HH:MM:SS") from None
-    if any(n < 0 for n in numbers) or any(n >= 60 for n in numbers[1:]):
+    if any(n < 0 for n in numbers):
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give a positive number of seconds or HH:MM:SS")
+    if any(n >= 60 for n in numbers[1:]):
         raise argparse.ArgumentTypeError(f"{text!r}: minutes and seconds must be 0-59 in HH:MM:SS")
     seconds = 0.0
     for number in numbers:
@@ -225,39 +236,75 @@ def resolve_config(cfg: TrainConfig, check: bool = True) -> TrainConfig:
     return filled
 
 
+# The range of every numeric field (an optional field left unset, None, is not checked). Ints are
+# (lowest, highest); floats must also be finite.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    **{name: (1, MAX_SIZE) for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+                                        "grad_accum", "eval_iters")},
+    **{name: (1, MAX_COUNT) for name in ("max_steps", "eval_interval", "ckpt_interval", "keep_last",
+                                         "mirror_keep_last", "log_interval")},
+    "warmup_steps": (0, MAX_COUNT),
+    "seed": (0, MAX_SEED),
+}
+FLOAT_RANGES: dict[str, tuple[str, float, float, str, str]] = {
+    # name: (opening bracket, lowest, highest, closing bracket, what follows the interval)
+    "val_fraction": ("(", 0.0, 1.0, ")", ""),
+    "dropout": ("[", 0.0, 1.0, ")", ""),
+    # AdamW learning rates live far below 1; far above, the update overflows float32 and crashes.
+    "lr": ("(", 0.0, MAX_LR, "]", ""),
+    "min_lr_ratio": ("[", 0.0, 1.0, "]", ""),
+    "weight_decay": ("[", 0.0, math.inf, ")", ""),
+    "beta1": ("[", 0.0, 1.0, ")", ""),
+    "beta2": ("[", 0.0, 1.0, ")", ""),
+    "grad_clip": ("[", 0.0, math.inf, ")", " (0: no clipping)"),
+    "ckpt_minutes": ("(", 0.0, MAX_SECONDS / 60, "]", " minutes"),
+    "time_limit": ("(", 0.0, MAX_SECONDS, "]", " seconds"),
+    "mirror_wait": ("[", 0.0, MAX_SECONDS, "]", " seconds"),
+}
+_BOUND_TEXT = {MAX_COUNT: "2**62 - 1", MAX_SIZE: "2**31 - 1", MAX_SEED: "2**64 - 1"}
+
+
+def number_problem(name: str, value: Any) -> Optional[str]:
+    """What is wrong with ``value`` for the numeric field ``name`` (None: fine, unset, or not numeric).
+
+    One line naming the flag, the value and the allowed range, e.g.
+    ``--grad-accum 100000000000000000000 must be at most 2**31 - 1``.
+    """
+    if value is None:
+        return None
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
+        if name == "seed" and not low <= value <= high:
+            return f"--seed {value} must be in [0, 2**64 - 1]"
+        if value < low:
+            return f"{flag(name)} {value} must be at least {low}"
+        if value > high:
+            return f"{flag(name)} {value} must be at most {_BOUND_TEXT.get(high, f'{high:,}')}"
+    elif name in FLOAT_RANGES:
+        opening, low, high, closing, unit = FLOAT_RANGES[name]
+        above_low = low <= value if opening == "[" else low < value
+        below_high = value <= high if closing == "]" else value < high
+        if not (math.isfinite(value) and above_low and below_high):
+            return f"{flag(name)} {value!r} must be in {opening}{low:g}, {high:g}{closing}{unit}"
+    return None
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """All problems with a resolved config, each naming its flag and what would be valid."""
-    problems = []
+    problems = [problem for name in (*INT_RANGES, *FLOAT_RANGES) if name not in MIRROR_NUMBERS
+                if (problem := number_problem(name, getattr(cfg, name))) is not None]
 
     def check(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "max_steps", "eval_interval", "eval_iters", "keep_last"):
-        value = getattr(cfg, name)
-        check(value >= 1, f"{flag(name)} {value} must be at least 1")
-    if cfg.n_head >= 1 and cfg.n_embd >= 1:
+    if 1 <= cfg.n_head <= MAX_SIZE and 1 <= cfg.n_embd <= MAX_SIZE:
         check(cfg.n_embd % cfg.n_head == 0,
               f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
-    check(0.0 <= cfg.dropout < 1.0, f"--dropout {cfg.dropout} must be in [0, 1)")
-    # AdamW learning rates live far below 1; far above, the update overflows float32 and crashes.
-    check(math.isfinite(cfg.lr) and 0 < cfg.lr <= MAX_LR, f"--lr {cfg.lr} must be in (0, {MAX_LR:g}]")
-    check(0 <= cfg.seed <= MAX_SEED, f"--seed {cfg.seed} must be in [0, 2**64 - 1]")
-    check(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio {cfg.min_lr_ratio} must be in [0, 1]")
-    check(cfg.warmup_steps >= 0, f"--warmup-steps {cfg.warmup_steps} must be 0 or more")
-    check(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay} must be 0 or more")
-    check(0.0 <= cfg.beta1 < 1.0, f"--beta1 {cfg.beta1} must be in [0, 1)")
-    check(0.0 <= cfg.beta2 < 1.0, f"--beta2 {cfg.beta2} must be in [0, 1)")
-    check(cfg.grad_clip >= 0, f"--grad-clip {cfg.grad_clip} must be 0 (off) or more")
-    check(0.0 < cfg.val_fraction < 1.0, f"--val-fraction {cfg.val_fraction} must be between 0 and 1")
-    if cfg.ckpt_interval is not None:
-        check(cfg.ckpt_interval >= 1, f"--ckpt-interval {cfg.ckpt_interval} must be at least 1")
-    if cfg.ckpt_minutes is not None:
-        check(math.isfinite(cfg.ckpt_minutes) and cfg.ckpt_minutes > 0,
-              f"--ckpt-minutes {cfg.ckpt_minutes:g} must be a positive number of minutes")
-    if cfg.time_limit is not None:
-        check(cfg.time_limit > 0, f"--time-limit {cfg.time_limit:g} must be a positive duration")
+    if 1 <= cfg.batch_size <= MAX_SIZE and 1 <= cfg.grad_accum <= MAX_SIZE:
+        check(cfg.batch_size * cfg.grad_accum <= MAX_SEQUENCES_PER_STEP,
+              f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} must be at most "
+              f"{MAX_SEQUENCES_PER_STEP:,} sequences per step and process (2**24)")
     check(cfg.out_dir.strip() != "", "--out-dir must not be empty")
     if cfg.data is not None:  # checked here too, so a typo or an empty file fails before OUT is created
         from .data import data_path_problem  # here, not at the top: it imports torch, and --help stays fast
@@ -265,13 +312,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         problem = data_path_problem(cfg.data)
         check(problem is None, str(problem))
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
-    check(cfg.log_interval >= 1, f"--log-interval {cfg.log_interval} must be at least 1")
     problems += mirror_problems(cfg)
     if cfg.vocab_size is None:
         problems.append("--token-dtype uint16 needs --vocab-size: the vocabulary the data was prepared with "
                         "(50304 for nanoGPT's GPT-2 data; nanoresume does not unpickle meta.pkl)")
-    else:
-        check(cfg.vocab_size >= 1, f"--vocab-size {cfg.vocab_size} must be at least 1")
     return problems
 
 
@@ -287,11 +331,11 @@ def mirror_problems(cfg: TrainConfig) -> list[str]:
         if not sep or not key.strip():
             problems.append(f"--mirror-option {pair!r} must be KEY=VALUE, e.g. client_kwargs.endpoint_url=http://"
                             f"127.0.0.1:9000")
-    if not (math.isfinite(cfg.mirror_wait) and cfg.mirror_wait >= 0):
-        problems.append(f"--mirror-wait {cfg.mirror_wait:g} must be 0 or more seconds")
-    if cfg.mirror_keep_last is not None and cfg.mirror_keep_last < 1:
-        problems.append(f"--mirror-keep-last {cfg.mirror_keep_last} must be at least 1")
-    return problems
+    return problems + [problem for name in MIRROR_NUMBERS
+                       if (problem := number_problem(name, getattr(cfg, name))) is not None]
+
+
+MIRROR_NUMBERS = ("mirror_wait", "mirror_keep_last")  # checked by mirror_problems, part of validate
 
 
 def flag(name: str) -> str:
@@ -334,9 +378,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nanoresume {__version__}")
     parser.add_argument("--config", metavar="FILE", default=None,
-                        help="read settings from a JSON file (such as a run's OUT/config.json) or a TOML file "
-                             "(Python 3.11+), named like the flags (max_steps = 5000); flags given here "
-                             "override it")
+                        help="read settings from a JSON file (such as a run's OUT/config.json) or a TOML file, "
+                             "named like the flags (max_steps = 5000); flags given here override it")
     parser.add_argument("--self-test", action="store_true",
                         help="instead of training: prove that this configuration resumes bit-exactly on this "
                              "machine. Trains it for a few steps (--max-steps %d unless given) in a temporary "
@@ -411,6 +454,9 @@ def _self_test(requested: bool, nproc: Optional[int]) -> Optional[int]:
         raise ConfigError("--self-test-nproc only applies to --self-test; add --self-test, or leave it out")
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--self-test-nproc {nproc} must be at least 1")
+    if nproc is not None and nproc > MAX_SELF_TEST_PROCESSES:
+        raise ConfigError(f"--self-test-nproc {nproc} must be at most {MAX_SELF_TEST_PROCESSES} (the self-test runs "
+                          f"on one machine)")
     return (nproc or 0) if requested else None
 
 

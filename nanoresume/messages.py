@@ -93,11 +93,6 @@ def mirror_lag(steps: int, seconds: float) -> str:
     return " | mirror up to date" if steps == 0 else f" | mirror -{steps:,} steps, {seconds:.0f} s"
 
 
-def slow_step(step: int, seconds: float) -> str:
-    return (f"step {step:,} took {seconds:.0f} s; a stop signal waits for the step to end, so it may outlast a "
-            f"~30 s preemption grace period. Lower --grad-accum (or --batch-size) for shorter steps")
-
-
 def newest_saved(step: Optional[int]) -> str:
     return "no checkpoint yet" if step is None else f"newest checkpoint: step {step}"
 

@@ -46,15 +46,11 @@ from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .signals import StopFlag
+from .slowsteps import SlowStepWatch
 from .startup import StartMode
 from .state import seed_everything, seed_rank_streams
 from .stopping import CONTINUE, FINISHED, Outcome, StepDecisions
 from .training_parts import TrainingParts
-
-# A stop is honoured between optimizer steps; a step longer than this would outlast the ~30 s
-# grace period that preemption usually gives (Kubernetes, many schedulers) before its SIGKILL.
-SLOW_STEP_SECONDS = 20.0
-
 
 @dataclass
 class RunResult:
@@ -87,7 +83,7 @@ class Trainer:
         self.on_metrics = on_metrics  # (step, {"train/loss": ...} or {"val/loss": ...}): see metrics.py
         self.command = list(command)  # what the user runs to train: repeated in "Continue with: ..."
         self.started = time.monotonic() if started is None else started
-        self._warned_slow_step = False
+        self._slow_steps: Optional[SlowStepWatch] = None  # made at the first step, from the resolved config
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.env = env or distributed.detect()
         self.device = resolve_device(cfg.device, self.env.local_rank)  # fails before OUT is created
@@ -420,9 +416,11 @@ class Trainer:
         metrics.log(self.counters.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                          "train/tokens_per_s": tokens / seconds})
         self.console.advance(self.counters.step, loss, lr, tokens, seconds)
-        if seconds > SLOW_STEP_SECONDS and not self._warned_slow_step:
-            self._warned_slow_step = True
-            self.console.warn(messages.slow_step(self.counters.step, seconds))
+        if self._slow_steps is None:
+            self._slow_steps = SlowStepWatch(self.cfg.grad_accum, self.cfg.batch_size)
+        warning = self._slow_steps.observe(self.counters.step, seconds)
+        if warning is not None:
+            self.console.warn(warning)
 
     def _evaluation_due(self) -> bool:
         step = self.counters.step

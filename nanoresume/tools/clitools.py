@@ -17,6 +17,7 @@ from .. import __version__
 from ..config import OneLineErrorParser
 from ..console import configure_logging, log, silence_stdout
 from ..errors import NanoresumeError
+from ..versions import untested_versions
 
 # A reader that stops early (`| head`) is not an error: exit quietly, as a tool killed by SIGPIPE does.
 BROKEN_PIPE_EXIT_CODE = 128 + signal.SIGPIPE
@@ -49,6 +50,9 @@ def run_reporting_errors(body: Callable[[], int], quiet: bool = False) -> int:
     stop with the same error rank 0 reports).
     """
     configure_logging()
+    older = untested_versions()
+    if older is not None and not quiet:
+        log.warning(older)
     try:
         code = body()
         sys.stdout.flush()  # a reader that left early shows up here, not as noise at interpreter exit

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import nanoresume.trainer as trainer_module
+from nanoresume import slowsteps
 from nanoresume.tools import cli
 from nanoresume.metrics import TensorBoardLog
 from nanoresume.signals import TIME_LIMIT_EXIT_CODE
@@ -42,11 +42,14 @@ def test_a_signal_during_teardown_exits_at_once_naming_the_last_committed_checkp
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored all the same
 
 
-def test_a_step_longer_than_the_grace_period_warns_once_naming_grad_accum(make_config, monkeypatch, capsys):
-    monkeypatch.setattr(trainer_module, "SLOW_STEP_SECONDS", 0.0)  # every step counts as slow
-    Trainer(make_config(max_steps=3, eval_interval=100)).run()
+def test_steps_longer_than_the_grace_period_warn_once_with_advice_for_the_settings(make_config, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setattr(slowsteps, "SLOW_STEP_SECONDS", 0.0)  # every step counts as slow
+    monkeypatch.setattr(slowsteps, "SUSTAINED_STEPS", 2)
+    Trainer(make_config(max_steps=3, eval_interval=100, grad_accum=2)).run()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "grace period" in line]
-    assert len(warnings) == 1 and "--grad-accum" in warnings[0] and warnings[0].startswith("warning: step 1 ")
+    assert len(warnings) == 1 and warnings[0].startswith("warning: steps 1-2 each took over 0 s"), warnings
+    assert "Lower --grad-accum (now 2" in warnings[0]
 
 
 def test_the_time_limit_counts_from_the_start_it_is_given_not_from_the_trainer(make_config):

@@ -47,7 +47,7 @@ def test_the_defaults_and_that_a_resume_takes_the_mirror_from_the_command_line()
     (dict(mirror=" "), "--mirror must not be empty"),
     (dict(mirror_option=["a=1"]), "--mirror-option only applies to --mirror"),
     (dict(mirror="/m", mirror_option=["novalue"]), "must be KEY=VALUE"),
-    (dict(mirror="/m", mirror_wait=-1.0), "--mirror-wait -1 must be 0 or more"),
+    (dict(mirror="/m", mirror_wait=-1.0), "--mirror-wait -1.0 must be in [0, 1e+09] seconds"),
     (dict(mirror="/m", mirror_wait=float("nan")), "--mirror-wait nan"),
     (dict(mirror="/m", mirror_keep_last=0), "--mirror-keep-last 0 must be at least 1"),
 ])

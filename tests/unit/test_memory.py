@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 ])
 def test_a_run_that_cannot_fit_in_memory_is_refused_in_one_line_naming_its_sizes(flags, named):
     with pytest.raises(ConfigError) as info:
-        memory.check_fits(resolve_config(TrainConfig(**flags)), CPU)
+        memory.check_fits(resolve_config(TrainConfig(**flags), check=False), CPU)  # past the flags' own ranges
     message = str(info.value)
     assert named in message and "GB of memory" in message and "free" in message and "\n" not in message
 

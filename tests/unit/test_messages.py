@@ -61,12 +61,6 @@ def test_an_evaluation_line_shows_dashes_before_any_training_step():
         "step    500 | train loss 2.0000 | val loss 2.1000 | val ppl 8.17 | 12,346 tok/s"
 
 
-def test_a_slow_step_warning_names_the_flags_that_shorten_a_step():
-    assert messages.slow_step(3, 25.4) == (
-        "step 3 took 25 s; a stop signal waits for the step to end, so it may outlast a ~30 s preemption grace "
-        "period. Lower --grad-accum (or --batch-size) for shorter steps")
-
-
 def test_a_non_finite_loss_names_the_newest_checkpoint_and_the_fixes():
     assert messages.nonfinite_loss(float("nan"), 7, None) == (
         "training loss is nan at step 7; nothing from that step was saved (no checkpoint yet). Lower --lr, raise "
