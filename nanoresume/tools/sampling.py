@@ -15,7 +15,6 @@ import argparse
 import sys
 from typing import Optional
 
-
 from .clitools import add_device_flag, add_mirror_option_flag, make_parser, run_reporting_errors
 from ..console import log
 from ..errors import UserError
