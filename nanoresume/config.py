@@ -52,7 +52,7 @@ MUST_MATCH_ON_RESUME = ARCHITECTURE_FIELDS + DATA_SPLIT_FIELDS
 # numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
 # the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
 RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress", "async_save", "mirror",
-                  "mirror_option", "mirror_wait", "mirror_keep_last")
+                  "mirror_option", "mirror_wait", "mirror_keep_last", "sample_tokens", "sample_prompt")
 # How long a stop waits for the final checkpoint's upload. Spot and preemptible VMs on GCP and Azure,
 # and Kubernetes pods (terminationGracePeriodSeconds), get about 30 s between the stop signal and the
 # kill (AWS spot: 2 min); the local save and the exit must fit in those 30 s too, so 20 s is left for
@@ -166,6 +166,13 @@ class TrainConfig:
     progress: Optional[bool] = _opt(None, PROGRESS_HELP)
     log_interval: int = _opt(100, "steps between plain progress lines (step, loss, lr, tokens/s, elapsed) "
                                   "when no progress bar is shown")
+    # what a person watching sees at each evaluation (never part of the training state)
+    sample_tokens: int = _opt(64, "after each evaluation, print this many tokens sampled from the model (and log "
+                                  "them to TensorBoard as text); 0 turns samples off. They draw from a random "
+                                  "stream of their own: training is bit for bit the same with or without them",
+                              metavar="N")
+    sample_prompt: Optional[str] = _opt(None, "text the samples continue (default: 'def ', for Python source such "
+                                              "as the default corpus; '' starts from a newline)", metavar="TEXT")
 
     def model_config(self) -> ModelConfig:
         assert self.n_layer is not None, "call resolve_config() first"
@@ -266,6 +273,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         check(problem is None, str(problem))
     check(cfg.resume.strip() != "", "--resume must be 'auto', 'none' or a checkpoint path")
     check(cfg.log_interval >= 1, f"--log-interval {cfg.log_interval} must be at least 1")
+    check(cfg.sample_tokens >= 0, f"--sample-tokens {cfg.sample_tokens} must be 0 (no samples) or more")
     problems += mirror_problems(cfg)
     if cfg.vocab_size is None:
         problems.append("--token-dtype uint16 needs --vocab-size: the vocabulary the data was prepared with "
