@@ -9,7 +9,7 @@ text for the same seed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -18,11 +18,14 @@ from .model import GPT
 
 @torch.no_grad()
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float,
-                    top_k: Optional[int], seed: int, device: torch.device) -> list[int]:
+                    top_k: Optional[int], seed: int, device: torch.device,
+                    cancelled: Optional[Callable[[], bool]] = None) -> Optional[list[int]]:
     """``prompt`` followed by ``max_new_tokens`` sampled tokens; the same seed gives the same tokens.
 
-    ``model`` may be a GPT sharded by FSDP2: each new token is then one forward with every rank
-    taking part, so every rank must call this with the same ``max_new_tokens``.
+    ``cancelled``, asked before each token, ends generation early: None is returned then (a stop
+    request waits for one forward, not for the whole text). ``model`` may be a GPT sharded by
+    FSDP2: each new token is then one forward with every rank taking part, so every rank must call
+    this with the same ``max_new_tokens`` and no ``cancelled``.
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
@@ -30,7 +33,12 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
     was_training = model.training
     model.eval()  # dropout off: it would draw from the global stream
     try:
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        if cancelled is None:
+            idx = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        for _ in range(max_new_tokens if cancelled is not None else 0):
+            if cancelled():
+                return None
+            idx = model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=generator)
     finally:
         model.train(was_training)
-    return out[0].tolist()
+    return idx[0].tolist()

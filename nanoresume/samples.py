@@ -69,21 +69,26 @@ class EvalSamples:
         prompt = DEFAULT_PROMPT if prompt is None else prompt
         self.prompt = codec.encode(prompt) if prompt and self.tokens else []  # [] starts from codec.start_token
 
-    def take(self, model: Any, step: int, autocast: Callable[[], Any]) -> Optional[str]:
-        """The sample at ``step`` as text (the prompt included), or None when samples are off."""
+    def take(self, model: Any, step: int, autocast: Callable[[], Any],
+             cancelled: Optional[Callable[[], bool]] = None) -> Optional[str]:
+        """The sample at ``step`` as text (the prompt included); None when samples are off or ``cancelled()``
+        turned true on the way."""
         if not self.tokens:
             return None
         with autocast():
             tokens = generate_tokens(model, self.prompt or [self.codec.start_token], self.tokens, TEMPERATURE,
-                                     None, sample_seed(self.seed, step), self.device)
+                                     None, sample_seed(self.seed, step), self.device, cancelled)
+        if tokens is None:
+            return None
         return self.codec.decode(tokens if self.prompt else tokens[1:])  # a start token is not shown
 
     def show(self, step: int, model: Any, autocast: Callable[[], Any], log: Callable[[str], None],
-             metrics: Any) -> float:
+             metrics: Any, cancelled: Optional[Callable[[], bool]] = None) -> float:
         """Sample, print it (``log``) and log it to TensorBoard (``metrics.text``); returns the seconds it took.
-        Every rank calls this (see the module's note); ``log`` and ``metrics`` are silent off rank 0."""
+        Every rank calls this (see the module's note); ``log`` and ``metrics`` are silent off rank 0.
+        ``cancelled`` (one process only: ranks must agree) drops the sample, e.g. at a stop request."""
         started = time.perf_counter()
-        text = self.take(model, step, autocast)
+        text = self.take(model, step, autocast, cancelled)
         if text is not None:
             log(console_text(step, text))
             metrics.text(step, TAG, markdown(text))

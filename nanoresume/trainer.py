@@ -472,9 +472,9 @@ class Trainer:
             metrics.log(step, {"mirror/lag_steps": float(lag_steps), "mirror/lag_seconds": lag_seconds})
             line += messages.mirror_lag(lag_steps, lag_seconds)
         self.console.log(line)
-        if not (self.env.world_size == 1 and self.stop.is_set()):  # a stop waits for no sample (ranks would disagree)
-            self.decisions.last_eval_seconds += self.samples.show(step, self.raw_model, self.autocast,
-                                                                  self.console.log, metrics)
+        cancel = self.stop.is_set if self.env.world_size == 1 else None  # a stop waits for no sample (one process)
+        self.decisions.last_eval_seconds += self.samples.show(step, self.raw_model, self.autocast, self.console.log,
+                                                              metrics, cancel)
         window.reset()
         if val_loss < self.counters.best_val_loss:
             self.counters.best_val_loss = val_loss

@@ -35,6 +35,16 @@ def test_a_sample_leaves_the_global_streams_and_the_models_mode_alone():
     assert samples.take(model, step=4, autocast=torch.no_grad) == text  # the same step, the same text
 
 
+def test_a_stop_cuts_a_sample_short_and_token_by_token_draws_the_same_text():
+    model = tiny_model()
+    samples = EvalSamples(10, "ab", seed=3, vocab_size=256, device=CPU, warn=pytest.fail)
+    whole = samples.take(model, step=4, autocast=torch.no_grad)
+    assert samples.take(model, step=4, autocast=torch.no_grad, cancelled=lambda: False) == whole
+    asked: list[int] = []
+    assert samples.take(model, 4, torch.no_grad, cancelled=lambda: asked.append(1) or len(asked) > 3) is None
+    assert len(asked) == 4  # a stop waits for at most one more forward
+
+
 def test_an_empty_prompt_starts_from_a_newline_that_is_not_shown():
     samples = EvalSamples(5, "", seed=3, vocab_size=256, device=CPU, warn=pytest.fail)
     assert samples.prompt == []
