@@ -58,8 +58,8 @@ RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "pro
 # kill (AWS spot: 2 min); the local save and the exit must fit in those 30 s too, so 20 s is left for
 # the upload. A longer grace period (SLURM's --signal, AWS) can afford a longer --mirror-wait.
 MIRROR_WAIT_SECONDS = 20.0
-PROGRESS_HELP = ("progress bar on stderr (default: only when stderr is a terminal; without one, a plain "
-                 "line every --log-interval steps)")
+PROGRESS_HELP = ("progress bar on stderr (default: only when stderr is a terminal, or in a Jupyter or Colab "
+                 "notebook, where it is a widget; without one, a plain line every --log-interval steps)")
 
 
 @dataclass
