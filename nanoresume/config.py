@@ -52,7 +52,7 @@ MUST_MATCH_ON_RESUME = ARCHITECTURE_FIELDS + DATA_SPLIT_FIELDS
 # numerics (dtype, deterministic kernels, compile) are not among them: a resumed run keeps
 # the checkpoint's unless a flag says otherwise, so it stays bit-exact by default.
 RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "progress", "async_save", "mirror",
-                  "mirror_option", "mirror_wait", "mirror_keep_last", "sample_tokens", "sample_prompt")
+                  "mirror_option", "mirror_wait", "mirror_keep_last")
 # How long a stop waits for the final checkpoint's upload. Spot and preemptible VMs on GCP and Azure,
 # and Kubernetes pods (terminationGracePeriodSeconds), get about 30 s between the stop signal and the
 # kill (AWS spot: 2 min); the local save and the exit must fit in those 30 s too, so 20 s is left for

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoresume.config import ModelConfig
+from nanoresume.config import ModelConfig, TrainConfig, merge_resumed_config, parse_config, resolve_config
+from nanoresume.errors import ConfigError
 from nanoresume.model import GPT
 from nanoresume.samples import EvalSamples, console_text, markdown, printable, sample_seed
 from tests.helpers import final_state, train
@@ -63,6 +64,23 @@ def test_control_characters_are_shown_escaped_and_every_line_behind_a_margin():
     assert printable("a\x1b[2Jb\tc\nd\r") == "a\\x1b[2Jb\tc\nd\\r"
     assert console_text(500, "def f():\n    return 1") == "sample at step 500:\n  | def f():\n  |     return 1"
     assert markdown("x\n y") == "    x\n     y"
+
+
+def test_sample_settings_resume_like_any_setting_and_never_have_to_match():
+    saved = resolve_config(TrainConfig(sample_tokens=0, sample_prompt="import ")).to_dict()
+    merged, changes = merge_resumed_config(saved, resolve_config(TrainConfig(sample_tokens=32)), {"sample_tokens"})
+    assert (merged.sample_tokens, merged.sample_prompt) == (32, "import ") and changes == ["--sample-tokens: 0 -> 32"]
+    merged, changes = merge_resumed_config(saved, resolve_config(TrainConfig()), explicit=set())
+    assert (merged.sample_tokens, changes) == (0, [])
+    older = {k: v for k, v in saved.items() if not k.startswith("sample_")}  # a checkpoint from before samples
+    assert merge_resumed_config(older, resolve_config(TrainConfig()), explicit=set())[0].sample_tokens == 64
+
+
+def test_sample_flags_parse_and_a_negative_count_is_one_error_naming_the_flag():
+    cfg = parse_config(["--sample-tokens", "16", "--sample-prompt", ""])
+    assert (cfg.sample_tokens, cfg.sample_prompt) == (16, "")
+    with pytest.raises(ConfigError, match="--sample-tokens -1 must be 0"):
+        parse_config(["--sample-tokens", "-1"])
 
 
 @pytest.mark.slow
