@@ -35,10 +35,11 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperat
     try:
         if cancelled is None:
             idx = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-        for _ in range(max_new_tokens if cancelled is not None else 0):
-            if cancelled():
-                return None
-            idx = model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=generator)
+        else:
+            for _ in range(max_new_tokens):  # token by token: the same draws, in the same order
+                if cancelled():
+                    return None
+                idx = model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=generator)
     finally:
         model.train(was_training)
     return idx[0].tolist()
