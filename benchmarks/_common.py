@@ -27,7 +27,7 @@ def scratch_dir(prefix: str) -> Path:
 def make_trainer(preset: str, device: str, **overrides) -> Trainer:
     work = scratch_dir(f"nanoresume-bench-{preset}-")
     cfg = resolve_config(TrainConfig(preset=preset, device=device, data=DATA, out_dir=str(work / "out"),
-                                     cache_dir=str(work / "cache"), progress=False, **overrides))
+                                     cache_dir=str(work / "cache"), progress=False, sample_tokens=0, **overrides))
     return Trainer(cfg)
 
 

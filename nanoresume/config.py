@@ -67,8 +67,8 @@ RUNTIME_FIELDS = ("out_dir", "resume", "cache_dir", "device", "time_limit", "pro
 # kill (AWS spot: 2 min); the local save and the exit must fit in those 30 s too, so 20 s is left for
 # the upload. A longer grace period (SLURM's --signal, AWS) can afford a longer --mirror-wait.
 MIRROR_WAIT_SECONDS = 20.0
-PROGRESS_HELP = ("progress bar on stderr (default: only when stderr is a terminal; without one, a plain "
-                 "line every --log-interval steps)")
+PROGRESS_HELP = ("progress bar on stderr (default: only when stderr is a terminal, or in a Jupyter or Colab "
+                 "notebook, where it is a widget; without one, a plain line every --log-interval steps)")
 
 
 @dataclass
@@ -175,6 +175,13 @@ class TrainConfig:
     progress: Optional[bool] = _opt(None, PROGRESS_HELP)
     log_interval: int = _opt(100, "steps between plain progress lines (step, loss, lr, tokens/s, elapsed) "
                                   "when no progress bar is shown")
+    # what a person watching sees at each evaluation (never part of the training state)
+    sample_tokens: int = _opt(64, "after each evaluation, print this many tokens sampled from the model (and log "
+                                  "them to TensorBoard as text); 0 turns samples off. They draw from a random "
+                                  "stream of their own: training is bit for bit the same with or without them",
+                              metavar="N")
+    sample_prompt: Optional[str] = _opt(None, "text the samples continue (default: 'def ', for Python source such "
+                                              "as the default corpus; '' starts from a newline)", metavar="TEXT")
 
     def model_config(self) -> ModelConfig:
         assert self.n_layer is not None, "call resolve_config() first"
@@ -244,6 +251,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     **{name: (1, MAX_COUNT) for name in ("max_steps", "eval_interval", "ckpt_interval", "keep_last",
                                          "mirror_keep_last", "log_interval")},
     "warmup_steps": (0, MAX_COUNT),
+    "sample_tokens": (0, MAX_SIZE),  # 0: no samples
     "seed": (0, MAX_SEED),
 }
 FLOAT_RANGES: dict[str, tuple[str, float, float, str, str]] = {

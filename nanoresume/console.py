@@ -3,9 +3,13 @@
 Info lines go to stdout; warnings (``warning: ...``) and errors (``error: ...``) go
 to stderr. The bar is drawn on stderr only when stderr is a terminal (or
 ``--progress`` forces it); otherwise a plain line every ``--log-interval`` steps
-suits a cluster log. Output must never end a run: a stream that goes away (``| head``,
-a closed terminal, a log on a full disk) is pointed at /dev/null and its lines are
-dropped, with one warning on the other stream.
+suits a cluster log. In a Jupyter or Colab notebook, where stderr is no terminal yet a
+person watches, the bar is ``tqdm.auto``'s: a widget where ipywidgets is installed,
+text otherwise; the evaluation lines are printed into the cell's output around it.
+
+Output must never end a run: a stream that goes away (``| head``, a closed terminal, a
+log on a full disk) is pointed at /dev/null and its lines are dropped, with one warning
+on the other stream.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def write_line(name: str, text: str) -> None:
     stream = getattr(sys, name, None)
     if stream is None or stream in _gone:
         return
+    text = _encodable(text, stream)
     try:
         tqdm.write(text, file=stream)
         stream.flush()
@@ -74,6 +79,21 @@ def write_line(name: str, text: str) -> None:
         stream.flush()
     except (OSError, ValueError) as e:
         _mark_gone(name, stream, e)
+
+
+def _encodable(text: str, stream: IO[str]) -> str:
+    """``text`` with what ``stream`` cannot encode (say a sample's U+FFFD on an ASCII console) replaced
+    by ``?``: a character is no reason to lose the stream."""
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return text
+    try:
+        text.encode(encoding)
+        return text
+    except UnicodeEncodeError:
+        return text.encode(encoding, errors="replace").decode(encoding)
+    except LookupError:
+        return text  # an encoding Python does not know: leave the text to the stream
 
 
 class _LineFormatter(logging.Formatter):
@@ -109,10 +129,21 @@ def configure_logging() -> None:
     log.propagate = False
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter or Colab kernel: IPython's shell there is a ZMQInteractiveShell
+    (Colab's derives from it). IPython is never imported here: a kernel has imported it already."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and "ipykernel" in sys.modules else None
+    return any(kind.__name__ == "ZMQInteractiveShell" for kind in type(shell).__mro__)
+
+
 def wants_bar(progress: Optional[bool], stream: Optional[IO[str]] = None) -> bool:
-    """``--progress``/``--no-progress`` decide; unset, a bar only where a person watches stderr."""
+    """``--progress``/``--no-progress`` decide; unset, a bar only where a person watches stderr: a
+    terminal, or a notebook's cell (``stream`` None: ``sys.stderr``)."""
     if progress is not None:
         return progress
+    if stream is None and in_notebook():
+        return True
     stream = sys.stderr if stream is None else stream
     try:
         return stream is not None and stream.isatty()
@@ -136,9 +167,13 @@ class Console:
                  started: Optional[float] = None, stream: Optional[IO[str]] = None, quiet: bool = False) -> None:
         self._stream = sys.stderr if stream is None else stream
         self.quiet = quiet
+        bar, width = tqdm, {"dynamic_ncols": True}
+        if show_bar and not quiet and stream is None and in_notebook():
+            from tqdm.auto import tqdm as bar  # a widget where ipywidgets is installed, else the text bar
+            width = {}  # a widget sizes itself
         # delay: the first draw comes with the first step, where a failing stream is caught, not here
-        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not show_bar or quiet, unit="step",
-                        dynamic_ncols=True, file=self._stream, delay=1e-9)
+        self.bar = bar(total=total_steps, initial=initial_step, disable=not show_bar or quiet, unit="step",
+                       file=self._stream, delay=1e-9, **width)
         self.log_interval = log_interval
         self.started = time.monotonic() if started is None else started
         self._tokens, self._seconds = 0, 0.0  # training work since the last plain line

@@ -374,7 +374,9 @@ class ResumableSampler:
 
     Every epoch visits each item once, in an order drawn from ``(seed, epoch)``; a batch may span
     two epochs. For a ``DataLoader``, pass ``batch_sampler=sampler.batches(start_step)``: the
-    position is the step your loop reached, never how far the loader's workers read ahead. Its
+    position is the step your loop reached, never how far the loader's workers read ahead; and
+    ``generator=torch.Generator()``, or each ``iter()`` draws from the global stream a resume just
+    restored (see docs/own-loop.md). Its
     state (``num_items``, ``batch_size``, ``seed``) can go into a checkpoint; loading it checks that
     the dataset and batch size are the ones the order was drawn for.
     """

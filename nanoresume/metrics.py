@@ -107,6 +107,19 @@ class TensorBoardLog(_Sink):
 
         self.guarded(add)
 
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        """Text for TensorBoard's Text tab (what ``SummaryWriter.add_text`` writes), e.g. a sample."""
+        def add() -> None:
+            from tensorboard.compat.proto.event_pb2 import Event
+            from torch.utils.tensorboard.summary import text
+
+            if self._records is None:
+                return
+            self._write(Event(wall_time=time.time(), step=step, summary=text(tag, markdown)))
+            self._file.flush()
+
+        self.guarded(add)
+
     def close(self) -> None:
         def close() -> None:
             if self._file is not None:
@@ -245,6 +258,11 @@ class Metrics:
             except Exception as e:  # someone else's code: report it, keep training
                 self.callback = None
                 self.warn(f"the metrics callback raised {type(e).__name__}: {e}; it is not called again")
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        """Text for TensorBoard only (``metrics.jsonl`` and the callback carry numbers)."""
+        if self.enabled:
+            self.tensorboard.text(step, tag, markdown)
 
     def close(self) -> None:
         self.tensorboard.close()

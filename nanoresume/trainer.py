@@ -45,6 +45,7 @@ from .model import GPT
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
+from .samples import EvalSamples
 from .signals import StopFlag
 from .slowsteps import SlowStepWatch
 from .startup import StartMode
@@ -154,6 +155,7 @@ class Trainer:
         self.data = startup.load_data(cfg, env, warn)
         startup.claim_mirror(self.mirror, cfg, self.data.fingerprint, env)
         self._build_model(cfg)
+        self.samples = EvalSamples(cfg.sample_tokens, cfg.sample_prompt, cfg.seed, cfg.vocab_size, self.device, warn)
         self.decisions = StepDecisions(self.stop, env, self.manager, cfg.time_limit, self.started)
 
         if found.checkpoint is not None:
@@ -468,6 +470,9 @@ class Trainer:
             metrics.log(step, {"mirror/lag_steps": float(lag_steps), "mirror/lag_seconds": lag_seconds})
             line += messages.mirror_lag(lag_steps, lag_seconds)
         self.console.log(line)
+        cancel = self.stop.is_set if self.env.world_size == 1 else None  # a stop waits for no sample (one process)
+        self.decisions.last_eval_seconds += self.samples.show(step, self.raw_model, self.autocast, self.console.log,
+                                                              metrics, cancel)
         window.reset()
         if val_loss < self.counters.best_val_loss:
             self.counters.best_val_loss = val_loss

@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 
 # Small enough that a step takes milliseconds on a 2-core CPU, big enough to learn something.
+# No text samples at evaluations: a 64-token sample costs ~15 of these steps (tests/unit/test_samples.py
+# turns them on).
 TINY_FLAGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, dropout=0.1,
-                  eval_iters=2, warmup_steps=5, lr=3e-3)
+                  eval_iters=2, warmup_steps=5, lr=3e-3, sample_tokens=0)
 
 # The six type-confused checkpoints the outside battery found, each with a matching checksum,
 # and what the one-line problem about each must name (the key at fault).

@@ -5,7 +5,8 @@ is not valid UTF-8 (cut off mid-character, or simply wrong), which decoding
 replaces with U+FFFD instead of failing. A model trained on other token ids (such
 as nanoGPT's GPT-2 data) prints text where ``tiktoken`` is installed, else the
 ids themselves (see :mod:`nanoresume.textcodec`). A seed fixes the output:
-sampling draws only from its own ``torch.Generator``, never from the global RNG.
+sampling draws only from its own ``torch.Generator``, never from the global RNG
+(:func:`nanoresume.generate.generate_tokens`, which training's samples use too).
 """
 
 from __future__ import annotations
@@ -14,26 +15,14 @@ import argparse
 import sys
 from typing import Optional
 
-import torch
-
 from .clitools import add_device_flag, add_mirror_option_flag, make_parser, run_reporting_errors
 from ..console import log
 from ..errors import UserError
+from ..generate import generate_tokens
 from ..loading import load_model
 from ..mirror import local_checkpoint, parse_options
-from ..model import GPT
 from ..runtime import resolve_device
 from ..textcodec import TextCodec, codec_for
-
-
-def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float,
-                    top_k: Optional[int], seed: int, device: torch.device) -> list[int]:
-    """``prompt`` followed by ``max_new_tokens`` sampled tokens; the same seed gives the same tokens."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return out[0].tolist()
 
 
 def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:

@@ -271,6 +271,8 @@ def training_hints(cfg: TrainConfig) -> list[str]:
 
 def script_hints() -> list[str]:
     return [
+        "a DataLoader without generator=: each iter() draws a seed from the global stream right after the resume "
+        "restored it; give it a torch.Generator of its own (docs/own-loop.md)",
         "a random draw from a generator the checkpoint does not hold (a torch.Generator of your own, "
         "DataLoader workers, augmentations): draw from the global streams, which Checkpointer saves, or save it",
         "a data order that does not follow from the step (a shuffled iterator restarted from its beginning): "

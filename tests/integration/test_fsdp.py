@@ -60,10 +60,12 @@ def reference(tiny_text: Path, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def stopped(tiny_text: Path, tmp_path_factory) -> dict[str, Path]:
-    """A 2-process FSDP run that rank 1 stopped at step 12 by sending itself a real SIGTERM."""
+    """A 2-process FSDP run that rank 1 stopped at step 12 by sending itself a real SIGTERM. It prints text
+    samples at its evaluations (each token a forward that every rank takes part in); the reference does not."""
     root = tmp_path_factory.mktemp("fsdp-stopped")
-    result = run(launch_command(2), train_args(tiny_text, root) + FSDP,
+    result = run(launch_command(2), train_args(tiny_text, root) + FSDP + ["--sample-tokens", "4"],
                  environment(root / "records", **{SIGTERM_ENV: f"{STOP}:1"}))
+    assert result.stdout.count("sample at step 10:\n  | def ") == 1, result.stdout
     assert f"stopped by SIGTERM after step {STOP}; saved {folder(root / 'out', STOP)}" in result.stdout, \
         result.stdout + result.stderr
     assert "exitcode  : 143" in result.stderr

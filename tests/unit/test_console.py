@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import re
 import sys
+import types
+
+import pytest
 
 from nanoresume import console
-from nanoresume.console import Console, TrainWindow, configure_logging, log, wants_bar, write_line
+from nanoresume.console import Console, TrainWindow, configure_logging, in_notebook, log, wants_bar, write_line
 
 
 def test_the_bar_shows_the_loss_of_the_step_it_counts():
@@ -87,3 +90,42 @@ def test_the_train_window_averages_the_losses_since_its_last_reset():
     assert window.summary()[0] == 2.0 and window.tokens == 20
     window.reset()
     assert window.summary() == (None, None)
+
+
+def pretend_kernel(monkeypatch: pytest.MonkeyPatch, shell_class_name: str, subclass: bool = False) -> None:
+    """What a kernel has imported: ipykernel, and IPython whose shell is of the class named."""
+    shell = type(shell_class_name, (), {})
+    if subclass:
+        shell = type("Shell", (shell,), {})  # Colab's google.colab._shell.Shell derives from ZMQInteractiveShell
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = shell
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+
+
+@pytest.mark.parametrize("shell, subclass, notebook", [
+    ("ZMQInteractiveShell", False, True),  # Jupyter
+    ("ZMQInteractiveShell", True, True),  # Colab
+    ("TerminalInteractiveShell", False, False),  # IPython in a terminal: its own stderr rule applies
+])
+def test_a_jupyter_or_colab_kernel_is_a_notebook_and_a_terminal_ipython_is_not(monkeypatch, shell, subclass,
+                                                                                notebook):
+    assert not in_notebook()  # pytest itself
+    pretend_kernel(monkeypatch, shell, subclass)
+    assert in_notebook() is notebook
+
+
+def test_in_a_notebook_the_bar_is_on_unless_a_flag_turns_it_off(monkeypatch):
+    pretend_kernel(monkeypatch, "ZMQInteractiveShell")
+    assert wants_bar(None) and wants_bar(True) and not wants_bar(False)
+    assert not wants_bar(None, io.StringIO())  # a stream of the caller's follows the terminal rule
+
+
+def test_a_character_the_stream_cannot_encode_is_replaced_and_the_stream_kept(monkeypatch):
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    write_line("stdout", "sample: caf\u00e9 \ufffd")
+    write_line("stdout", "next line")
+    ascii_out.flush()
+    assert ascii_out.buffer.getvalue() == b"sample: caf? ?\nnext line\n"
+    assert ascii_out not in console._gone
