@@ -24,7 +24,9 @@ INTERRUPTED = re.compile(r"interrupted; last committed checkpoint: (none|step (\
 
 
 # Test machinery run in the kernel. ``pause_at(N)``: the next run waits before training step N + 1 until
-# a stop was asked for (printing PAUSED), so an interrupt lands at a known step however fast the machine.
+# a stop was asked for (printing PAUSED), so an interrupt lands at a known step however fast the machine;
+# ``pause_at("start-up")`` waits so while the data is being loaded, ``pause_at("evaluation")`` after the
+# first batch of the first evaluation.
 # ``slow_writes()``: every checkpoint write takes about a second (a few hundred pieces, 4 ms each), so
 # the later clicks land while the stop's save is being written; it returns the function that undoes it.
 HOOKS = """
@@ -33,22 +35,40 @@ import nanoresume, torch
 from nanoresume import checkpoint as _checkpoint
 from nanoresume.trainer import Trainer as _Trainer
 
+import signal
+import nanoresume.startup as _startup
+import nanoresume.trainer as _trainer_module
+
 _pause = {}
-_train_step = _Trainer.train_step
 
-def _paused_train_step(self):
-    if _pause.get("at") == self.counters.step:
-        _pause.clear()
-        print("PAUSED", flush=True)
-        deadline = time.monotonic() + 240
-        while not self.stop.is_set() and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return _train_step(self)
+def _wait_for_a_stop(where):
+    if "at" not in _pause or _pause["at"] != where:
+        return
+    _pause.clear()
+    print("PAUSED", flush=True)
+    stop = signal.getsignal(signal.SIGINT).__self__  # the StopFlag that nanoresume.train installed
+    deadline = time.monotonic() + 240
+    while not stop.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
-_Trainer.train_step = _paused_train_step
+def _wrap(owner, name, where):
+    original = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        _wait_for_a_stop(where(*args))
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
 
-def pause_at(step):
-    _pause["at"] = step
+_wrap(_Trainer, "train_step", lambda self: self.counters.step)
+_wrap(_startup, "load_data", lambda *args: "start-up")
+_windows = {"calls": 0}
+def _count_windows(*args):
+    _windows["calls"] += 1
+    return "evaluation" if _windows["calls"] == 2 else None
+_wrap(_trainer_module, "windows", _count_windows)
+
+def pause_at(where):
+    _pause["at"] = where
+    _windows["calls"] = 0
 
 class _SlowWrites(_checkpoint.CheckpointObserver):
     def on_write_progress(self, path, nbytes):
@@ -155,17 +175,17 @@ def test_pressing_stop_again_never_kills_the_kernel_nor_loses_what_was_committed
 
 
 def test_an_interrupt_during_start_up_or_the_first_evaluation_leaves_the_kernel_alive(kernel, tmp_path):
-    # during start-up: the line before the data and the model are built
-    cell = kernel.start(train(tmp_path / "start-up"))
-    cell.wait_until("starting a new run")
+    # during start-up: while the data is loaded
+    cell = kernel.start("pause_at('start-up')\n" + train(tmp_path / "start-up"))
+    cell.wait_until("PAUSED")
     kernel.interrupt()
     cell.wait()
     assert "RESULT SIGINT 0 " in cell.stdout, cell.output  # stopped before the first step, and saved it
     assert_alive(kernel)
 
-    # during the evaluation at step 0: 400 validation batches make it last
-    cell = kernel.start(train(tmp_path / "eval", eval_iters=400))
-    cell.wait_until("training steps 0 ->")
+    # during the evaluation at step 0, after its first batch
+    cell = kernel.start("pause_at('evaluation')\n" + train(tmp_path / "eval", eval_iters=4))
+    cell.wait_until("PAUSED")
     kernel.interrupt()
     cell.wait()
     assert cell.error is None, cell.output
