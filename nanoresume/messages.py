@@ -143,6 +143,12 @@ def how_to_continue(where: str, step: Optional[int]) -> str:
     return f". Run again with --resume auto: it {resumes}"
 
 
+def waiting_for_commit(step: Optional[int], committed: Optional[int]) -> str:
+    """Library use: the user interrupted again while the stop's save is being written."""
+    return (f"interrupted again: waiting for the checkpoint of step {step:,} to be written (last committed: "
+            f"{'none' if committed is None else f'step {committed:,}'}); interrupt once more to abandon it")
+
+
 def stopped_in_python(reason: Optional[str], step: int, saved: Optional[Path], resume_step: Optional[int],
                       where: str) -> str:
     """A stop before the end of a run started from Python (``where``: "notebook" or "python")."""

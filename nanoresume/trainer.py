@@ -441,7 +441,7 @@ class Trainer:
     def _finish(self, outcome: Outcome, result: RunResult) -> None:
         """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
         if self.env.is_main or self.folder_checkpoints:
-            self.manager.wait()  # the stop message names a committed checkpoint, never one still in flight
+            self._wait_for_commit()  # the stop message names a committed checkpoint, never one still in flight
         distributed.barrier()  # no rank exits (and makes torchrun stop the others) before that commit
         counters = self.counters
         result.step, result.last_checkpoint = counters.step, self.manager.committed_path
@@ -459,6 +459,18 @@ class Trainer:
         if self.env.is_main:
             self.run_dir.write_exit_code(result.exit_code)
             self._finish_mirror()  # the exit code stays the stop's
+
+    def _wait_for_commit(self) -> None:
+        """Wait for the save in flight. In library use, a user who insists meanwhile is told what is being
+        waited for, and that another interrupt abandons it (the command line exits at once instead)."""
+        told = self.stop.forced_exit is not None
+        while not told and self.manager.in_flight:
+            if self.stop.forced:
+                self.console.log(messages.waiting_for_commit(self.manager.staged_step, self.stop.last_committed_step))
+                told = True
+            else:
+                time.sleep(0.02)
+        self.manager.wait()
 
     def _log_step(self, metrics: Metrics, window: TrainWindow, loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:

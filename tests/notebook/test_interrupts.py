@@ -165,6 +165,8 @@ def test_pressing_stop_again_never_kills_the_kernel_nor_loses_what_was_committed
     elif len(gaps) == 1:  # insisting: the stop's save is committed, then KeyboardInterrupt names it
         assert cell.error[0] == "KeyboardInterrupt" and stopped and int(stopped.group(1)) == step, cell.output
         assert f"Run this cell again (resume='auto' continues from step {step})" in cell.error[1]
+        assert "interrupted again: waiting for the checkpoint of step 8 to be written (last committed: step 5)" \
+            in cell.output
     else:  # a third time: the stop's save (step 8) is abandoned at once; the one before stays
         assert cell.error[0] == "KeyboardInterrupt" and step == 5, cell.output
     folder = out / "checkpoints"

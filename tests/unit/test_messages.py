@@ -119,3 +119,10 @@ def test_how_to_continue_fits_where_the_run_was_started():
     assert messages.how_to_continue("python", 5) == \
         ". Call nanoresume.train() again with resume='auto': it continues from step 5"
     assert messages.how_to_continue("shell", None) == ". Run again with --resume auto: it starts over from step 0"
+
+
+def test_insisting_while_the_stop_is_saved_says_what_is_awaited_and_how_to_abandon_it():
+    assert messages.waiting_for_commit(1200, 1000) == (
+        "interrupted again: waiting for the checkpoint of step 1,200 to be written (last committed: step 1,000); "
+        "interrupt once more to abandon it")
+    assert "(last committed: none)" in messages.waiting_for_commit(5, None)

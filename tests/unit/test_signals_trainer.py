@@ -56,7 +56,7 @@ def test_a_second_interrupt_commits_the_stop_save_then_raises_naming_it(make_con
 
 def test_a_third_interrupt_raises_at_once_and_the_next_run_resumes_from_the_last_commit(make_config):
     before = handlers()
-    cfg = make_config(max_steps=50, eval_interval=100, ckpt_interval=2)
+    cfg = make_config(max_steps=50, eval_interval=100, ckpt_interval=2, async_save=False)  # step 2: committed
     with pytest.raises(KeyboardInterrupt, match="last committed checkpoint: step 2") as raised:
         Trainer(cfg, on_step=interrupt_at(3, 3)).run()
     assert "on_step" in "".join(str(frame) for frame in raised.traceback)  # raised at once, inside step 3
