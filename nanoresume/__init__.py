@@ -1,5 +1,10 @@
 """nanoresume: train small GPTs with plain PyTorch and never lose work.
 
+One call trains (or continues) a run, in a notebook or a program::
+
+    import nanoresume
+    result = nanoresume.train(out_dir="runs/a", max_steps=2000)
+
 The checkpoint core is also a small library for training loops of your own::
 
     from nanoresume import Checkpointer, ResumableSampler, StopFlag
@@ -19,9 +24,10 @@ __version__ = "0.1.0"
 # here, so the seconds spent importing torch, reading data and building the model count too.
 PROCESS_STARTED = time.monotonic()
 
-# The public API for your own training loop: name -> the module that defines it (see the README,
-# "Use it in your own loop").
+# The public API: one call that trains, and the parts for a training loop of your own: name -> the
+# module that defines it (see the README, "Use it in your own loop").
 _API = {
+    "train": "nanoresume.api",  # one call: train or continue a run with the command line's settings; a RunResult
     "Checkpointer": "nanoresume.checkpointer",  # atomic, verified checkpoints of named objects; resume
     "StopFlag": "nanoresume.signals",  # SIGTERM/SIGINT/SIGUSR1/SIGHUP set a flag; exit code 128+signal
     "seed_everything": "nanoresume.state",  # Python, NumPy, torch and CUDA streams from one seed

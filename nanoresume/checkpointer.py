@@ -59,8 +59,8 @@ class Checkpointer:
     a temp file, fsynced and renamed into place, and carries its own SHA-256; it loads only after
     the checksum passes, and with ``weights_only=True``. ``background`` writes on a thread: the
     training loop waits only for a copy of the state in memory. The newest ``keep_last`` files are
-    kept. ``stop`` (a :class:`~nanoresume.StopFlag`) learns of every commit, so that a forced exit
-    (a second Ctrl-C) can name the last one. ``observer`` (a
+    kept. ``stop`` (a :class:`~nanoresume.StopFlag`) learns of every commit, so that a forced stop
+    (the KeyboardInterrupt of a third Ctrl-C) can name the last one. ``observer`` (a
     :class:`~nanoresume.checkpoint.CheckpointObserver`) watches every write.
 
     One process only: under torchrun (``WORLD_SIZE`` above 1) it refuses to start with a

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -439,13 +441,43 @@ def read_command_line(argv: Optional[list[str]] = None, prog: str = "train.py") 
     typed = vars(_typed_only(build_parser(prog)).parse_args(argv))  # only what argv sets
     from_file = fields_from_file(typed["config"]) if typed.get("config") is not None else {}
     given = {name: value for name, value in typed.items() if name not in COMMAND_OPTIONS}
-    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | from_file | given
-    cfg = resolve_config(TrainConfig(**values), check=values["resume"] == "none")
-    explicit = set(given) | set(from_file)
-    for preset in (from_file.get("preset"), given.get("preset")):
-        if preset is not None:
-            explicit |= set(PRESETS[preset])
+    cfg, explicit = _resolve_given(from_file, given)
     return CommandLine(cfg, explicit, _self_test(typed.get("self_test", False), typed.get("self_test_nproc")))
+
+
+def _resolve_given(*layers: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
+    """The resolved config of the defaults overridden by ``layers`` in order (a --config file, then flags),
+    and the fields they set (a preset counts as setting every field it fills)."""
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    explicit: set[str] = set()
+    for layer in layers:
+        values |= layer
+        explicit |= set(layer)
+    cfg = resolve_config(TrainConfig(**values), check=values["resume"] == "none")
+    for layer in layers:
+        if layer.get("preset") is not None:
+            explicit |= set(PRESETS[layer["preset"]])
+    return cfg, explicit
+
+
+def config_from_settings(settings: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
+    """The config of Python keyword settings named like the flags (``max_steps=200``), checked as a
+    ``--config`` file's are and validated as flags are, and the fields they set. Raises one
+    :class:`ConfigError` naming every bad setting (as ``max_steps``, not ``--max-steps``)."""
+    values, problems = checked_fields(settings)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        return _resolve_given(values)
+    except ConfigError as e:
+        raise ConfigError(as_setting_names(str(e))) from None
+
+
+def as_setting_names(text: str) -> str:
+    """``"--n-embd 30 must be ..."`` -> ``"n_embd 30 must be ..."``, for every flag that is a config field."""
+    for f in dataclasses.fields(TrainConfig):
+        text = re.sub(re.escape(flag(f.name)) + r"(?![\w-])", f.name, text)
+    return text
 
 
 def _typed_only(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -500,24 +532,33 @@ def fields_from_file(path: str) -> dict[str, Any]:
     Keys are field names (``max_steps``; ``max-steps`` works too). Every problem is named
     in one ConfigError.
     """
+    values, problems = checked_fields(load_settings(path))
+    if problems:
+        raise ConfigError(f"--config {path}: {'; '.join(problems)} (settings are named like the flags, "
+                          f"as in a run's OUT/config.json)")
+    return values
+
+
+def checked_fields(settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Config fields from ``settings`` named like the flags (``max_steps``; ``max-steps`` works too),
+    each checked against its flag's type and choices, and one problem per bad setting (an unknown
+    name suggests the closest known one)."""
     hints = typing.get_type_hints(TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values, problems = {}, []
-    for key, value in load_settings(path).items():
+    for key, value in settings.items():
         name = str(key).replace("-", "_")
         if name in DERIVED_FIELDS:
             continue  # written into config.json for the reader; they follow from the settings
         if name not in fields:
-            problems.append(f"unknown setting {key!r}")
+            close = difflib.get_close_matches(name, fields, n=1)
+            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
         try:
             values[name] = _checked_value(fields[name], hints[name], value)
         except ValueError as e:
             problems.append(f"{name} {e}")
-    if problems:
-        raise ConfigError(f"--config {path}: {'; '.join(problems)} (settings are named like the flags, "
-                          f"as in a run's OUT/config.json)")
-    return values
+    return values, problems
 
 
 def _checked_value(f: dataclasses.Field, kind: Any, value: Any) -> Any:

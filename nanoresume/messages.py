@@ -122,3 +122,30 @@ def finished(step: int, tokens_seen: int, best_val_loss: float, best_path: Path,
             else "no validation loss yet")
     return (f"finished: {step:,} steps, {tokens_seen:,} tokens, {best}, "
             f"wall time {format_elapsed(elapsed_seconds)}")
+
+
+# ---- the end, in Python (nanoresume.train in a notebook or a program) ------------------------
+
+def how_to_continue(where: str, step: Optional[int]) -> str:
+    """The sentence after a stop that says how to continue where the run was started: ``"notebook"``
+    (run the cell again), ``"python"`` (call train again) or ``"shell"``; ``step``: the newest committed
+    checkpoint, where a resume continues (None: there is none, a resume starts over)."""
+    resumes = f"continues from step {step:,}" if step is not None else "starts over from step 0"
+    if where == "notebook":
+        return f". Run this cell again (resume='auto' {resumes})"
+    if where == "python":
+        return f". Call nanoresume.train() again with resume='auto': it {resumes}"
+    return f". Run again with --resume auto: it {resumes}"
+
+
+def waiting_for_commit(step: Optional[int], committed: Optional[int]) -> str:
+    """Library use: the user interrupted again while the stop's save is being written."""
+    return (f"interrupted again: waiting for the checkpoint of step {step:,} to be written (last committed: "
+            f"{'none' if committed is None else f'step {committed:,}'}); interrupt once more to abandon it")
+
+
+def stopped_in_python(reason: Optional[str], step: int, saved: Optional[Path], resume_step: Optional[int],
+                      where: str) -> str:
+    """A stop before the end of a run started from Python (``where``: "notebook" or "python")."""
+    done = f"saved {saved}" if saved is not None else "nothing new to save"
+    return f"stopped by {reason} after step {step:,}; {done}{how_to_continue(where, resume_step)}"

@@ -32,6 +32,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, distributed, messages, parallel, schema, startup
+from .checkpoint.observe import CancelWhen, WriteCancelled
 from .config import TrainConfig, derived_fields
 from .console import Console, TrainWindow, configure_logging, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
@@ -55,12 +56,20 @@ from .training_parts import TrainingParts
 
 @dataclass
 class RunResult:
-    """What a call to :meth:`Trainer.run` did."""
+    """What a call to :meth:`Trainer.run` (or :func:`nanoresume.train`) did."""
 
-    step: int
-    stop_reason: Optional[str]  # None when training reached max_steps
-    exit_code: int
-    last_checkpoint: Optional[Path] = None
+    step: int  # the step training reached (a resumed run counts from the start of the run, not of this call)
+    stop_reason: Optional[str]  # None when training reached max_steps; "SIGINT", "time limit", ...
+    exit_code: int  # what the command line would exit with: 0 finished, 128+signal, 75 time limit
+    last_checkpoint: Optional[Path] = None  # the newest committed step checkpoint (None: none yet)
+    best_val_loss: Optional[float] = None  # the best validation loss so far (None: no evaluation yet)
+    best_checkpoint: Optional[Path] = None  # best.pt, the weights of that evaluation (None: not written yet)
+    steps_trained: int = 0  # optimizer steps taken by this call
+
+    @property
+    def finished(self) -> bool:
+        """Whether training reached ``max_steps`` (else it stopped early, and a resume continues it)."""
+        return self.stop_reason is None
 
 
 class Trainer:
@@ -78,8 +87,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, stop: Optional[StopFlag] = None, explicit: Optional[set[str]] = None,
                  on_step: Optional[Callable[["Trainer", int, float], None]] = None,
                  on_metrics: Optional[MetricsCallback] = None, command: Sequence[str] = DEFAULT_TRAIN_COMMAND,
-                 started: Optional[float] = None, env: Optional[DistributedEnv] = None) -> None:
+                 started: Optional[float] = None, env: Optional[DistributedEnv] = None,
+                 continue_in: str = "shell") -> None:
         self.stop = stop or StopFlag()
+        # How the stop message says to continue: "shell" (the command), "notebook" (run the cell again), "python".
+        self.continue_in = continue_in
         self.on_step = on_step
         self.on_metrics = on_metrics  # (step, {"train/loss": ...} or {"val/loss": ...}): see metrics.py
         self.command = list(command)  # what the user runs to train: repeated in "Continue with: ..."
@@ -97,7 +109,8 @@ class Trainer:
         try:
             self._build(cfg, explicit)
         except BaseException:
-            self.close()
+            with self.stop.protected():  # OUT's lock is released even if the user insists
+                self.close()
             raise
 
     def __enter__(self) -> "Trainer":
@@ -112,6 +125,8 @@ class Trainer:
         try:
             if hasattr(self, "manager"):
                 self.manager.close()
+        except WriteCancelled:
+            pass  # the user insisted on stopping: the write in flight was abandoned and its temp file removed
         finally:
             if getattr(self, "uploader", None) is not None:
                 self.uploader.close()  # an upload in flight is abandoned: the mirror keeps its previous pointer
@@ -146,7 +161,7 @@ class Trainer:
             # a folder's writes coordinate over a group of their own: they may run on the writer thread
             group=distributed.new_group() if self.folder_checkpoints else None,
             token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
-            on_commit=self._committed,
+            on_commit=self._committed, observer=CancelWhen(lambda: self.stop.abandoning),
             advice=self.run_dir.checkpoint_advice)
         self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
         self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
@@ -226,7 +241,7 @@ class Trainer:
         upload, then say what the mirror holds."""
         if self.uploader is None:
             return
-        wait = self.cfg.mirror_wait
+        wait = 0.0 if self.stop.forced else self.cfg.mirror_wait  # the user insists: no waiting for the network
         if self.cfg.time_limit is not None:
             wait = min(wait, max(0.0, self.cfg.time_limit - (time.monotonic() - self.started)))
         self.uploader.wait(wait)
@@ -317,31 +332,60 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Train until ``max_steps`` or a stop request; always save before returning."""
+        """Train until ``max_steps`` or a stop request; always save before returning.
+
+        With a library stop flag (the default), a user who insists (a second Ctrl-C) gets a
+        :class:`KeyboardInterrupt` naming the last committed step instead of the result, once the
+        save in flight is committed (a third: abandoned) and everything is closed.
+        """
         cfg, counters = self.cfg, self.counters
         result = RunResult(step=counters.step, stop_reason=None, exit_code=0)
         self.console = Console(cfg.max_steps, counters.step, show_bar=wants_bar(cfg.progress),
                                log_interval=cfg.log_interval, started=self.started, quiet=not self.env.is_main)
         if not self.stop.can_install():
             self.console.warn(messages.not_main_thread())
-        # Handlers stay installed through teardown, where a signal forces an immediate exit.
+        try:
+            self._run(result)
+        except (KeyboardInterrupt, WriteCancelled):
+            if self.stop.forced_exit is None and self.stop.forced:  # ours: say it again, now that all is closed
+                raise self.stop.interrupted(self._continue_hint()) from None
+            raise
+        self.stop.raise_if_forced(self._continue_hint())
+        return result
+
+    def _run(self, result: RunResult) -> None:
+        # Handlers stay installed through teardown, where a signal is a forced stop.
         with self.stop.installed(), contextlib.ExitStack() as cleanup:  # every close runs, even if one fails
             cleanup.callback(self.close)
             cleanup.callback(self.console.close)
             metrics = Metrics(self.run_dir.tensorboard, self.run_dir.metrics, self.console.warn, self.on_metrics,
                               enabled=self.env.is_main)  # creates no file before start()
             cleanup.callback(metrics.close)
-            cleanup.callback(setattr, self.stop, "exit_on_signal", True)  # runs first: nothing left to save
+            cleanup.callback(self.stop.tear_down)  # runs first: nothing left to save
             self.console.log(self._start_line())
+            first_step = self.counters.step
             if self._outcome() is FINISHED:  # nothing to train, nothing to evaluate
-                self.console.log(messages.nothing_to_do(counters.step, cfg.max_steps))
+                self.console.log(messages.nothing_to_do(self.counters.step, self.cfg.max_steps))
+                self._fill(result, first_step)
                 if self.env.is_main:
                     self.run_dir.write_exit_code(0)
                     self._finish_mirror()  # a mirror behind a finished run catches up
-                return result
+                return
             self._start_metrics(metrics)
             self._finish(self._loop(metrics), result)
-        return result
+            self._fill(result, first_step)
+
+    def _fill(self, result: RunResult, first_step: int) -> None:
+        """What the run reached: its step, checkpoints and best validation loss."""
+        counters = self.counters
+        result.step, result.steps_trained = counters.step, counters.step - first_step
+        result.last_checkpoint = self.manager.committed_path
+        result.best_val_loss = counters.best_val_loss if math.isfinite(counters.best_val_loss) else None
+        result.best_checkpoint = self.run_dir.best if self.run_dir.best.exists() else None
+
+    def _continue_hint(self) -> str:
+        """After "interrupted; last committed checkpoint: step N": how to continue, where the run was started."""
+        return messages.how_to_continue(self.continue_in, self.stop.last_committed_step)
 
     def _start_metrics(self, metrics: Metrics) -> None:
         """Log from the first step this start trains: a resume from step R continues at R + 1, a new
@@ -395,20 +439,36 @@ class Trainer:
     def _finish(self, outcome: Outcome, result: RunResult) -> None:
         """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
         if self.env.is_main or self.folder_checkpoints:
-            self.manager.wait()  # the stop message names a committed checkpoint, never one still in flight
+            self._wait_for_commit()  # the stop message names a committed checkpoint, never one still in flight
         distributed.barrier()  # no rank exits (and makes torchrun stop the others) before that commit
         counters = self.counters
         result.step, result.last_checkpoint = counters.step, self.manager.committed_path
         if outcome.kind == "stop":
             result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
-            self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint, self.command,
-                                              self.cfg.out_dir))
+            if self.continue_in == "shell":
+                self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint,
+                                                  self.command, self.cfg.out_dir))
+            else:
+                self.console.log(messages.stopped_in_python(outcome.reason, counters.step, result.last_checkpoint,
+                                                            self.stop.last_committed_step, self.continue_in))
         else:
             self.console.log(messages.finished(counters.step, counters.tokens_seen, counters.best_val_loss,
                                                self.run_dir.best, time.monotonic() - self.started))
         if self.env.is_main:
             self.run_dir.write_exit_code(result.exit_code)
             self._finish_mirror()  # the exit code stays the stop's
+
+    def _wait_for_commit(self) -> None:
+        """Wait for the save in flight. In library use, a user who insists meanwhile is told what is being
+        waited for, and that another interrupt abandons it (the command line exits at once instead)."""
+        told = self.stop.forced_exit is not None
+        while not told and self.manager.in_flight:
+            if self.stop.forced:
+                self.console.log(messages.waiting_for_commit(self.manager.staged_step, self.stop.last_committed_step))
+                told = True
+            else:
+                time.sleep(0.02)
+        self.manager.wait()
 
     def _log_step(self, metrics: Metrics, window: TrainWindow, loss: float, lr: float, grad_norm: float,
                   seconds: float) -> None:

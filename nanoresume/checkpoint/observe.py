@@ -82,3 +82,25 @@ class _Together(CheckpointObserver):
     def after_commit(self, target: Path) -> None:
         for member in self.members:
             member.after_commit(target)
+
+
+class WriteCancelled(BaseException):
+    """A write stopped on purpose, not a failure: its temp file is removed, earlier checkpoints stay intact.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` reports it as a broken disk.
+    """
+
+
+class CancelWhen(CheckpointObserver):
+    """Cancels a write in progress at its next piece once ``cancelled()`` is true (a file whose every
+    byte is written is still published: finishing it costs less than writing it again).
+
+    ``cancelled`` is polled, never waited on, so whatever sets it (a signal handler) takes no lock.
+    """
+
+    def __init__(self, cancelled: Callable[[], bool]) -> None:
+        self.cancelled = cancelled
+
+    def on_write_progress(self, path: Path, nbytes: int) -> None:
+        if self.cancelled():
+            raise WriteCancelled(f"the write of {path} was abandoned")

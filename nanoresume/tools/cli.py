@@ -16,7 +16,7 @@ import sys
 from typing import Optional
 
 from .. import PROCESS_STARTED
-from .clitools import exit_now, run_reporting_errors
+from .clitools import command_line_stop_flag, exit_now, run_reporting_errors
 from ..config import TrainConfig, read_command_line
 from ..console import log
 from ..invocation import command_words
@@ -35,9 +35,10 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
         from ..trainer import Trainer
 
         try:
-            # The stop message's "Continue with: ..." repeats the command that started this process.
-            return Trainer(line.cfg, explicit=line.explicit, command=command_words(argv),
-                           started=PROCESS_STARTED).run().exit_code
+            # The stop message's "Continue with: ..." repeats the command that started this process;
+            # a second signal ends the process at once (library use never does).
+            return Trainer(line.cfg, stop=command_line_stop_flag(), explicit=line.explicit,
+                           command=command_words(argv), started=PROCESS_STARTED).run().exit_code
         except RuntimeError as e:
             lost = distributed.lost_peer_error(e)
             if lost is None:

@@ -11,12 +11,13 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional
 
 from .. import __version__
 from ..config import OneLineErrorParser
 from ..console import configure_logging, log, silence_stdout
 from ..errors import NanoresumeError
+from ..signals import StopFlag, last_committed
 from ..versions import untested_versions
 
 # A reader that stops early (`| head`) is not an error: exit quietly, as a tool killed by SIGPIPE does.
@@ -71,6 +72,23 @@ def run_reporting_errors(body: Callable[[], int], quiet: bool = False) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+
+
+def forced_exit(signum: int, last_committed_step: Optional[int]) -> NoReturn:
+    """A forced stop of a command-line run (a second signal, or one during teardown): one line by
+    ``os.write``, then ``os._exit(128 + signal)``. It runs in a signal handler, between two bytecodes
+    of whatever was interrupted, which may hold any lock (sys.stderr's included), so nothing here may
+    print, flush, log or run cleanup."""
+    try:
+        os.write(2, f"forced exit; {last_committed(last_committed_step)}\n".encode())
+    except OSError:
+        pass  # stderr is gone; the exit code still tells
+    os._exit(128 + signum)
+
+
+def command_line_stop_flag() -> StopFlag:
+    """The stop flag of a command-line run: a forced stop ends the process (:func:`forced_exit`)."""
+    return StopFlag(forced_exit=forced_exit)
 
 
 def exit_now(code: int) -> NoReturn:

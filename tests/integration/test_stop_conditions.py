@@ -11,6 +11,7 @@ import pytest
 
 from nanoresume import slowsteps
 from nanoresume.tools import cli
+from nanoresume.tools.clitools import command_line_stop_flag
 from nanoresume.metrics import TensorBoardLog
 from nanoresume.signals import TIME_LIMIT_EXIT_CODE
 from nanoresume.trainer import Trainer
@@ -20,7 +21,7 @@ class ForcedExit(Exception):
     """Raised instead of os._exit, so a forced exit ends the test instead of pytest."""
 
 
-def test_a_signal_during_teardown_exits_at_once_naming_the_last_committed_checkpoint(
+def test_on_the_command_line_a_signal_during_teardown_exits_at_once_naming_the_last_committed_checkpoint(
         make_config, monkeypatch, capfd):
     def fake_exit(code: int) -> None:
         raise ForcedExit(code)
@@ -34,7 +35,7 @@ def test_a_signal_during_teardown_exits_at_once_naming_the_last_committed_checkp
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.setattr(TensorBoardLog, "close", close_then_sigterm)
-    trainer = Trainer(make_config(max_steps=6, ckpt_interval=4, eval_interval=100))
+    trainer = Trainer(make_config(max_steps=6, ckpt_interval=4, eval_interval=100), stop=command_line_stop_flag())
     with pytest.raises(ForcedExit) as forced:
         trainer.run()
     assert forced.value.args == (143,)

@@ -96,3 +96,27 @@ def test_resume_warnings():
     assert messages.other_data(Path("c.pt"), "a" * 64, "b" * 64, "x.txt") == (
         "cannot resume from c.pt: the training data differs (fingerprint aaaaaaaaaaaa in the checkpoint, "
         "bbbbbbbbbbbb for x.txt); pass the same --data, or choose another --out-dir for a new run")
+
+
+def test_a_stop_in_a_notebook_says_to_run_the_cell_again_and_from_which_step():
+    assert messages.stopped_in_python("SIGINT", 120, Path("out/checkpoints/step_00000120.pt"), 120, "notebook") == (
+        "stopped by SIGINT after step 120; saved out/checkpoints/step_00000120.pt. "
+        "Run this cell again (resume='auto' continues from step 120)")
+    assert messages.stopped_in_python("SIGINT", 3, None, None, "python") == (
+        "stopped by SIGINT after step 3; nothing new to save. Call nanoresume.train() again with "
+        "resume='auto': it starts over from step 0")
+
+
+def test_how_to_continue_fits_where_the_run_was_started():
+    assert messages.how_to_continue("notebook", 1000) == \
+        ". Run this cell again (resume='auto' continues from step 1,000)"
+    assert messages.how_to_continue("python", 5) == \
+        ". Call nanoresume.train() again with resume='auto': it continues from step 5"
+    assert messages.how_to_continue("shell", None) == ". Run again with --resume auto: it starts over from step 0"
+
+
+def test_insisting_while_the_stop_is_saved_says_what_is_awaited_and_how_to_abandon_it():
+    assert messages.waiting_for_commit(1200, 1000) == (
+        "interrupted again: waiting for the checkpoint of step 1,200 to be written (last committed: step 1,000); "
+        "interrupt once more to abandon it")
+    assert "(last committed: none)" in messages.waiting_for_commit(5, None)
