@@ -167,7 +167,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     if not active():
         return obj
     box = [obj]
-    with collective("the start-up broadcast"):
+    with collective("the resume broadcast"):
         dist.broadcast_object_list(box, src=src)
     return box[0]
 
@@ -265,7 +265,7 @@ def lost_peer_message(rank: Optional[int], world: Optional[int], site: Optional[
         peer = f"the process at {address.group(1)}:{address.group(2)}" if address else "another process of this job"
     where = f" during {site}" if site else ""
     cause = next((line.strip() for line in raised.splitlines() if line.strip()), "no detail")
-    cause = re.sub(r"^\[[^\]]*\.(cc|cpp|hpp):\d+\]\s*", "", cause)[:160]
+    cause = re.sub(r"^\[[^\]]*\.(cc|cpp|hpp):\d+\]\s*", "", cause).split(". ")[0][:160]  # the first sentence
     return (f"{me} lost contact with {peer}{where}: it died or was killed ({cause}). The last committed "
             f"checkpoint is intact: rerun with --resume auto (torchrun --max-restarts does that by itself)")
 
