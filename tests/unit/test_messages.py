@@ -102,3 +102,21 @@ def test_resume_warnings():
     assert messages.other_data(Path("c.pt"), "a" * 64, "b" * 64, "x.txt") == (
         "cannot resume from c.pt: the training data differs (fingerprint aaaaaaaaaaaa in the checkpoint, "
         "bbbbbbbbbbbb for x.txt); pass the same --data, or choose another --out-dir for a new run")
+
+
+def test_a_stop_under_torchrun_continues_with_the_launcher_s_command_or_says_to_rerun_it():
+    saved = Path("out/checkpoints/step_00000040.pt")
+    command = ["torchrun", "--nproc-per-node", "2", "train.py", "--out-dir", "my out", "--resume", "auto"]
+    assert messages.stopped_under_torchrun("SIGTERM", 40, saved, command) == (
+        "stopped by SIGTERM after step 40; saved out/checkpoints/step_00000040.pt. Continue with: "
+        "torchrun --nproc-per-node 2 train.py --out-dir 'my out' --resume auto")
+    assert messages.stopped_under_torchrun("SIGTERM", 1200, None, None) == (
+        "stopped by SIGTERM after step 1,200; nothing new to save. Continue by running the same torchrun "
+        "command again with --resume auto")
+
+
+def test_a_start_made_by_torchrun_after_a_failure_says_it_is_a_restart():
+    assert messages.restarted_by_torchrun(1, 3) == \
+        "torchrun restarted the workers (restart 1 of 3): continuing from the last committed checkpoint"
+    assert messages.restarted_by_torchrun(2, None) == \
+        "torchrun restarted the workers (restart 2): continuing from the last committed checkpoint"
