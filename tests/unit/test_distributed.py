@@ -3,7 +3,12 @@ same decisions, whatever its own votes were."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,3 +159,20 @@ def test_the_train_command_prints_a_lost_peer_in_one_line_on_any_rank_and_exits_
     monkeypatch.setattr(trainer, "Trainer", failing(RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="shapes"):
         cli.main(argv)
+
+
+@pytest.mark.slow
+def test_a_peer_killed_before_each_collective_is_one_lost_peer_error_naming_the_site(tmp_path):
+    """Real gloo, two forked processes per site: the vote, the checkpoint gather, evaluation's sum, the
+    resume broadcast and a barrier (the whole command's line: tests/integration/test_peer_death.py)."""
+    script = Path(__file__).resolve().parents[1] / "harness" / "site_deaths.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert set(reports) == {"the per-step vote", "the checkpoint gather", "evaluation", "the resume broadcast",
+                            "a barrier"}
+    for site, (kind, message) in reports.items():
+        assert kind == "LostPeerError", (site, kind, message)
+        survivor = 1 if site in ("the resume broadcast", "a barrier") else 0
+        assert message.startswith(f"rank {survivor} lost contact with rank {1 - survivor} during {site}: "), message
