@@ -20,6 +20,7 @@ store, and the previous group's addresses in it would make the new workers wait 
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from typing import Any, Iterator, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from .console import LOGGER_NAME
 from .errors import NanoresumeError, UserError
 
 T = TypeVar("T")
@@ -283,14 +285,25 @@ def _rank_and_world() -> tuple[Optional[int], Optional[int]]:
 @contextmanager
 def collective(site: str) -> Iterator[None]:
     """Run one collective (``with collective("the checkpoint gather"): ...``): if another process of the
-    job is gone, raise one :class:`LostPeerError` naming ``site``; any other error passes unchanged."""
+    job is gone, report and raise one :class:`LostPeerError` naming ``site``; any other error passes
+    unchanged."""
     try:
         yield
     except Exception as error:
         lost = lost_peer_error(error, site)
         if lost is None:
             raise
-        raise lost from None
+        raise report(lost) from None
+
+
+def report(lost: "LostPeerError") -> "LostPeerError":
+    """Log ``lost``'s line now, once, on this rank, and return it. Now, not when the error reaches the
+    command: torchrun SIGTERMs the survivors a moment after a death, and a signal during the teardown
+    on the way there ends the process at once (see :mod:`nanoresume.signals`), which would lose the line."""
+    if not lost.reported:
+        lost.reported = True
+        logging.getLogger(LOGGER_NAME).error(str(lost))
+    return lost
 
 
 class PeerError(NanoresumeError):
@@ -307,6 +320,7 @@ class LostPeerError(PeerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, 1)
+        self.reported = False  # its line is logged already (:func:`report`)
 
 
 @dataclass(frozen=True)

@@ -349,7 +349,13 @@ class Trainer:
                     self._finish_mirror()  # a mirror behind a finished run catches up
                 return result
             self._start_metrics(metrics)
-            self._finish(self._loop(metrics), result)
+            try:
+                self._finish(self._loop(metrics), result)
+            except Exception as e:  # DDP's and FSDP's own collectives fail unguarded: say so before the teardown
+                lost = distributed.lost_peer_error(e)
+                if lost is None:
+                    raise
+                raise distributed.report(lost) from None
         return result
 
     def _start_metrics(self, metrics: Metrics) -> None:

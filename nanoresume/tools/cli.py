@@ -42,7 +42,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
             lost = distributed.lost_peer_error(e)
             if lost is None:
                 raise
-            log.error(str(lost))  # on every surviving rank: rank 0 may be the one that died
+            distributed.report(lost)  # on every surviving rank: rank 0 may be the one that died
             return lost.exit_code
 
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
