@@ -38,7 +38,9 @@ def stop_when_launcher_dies(signum: int = signal.SIGTERM) -> str:
     """
     parent = os.getppid()
     how = "prctl" if _set_parent_death_signal(signum) else "watch"
-    if os.getppid() != parent or parent == 1:  # the parent died before prctl took effect: no signal will come
+    # The parent died between our start and prctl: no signal will come. (A parent that is pid 1 is no sign
+    # of that: torchrun is pid 1 in a container started with `exec torchrun`.)
+    if os.getppid() != parent:
         os.kill(os.getpid(), signum)
         return "orphaned"
     if how == "watch":
