@@ -117,6 +117,23 @@ def stopped(reason: Optional[str], step: int, saved: Optional[Path], command: Se
     return f"stopped by {reason} after step {step:,}; {where}. Continue with: {again}"
 
 
+def stopped_under_torchrun(reason: Optional[str], step: int, saved: Optional[Path],
+                           launcher: Optional[Sequence[str]]) -> str:
+    """A stop of a torchrun job, and the launcher's command that continues it (``launcher``: torchrun's
+    words with ``--resume auto``, or None when they cannot be read). The worker's own command would
+    continue the run on one process."""
+    where = f"saved {saved}" if saved is not None else "nothing new to save"
+    again = (f"Continue with: {shell_command(launcher)}" if launcher is not None else
+             "Continue by running the same torchrun command again with --resume auto")
+    return f"stopped by {reason} after step {step:,}; {where}. {again}"
+
+
+def restarted_by_torchrun(restart: int, max_restarts: Optional[int]) -> str:
+    """The first line of a start that torchrun made after a worker failed (``--max-restarts``)."""
+    of = f" of {max_restarts}" if max_restarts is not None else ""
+    return f"torchrun restarted the workers (restart {restart}{of}): continuing from the last committed checkpoint"
+
+
 def finished(step: int, tokens_seen: int, best_val_loss: float, best_path: Path, elapsed_seconds: float) -> str:
     best = (f"best val loss {best_val_loss:.4f} in {best_path}" if math.isfinite(best_val_loss)
             else "no validation loss yet")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, messages, parallel, schema, startup
+from . import checkpoint, distributed, launcher, messages, parallel, schema, startup
 from .checkpoint.observe import CancelWhen, WriteCancelled
 from .config import TrainConfig, derived_fields
 from .console import Console, TrainWindow, configure_logging, log, wants_bar
@@ -99,6 +99,10 @@ class Trainer:
         self._slow_steps: Optional[SlowStepWatch] = None  # made at the first step, from the resolved config
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.env = env or distributed.detect()
+        # torchrun's command line, for the stop message: read now, the launcher may be gone by then
+        self._launcher = launcher.launcher_command() if self.env.launched else None
+        if self.env.launched:
+            launcher.stop_when_launcher_dies_once()  # a SIGKILLed torchrun stops its workers with a save
         self.device = resolve_device(cfg.device, self.env.local_rank)  # fails before OUT is created
         self.process_group = ProcessGroup(self.env, self.device)
         self.run_dir = RunDir(Path(cfg.out_dir))
@@ -139,6 +143,9 @@ class Trainer:
 
     def _build(self, cfg: TrainConfig, explicit: Optional[set[str]]) -> None:
         env, warn = self.env, self.console.warn
+        restart = distributed.restart_count(os.environ) if env.launched else 0
+        if restart:
+            self.console.log(messages.restarted_by_torchrun(restart, distributed.max_restarts(os.environ)))
         self.uploader: Optional[Uploader] = None  # rank 0's, with --mirror: started once the start point is known
         self.mirror = startup.open_mirror(cfg, env)  # probed before OUT is created
         startup.open_run_dir(cfg, env, self.run_dir, warn)
@@ -372,7 +379,13 @@ class Trainer:
                     self._finish_mirror()  # a mirror behind a finished run catches up
                 return
             self._start_metrics(metrics)
-            self._finish(self._loop(metrics), result)
+            try:
+                self._finish(self._loop(metrics), result)
+            except Exception as e:  # DDP's and FSDP's own collectives fail unguarded: say so before the teardown
+                lost = distributed.lost_peer_error(e)
+                if lost is None:
+                    raise
+                raise distributed.report(lost) from None
             self._fill(result, first_step)
 
     def _fill(self, result: RunResult, first_step: int) -> None:
@@ -440,17 +453,21 @@ class Trainer:
         """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
         if self.env.is_main or self.folder_checkpoints:
             self._wait_for_commit()  # the stop message names a committed checkpoint, never one still in flight
-        distributed.barrier()  # no rank exits (and makes torchrun stop the others) before that commit
+        distributed.barrier("the wait for the last commit")  # no rank exits (and makes torchrun stop the others) first
         counters = self.counters
         result.step, result.last_checkpoint = counters.step, self.manager.committed_path
         if outcome.kind == "stop":
             result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
-            if self.continue_in == "shell":
-                self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint,
-                                                  self.command, self.cfg.out_dir))
-            else:
+            if self.continue_in != "shell":
                 self.console.log(messages.stopped_in_python(outcome.reason, counters.step, result.last_checkpoint,
                                                             self.stop.last_committed_step, self.continue_in))
+            elif self.env.launched:  # the launcher's command: the worker's own would continue on one process
+                self.console.log(messages.stopped_under_torchrun(
+                    outcome.reason, counters.step, result.last_checkpoint,
+                    launcher.resume_auto(self._launcher) if self._launcher is not None else None))
+            else:
+                self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint,
+                                                  self.command, self.cfg.out_dir))
         else:
             self.console.log(messages.finished(counters.step, counters.tokens_seen, counters.best_val_loss,
                                                self.run_dir.best, time.monotonic() - self.started))
@@ -511,7 +528,7 @@ class Trainer:
         elif state is not None:
             self.manager.mark_staged(step)  # the decision is shared; the file is rank 0's
         if due and not self.manager.background:
-            distributed.barrier()
+            distributed.barrier("the wait for a checkpoint commit")
 
     def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
         train_loss, tokens_per_second = window.summary()

@@ -23,9 +23,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .. import checkpoint
+from ..checkpoint.folders import check_digests
 from ..compare import first_difference
 from ..config import RUNTIME_FIELDS
 from ..loading import read_state
@@ -40,6 +41,7 @@ WRITE_DELAY_ENV = "NANORESUME_CHAOS_WRITE_DELAY"  # seconds slept per written ch
 # so that the writes before the one a kill is aimed at cost nothing.
 SLOW_LATER_ENV = "NANORESUME_CHAOS_SLOW_LATER"
 SLOW_WRITES_SIGNAL = signal.SIGUSR2
+FOLDER_COMMIT_DELAY_FACTOR = 50  # a folder's commit is held open this many write delays (0.1 s at 2 ms)
 
 
 @dataclass
@@ -56,19 +58,31 @@ class ChaosReport:
 
 
 def verified_steps(folder: Path) -> dict[int, str]:
-    """Step -> digest of every step checkpoint in ``folder`` whose checksum verifies."""
+    """Step -> digest of every step checkpoint in ``folder`` that verifies: a file's own digest, or for a
+    checkpoint folder (committed by its manifest) the digest of its manifest, once every file it lists
+    matches."""
     good = {}
     for item in checkpoint.CheckpointDir(folder).list():
         try:
-            payload = checkpoint.read_verified(item.path)
+            if item.is_folder:
+                digests = check_digests(Path(item.path))
+                good[item.step] = hashlib.sha256(repr(sorted(digests.items())).encode()).hexdigest()
+            else:
+                good[item.step] = hashlib.sha256(checkpoint.read_verified(item.path)).hexdigest()
         except checkpoint.CheckpointError:
             continue
-        good[item.step] = hashlib.sha256(payload).hexdigest()
     return good
 
 
-def _child_command(train_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "nanoresume.tools.chaos_child", "child", *train_args]
+def torchrun_launcher(processes: int) -> list[str]:
+    """The words that start ``processes`` workers on this machine (``--standalone``), before ``-m MODULE``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "--monitor-interval=0.1"]
+
+
+def _child_command(train_args: list[str], launcher: Sequence[str] = ()) -> list[str]:
+    """The child process: one process, or ``launcher`` (e.g. :func:`torchrun_launcher`) starting the workers."""
+    return [*(launcher or [sys.executable]), "-m", "nanoresume.tools.chaos_child", "child", *train_args]
 
 
 class WatchedProcess:
@@ -143,12 +157,15 @@ def descendants(pid: int) -> list[int]:
 
 
 def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, write_delay: float = 0.002,
-              max_wait: float = 4.0, log: Callable[[str], None] = print, timeout: float = 600) -> ChaosReport:
+              max_wait: float = 4.0, log: Callable[[str], None] = print, timeout: float = 600,
+              launcher: Sequence[str] = ()) -> ChaosReport:
     """Kill ``kills`` times, resuming with ``--resume auto`` after each, then let the run finish.
 
     ``train_args`` must include ``--out-dir out_dir``. Half of the kills wait for a
     checkpoint write to start and land inside it; the rest land at a random moment
     in the first ``max_wait`` seconds of the process. Returns once the run exits 0.
+    With a ``launcher`` (:func:`torchrun_launcher`) each kill takes the launcher and every worker at
+    once, as a machine dying would; checkpoint folders (``--ckpt-format sharded``, FSDP) count as files do.
     """
     rng = random.Random(seed)
     report = ChaosReport()
@@ -156,7 +173,7 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
     args = list(train_args)
     while True:
         before = verified_steps(RunDir(out_dir).checkpoints)
-        child = WatchedProcess(_child_command(args), write_delay)
+        child = WatchedProcess(_child_command(args, launcher), write_delay)
         if report.kills < kills:
             aim_at_write = rng.random() < 0.5
             if aim_at_write:
@@ -242,6 +259,15 @@ class _AnnouncedWrites(checkpoint.CheckpointObserver):
         self.previous = nbytes
         if self.delay and self.slow.is_set():
             time.sleep(self.delay)
+
+    def before_commit(self, target: Path) -> None:
+        """A checkpoint folder announces itself here, once this rank's shards are written (DCP reports no
+        progress): the kill then lands in its commit, which is held open a little longer."""
+        if target.name.endswith(".pt"):
+            return  # a file announced itself through its progress
+        print(WRITE_MARK, file=sys.stderr, flush=True)
+        if self.delay and self.slow.is_set():
+            time.sleep(self.delay * FOLDER_COMMIT_DELAY_FACTOR)
 
     def after_commit(self, target: Path) -> None:
         print(WRITE_DONE_MARK, file=sys.stderr, flush=True)

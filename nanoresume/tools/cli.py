@@ -39,11 +39,12 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
             # a second signal ends the process at once (library use never does).
             return Trainer(line.cfg, stop=command_line_stop_flag(), explicit=line.explicit,
                            command=command_words(argv), started=PROCESS_STARTED).run().exit_code
-        except RuntimeError as e:
+        except Exception as e:  # DDP's and FSDP's own collectives (in backward) fail here, unguarded
             lost = distributed.lost_peer_error(e)
             if lost is None:
                 raise
-            raise lost from e
+            distributed.report(lost)  # on every surviving rank: rank 0 may be the one that died
+            return lost.exit_code
 
     # Ctrl-C before the loop takes over the signal reports "interrupted" (130): nothing to save yet.
     return run_reporting_errors(train, quiet=os.environ.get("RANK", "0") != "0")  # rank 0 speaks for all

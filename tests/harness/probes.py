@@ -14,6 +14,10 @@ inherit it) and sets these variables; the nanoresume package itself knows nothin
   checkpoint folder of that step, once every rank's shards are written and before the manifest is;
 - ``NANORESUME_PROBE_DUMP_RESUMED=FILE``: right after a resume, rank 0 saves the state
   every rank then holds, gathered whole in the file layout (``Trainer.state_dict()``), to FILE.
+- ``NANORESUME_PROBE_DIE_IN=SITE:RANK[:NTH]``: that rank SIGKILLs itself as it enters the NTH call
+  (default 1) of a collective of :mod:`nanoresume.distributed`: ``vote`` (the per-step all-gather),
+  ``gather`` (the checkpoint gather), ``eval`` (evaluation's sum), ``broadcast`` (the resume
+  broadcast at start-up) or ``barrier``; its peers then meet a dead process there;
 - ``NANORESUME_PROBE_FORGET_RNG=1``: a resumed run leaves its random number streams as they are
   instead of restoring them: a deliberately broken resume, which must be caught.
 
@@ -37,6 +41,9 @@ SIGTERM_ENV = "NANORESUME_PROBE_SIGTERM"
 KILL_IN_SAVE_ENV = "NANORESUME_PROBE_KILL_IN_SAVE"
 DUMP_RESUMED_ENV = "NANORESUME_PROBE_DUMP_RESUMED"
 FORGET_RNG_ENV = "NANORESUME_PROBE_FORGET_RNG"
+DIE_IN_ENV = "NANORESUME_PROBE_DIE_IN"
+DIE_SITES = {"vote": "all_gather_rows", "gather": "gather_objects", "eval": "all_sum",
+             "broadcast": "broadcast_object", "barrier": "barrier"}
 
 
 def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
@@ -98,6 +105,7 @@ def install() -> None:
         return logits, loss
 
     _install_save_and_resume_probes(rank)
+    _install_death_probe(rank)
     if os.environ.get(FORGET_RNG_ENV):
         training_parts.restore_rng_state = lambda state: []  # type: ignore[assignment]
     BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
@@ -129,6 +137,28 @@ def _install_save_and_resume_probes(rank: int) -> None:
                 torch.save(state, dump)
 
         Trainer._resume_from = dumped_resume  # type: ignore[method-assign]
+
+
+def _install_death_probe(rank: int) -> None:
+    """``NANORESUME_PROBE_DIE_IN``: SIGKILL this rank as it enters the chosen collective."""
+    from nanoresume import distributed
+
+    text = os.environ.get(DIE_IN_ENV)
+    if not text:
+        return
+    site, dying_rank, *nth = text.split(":")
+    if int(dying_rank) != rank:
+        return
+    name = DIE_SITES[site]
+    collective, calls, due = getattr(distributed, name), [0], int(nth[0]) if nth else 1
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == due and distributed.active():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return collective(*args, **kwargs)
+
+    setattr(distributed, name, dying)
 
 
 def read_records(folder: Path, rank: int = 0) -> tuple[dict[int, float], dict[int, list[int]]]:

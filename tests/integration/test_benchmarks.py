@@ -34,6 +34,9 @@ SMOKE = {
     "mirror.py": (["--mb", "1", "--repeats", "1"],
                   [rf"1 MiB +plain upload +{NUMBER} MB/s +mirror upload +{NUMBER} MB/s +ratio {NUMBER}x",
                    rf"plain resume +{NUMBER} ms +mirror resume +{NUMBER} ms +ratio {NUMBER}x"]),
+    "chaos_folders.py": (["--kills", "0", "--nproc", "1"],
+                         [r"kills: 0 \(0 during a folder write or commit\), resumes: 0, committed folders lost: 0",
+                          r"final state bitwise equal to the run never killed: yes"]),
     # one job of each parallelism and of each format (all four: the ratios between them too)
     "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1",
                                 "--combinations", "ddp/file", "fsdp/sharded"],

@@ -183,24 +183,51 @@ def test_sigkill_of_one_worker_then_resume_auto_ends_bit_exact(two_process_refer
     assert losses(records) == losses(two_process_reference["records"])
 
 
+def test_torchrun_max_restarts_resumes_a_killed_worker_s_run_by_itself_and_ends_bit_exact(
+        two_process_reference, args, tmp_path):
+    """SIGKILL one worker after the step-10 commit: torchrun restarts both, they resume from step 10 with
+    no human step (the restart joins torchrun's store afresh) and end equal to the uninterrupted run."""
+    records = tmp_path / "records"
+    launcher = launch_tree(launch_command(2, ["--max-restarts=3"]) + args("restarted") + ["--resume", "auto"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(records),
+                           cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not step_path(tmp_path / "restarted" / "checkpoints", 10).exists():
+        assert time.monotonic() < deadline, "no commit at step 10"
+        time.sleep(0.05)
+    wait_for_steps(records, 12)
+    os.kill(worker_pid(launcher.pid, rank=1), signal.SIGKILL)
+    output = launcher.communicate(timeout=120)[0]  # the reported hang fails here
+    assert launcher.returncode == 0, output
+    assert "torchrun restarted the workers (restart 1 of 3)" in output, output
+    assert f"resumed from {step_path(tmp_path / 'restarted' / 'checkpoints', 10)} at step 10" in output, output
+    final = step_path(tmp_path / "restarted" / "checkpoints", STEPS)
+    assert final_state_difference(final, step_path(two_process_reference["out"] / "checkpoints", STEPS)) is None
+    assert losses(records) == losses(two_process_reference["records"])
+
+
 def test_a_resume_on_another_world_size_keeps_every_step_s_windows_and_close_losses(args, tmp_path):
-    """Global batch 4 throughout: 2 processes x batch 2, or 1 process x batch 2 x accumulation 2.
-    One launch chain: 1 process to step 10, then 2 processes to step 20, then 1 process to the end."""
+    """Global batch 4 throughout: 1 process x batch 2 x accumulation 2, 2 processes x batch 2, 4 processes
+    x batch 1, 1 process x batch 2 x accumulation 2 again. One launch chain: 1 process to step 10, then 2 to
+    step 20, then 4 to step 25, then 1 process to the end."""
     single_args = ["--grad-accum", "2"]
     reference = run(launch_command(0), args("reference") + single_args, environment(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr
     records = tmp_path / "records"
     stopped = run(launch_command(0), args("switched") + single_args, environment(records, **{STOP_ENV: "10"}))
     assert "stopped by SIGTERM after step 10" in stopped.stdout, stopped.stdout + stopped.stderr
-    for nproc, stop, accum in ((2, {STOP_ENV: "20"}, "2 -> 1"), (0, {}, "1 -> 2")):
-        resumed = run(launch_command(nproc), args("switched") + ["--resume", "auto"], environment(records, **stop))
+    for nproc, stop, flags, change in ((2, "20", [], "--grad-accum: 2 -> 1"),
+                                       (4, "25", ["--batch-size", "1"], "4 processes x batch 1 x accumulation 1"),
+                                       (0, None, [], "--grad-accum: 1 -> 2")):
+        resumed = run(launch_command(nproc), args("switched") + flags + ["--resume", "auto"],
+                      environment(records, **({STOP_ENV: stop} if stop else {})))
         if stop:
-            assert "stopped by SIGTERM after step 20" in resumed.stdout, resumed.stdout + resumed.stderr
+            assert f"stopped by SIGTERM after step {stop}" in resumed.stdout, resumed.stdout + resumed.stderr
         else:
             assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert "start new streams" in resumed.stdout + resumed.stderr  # the one warning about dropout streams
-        assert f"--grad-accum: {accum}" in resumed.stdout
-    assert windows_by_step(records, 2) == windows_by_step(tmp_path / "ref", 1)
+        assert change in resumed.stdout, resumed.stdout
+    assert windows_by_step(records, 4) == windows_by_step(tmp_path / "ref", 1)
     ours, theirs = losses(records), losses(tmp_path / "ref")
     assert ours.keys() == theirs.keys()
     for step in ours:

@@ -120,3 +120,21 @@ def test_insisting_while_the_stop_is_saved_says_what_is_awaited_and_how_to_aband
         "interrupted again: waiting for the checkpoint of step 1,200 to be written (last committed: step 1,000); "
         "interrupt once more to abandon it")
     assert "(last committed: none)" in messages.waiting_for_commit(5, None)
+
+
+def test_a_stop_under_torchrun_continues_with_the_launcher_s_command_or_says_to_rerun_it():
+    saved = Path("out/checkpoints/step_00000040.pt")
+    command = ["torchrun", "--nproc-per-node", "2", "train.py", "--out-dir", "my out", "--resume", "auto"]
+    assert messages.stopped_under_torchrun("SIGTERM", 40, saved, command) == (
+        "stopped by SIGTERM after step 40; saved out/checkpoints/step_00000040.pt. Continue with: "
+        "torchrun --nproc-per-node 2 train.py --out-dir 'my out' --resume auto")
+    assert messages.stopped_under_torchrun("SIGTERM", 1200, None, None) == (
+        "stopped by SIGTERM after step 1,200; nothing new to save. Continue by running the same torchrun "
+        "command again with --resume auto")
+
+
+def test_a_start_made_by_torchrun_after_a_failure_says_it_is_a_restart():
+    assert messages.restarted_by_torchrun(1, 3) == \
+        "torchrun restarted the workers (restart 1 of 3): continuing from the last committed checkpoint"
+    assert messages.restarted_by_torchrun(2, None) == \
+        "torchrun restarted the workers (restart 2): continuing from the last committed checkpoint"

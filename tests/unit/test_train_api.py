@@ -30,7 +30,7 @@ def test_a_value_the_validation_refuses_is_named_as_a_setting_not_a_flag(tmp_pat
     with pytest.raises(ConfigError) as raised:
         nanoresume.train(out_dir=str(tmp_path / "out"), resume="none", data=str(tiny_text), n_embd=30, n_head=4,
                          lr=5.0)
-    assert str(raised.value) == "n_embd 30 must be divisible by n_head 4; lr 5.0 must be in (0, 1]"
+    assert str(raised.value) == "lr 5.0 must be in (0, 1]; n_embd 30 must be divisible by n_head 4"
     with pytest.raises(ConfigError, match=r"^lr 5.0 must be in \(0, 1\]$"):  # resume="auto": checked at start-up
         nanoresume.train(out_dir=str(tmp_path / "auto"), data=str(tiny_text), lr=5.0)
 
