@@ -41,7 +41,7 @@ from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
 from .mirror import Uploader
-from .model import GPT
+from .model import materialize, shapes_only
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
@@ -176,11 +176,14 @@ class Trainer:
         """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
         the batch order and the counters: everything a step needs."""
         env = self.env
-        seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = GPT(cfg.model_config()).to(self.device)
+        seed_everything(cfg.seed)
         seed_rank_streams(cfg.seed, env.rank)  # dropout differs between ranks (rank 0 keeps the plain seed)
+        # Built on the meta device, sharded, then each rank allocates and fills only what it holds; the
+        # initial weights are keyed by (seed, name), the same in every layout, drawing on no stream.
+        model = shapes_only(cfg.model_config())
         if self.sharded_model:
-            parallel.shard(self.raw_model, self.raw_model.blocks, self.device, env.world_size, self.dtype)
+            parallel.shard(model, model.blocks, self.device, env.world_size, self.dtype)
+        self.raw_model = materialize(model, self.device, cfg.seed)
         compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = (DistributedDataParallel(compiled, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if distributed.active() and not self.sharded_model
