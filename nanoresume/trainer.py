@@ -137,11 +137,12 @@ class Trainer:
         for change in plan.changes:
             self.console.log(messages.config_change(change, resumed=plan.mode is StartMode.RESUME))
         self.cfg = cfg = plan.cfg
-        check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         parallelism = startup.choose_parallelism(cfg, env.launched, self.dtype)
         if parallelism.warning is not None:
             warn(parallelism.warning)
+        # this rank's share, before a size that cannot fit hangs in the allocator
+        check_fits(cfg, self.device, env.world_size, parallelism.sharded_model)
         self.sharded_model, self.folder_checkpoints = parallelism.sharded_model, parallelism.folder_checkpoints
         self.manager = checkpoint.CheckpointManager(
             self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,

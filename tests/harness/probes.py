@@ -14,6 +14,8 @@ inherit it) and sets these variables; the nanoresume package itself knows nothin
   checkpoint folder of that step, once every rank's shards are written and before the manifest is;
 - ``NANORESUME_PROBE_DUMP_RESUMED=FILE``: right after a resume, rank 0 saves the state
   every rank then holds, gathered whole in the file layout (``Trainer.state_dict()``), to FILE.
+- ``NANORESUME_PROBE_DUMP_INIT=FILE``: right after the model is built, before any resume, rank 0
+  saves the initial weights, gathered whole (``parallel.full_weights``), to FILE.
 - ``NANORESUME_PROBE_FORGET_RNG=1``: a resumed run leaves its random number streams as they are
   instead of restoring them: a deliberately broken resume, which must be caught.
 
@@ -37,6 +39,7 @@ SIGTERM_ENV = "NANORESUME_PROBE_SIGTERM"
 KILL_IN_SAVE_ENV = "NANORESUME_PROBE_KILL_IN_SAVE"
 DUMP_RESUMED_ENV = "NANORESUME_PROBE_DUMP_RESUMED"
 FORGET_RNG_ENV = "NANORESUME_PROBE_FORGET_RNG"
+DUMP_INIT_ENV = "NANORESUME_PROBE_DUMP_INIT"
 
 
 def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
@@ -129,6 +132,19 @@ def _install_save_and_resume_probes(rank: int) -> None:
                 torch.save(state, dump)
 
         Trainer._resume_from = dumped_resume  # type: ignore[method-assign]
+    initial = os.environ.get(DUMP_INIT_ENV)
+    if initial:
+        from nanoresume import parallel
+
+        build_model = Trainer._build_model
+
+        def dumped_build(self: Trainer, *args: Any, **kwargs: Any) -> None:
+            build_model(self, *args, **kwargs)
+            weights = parallel.full_weights(self.raw_model, self.sharded_model)  # a collective under FSDP
+            if self.env.is_main:
+                torch.save(weights, initial)
+
+        Trainer._build_model = dumped_build  # type: ignore[method-assign]
 
 
 def read_records(folder: Path, rank: int = 0) -> tuple[dict[int, float], dict[int, list[int]]]:
