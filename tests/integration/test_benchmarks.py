@@ -34,6 +34,9 @@ SMOKE = {
     "mirror.py": (["--mb", "1", "--repeats", "1"],
                   [rf"1 MiB +plain upload +{NUMBER} MB/s +mirror upload +{NUMBER} MB/s +ratio {NUMBER}x",
                    rf"plain resume +{NUMBER} ms +mirror resume +{NUMBER} ms +ratio {NUMBER}x"]),
+    "fsdp_memory.py": (["--n-layer", "1", "--n-embd", "64", "--steps", "1", "--nproc", "1"],
+                       [rf"ddp +peak RSS per rank +{NUMBER} MB", rf"fsdp / ddp peak RSS: {NUMBER}x",
+                        rf"fsdp / ddp parameters: {NUMBER}x"]),
     # one job of each parallelism and of each format (all four: the ratios between them too)
     "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1",
                                 "--combinations", "ddp/file", "fsdp/sharded"],
