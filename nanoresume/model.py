@@ -205,6 +205,7 @@ def materialize(model: GPT, device: torch.device, seed: int) -> GPT:
     model.to_empty(device=device)
     if getattr(model.wte.weight, "placements", None) is None:
         model.tie_weights()  # FSDP2 keeps its shared parameter; to_empty gave each module its own
+    assert model.lm_head.weight is model.wte.weight, "the output head lost its tie to the token embedding"
     init_weights(model, seed)
     return model
 
