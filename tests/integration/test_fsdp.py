@@ -5,11 +5,13 @@ and onto DDP or one process and back, refusals of damaged or crafted folders, an
 
 Few launches on purpose (each costs seconds on 2 cores), chained so that each does several checks:
 one uninterrupted reference on 2 ranks, one run stopped at step 12 that every resume starts from a
-copy of, and three resharded runs from it (one process, DDP, 3 ranks) that later tests resume again.
+copy of, and three resharded runs from it (one process, in this process; DDP; 3 ranks) that later
+tests resume again. The refusals run in this process too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -22,11 +24,12 @@ import torch
 
 from nanoresume.checkpoint.folders import METADATA, file_sha256, manifest_digests, write_manifest
 from nanoresume.compare import first_difference
-from nanoresume.config import TrainConfig
+from nanoresume.config import TrainConfig, read_command_line
 from nanoresume.loading import load_model, model_config_from_state, read_state
 from nanoresume.model import GPT
 from nanoresume.tools import ckpt, cli
 from nanoresume.tools.chaos import final_state_difference
+from nanoresume.trainer import Trainer
 from tests.harness.probes import DUMP_INIT_ENV, DUMP_RESUMED_ENV, KILL_IN_SAVE_ENV, SIGTERM_ENV, STOP_ENV, read_records
 from tests.helpers import TINY_FLAGS, assert_one_line_error, cli_flags, run_main
 from tests.integration.test_distributed import AUDIT, environment, launch_command, losses, run
@@ -123,10 +126,47 @@ def resharded(request, stopped, tiny_text: Path, tmp_path_factory) -> dict[str, 
     root = tmp_path_factory.mktemp("fsdp-resharded")
     nproc, extra = RESHARDS[request.param]
     copy = copy_of(stopped, root)
-    result = resume(tiny_text, root, nproc, *extra,
-                    **{DUMP_RESUMED_ENV: str(root / "resumed.pt"), DUMP_INIT_ENV: str(root / "init.pt")})
-    assert ("start new streams" in result.stdout + result.stderr) == (nproc != 2)
+    dumps = {DUMP_RESUMED_ENV: str(root / "resumed.pt"), DUMP_INIT_ENV: str(root / "init.pt")}
+    if nproc == 0:
+        resume_in_this_process(train_args(tiny_text, root) + ["--resume", "auto", *extra], copy["records"], **dumps)
+    else:
+        result = resume(tiny_text, root, nproc, *extra, **dumps)
+        assert ("start new streams" in result.stdout + result.stderr) == (nproc != 2)
     return dict(copy, case=request.param, nproc=nproc, resumed=root / "resumed.pt", init=root / "init.pt")
+
+
+def resume_in_this_process(argv: list[str], records: Path, **dumps: str) -> None:
+    """What a plain one-process launch with the probes would do, without the seconds a process costs:
+    the initial weights and the resumed state dumped, every step's loss and windows appended to
+    ``records`` as rank 0's."""
+    from nanoresume import trainer as trainer_module
+    from nanoresume.data import BatchSampler
+
+    line, initial = read_command_line(argv), {}
+    materialize, draw = trainer_module.materialize, BatchSampler.next_micro_batches
+
+    def record(entry: dict) -> None:
+        with open(records / "rank0.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def materialized(*args, **kwargs):
+        model = materialize(*args, **kwargs)
+        initial.update({name: t.clone() for name, t in model.state_dict().items()})
+        return model
+
+    def recorded_draw(sampler: BatchSampler, *args, **kwargs):
+        index, batches = sampler.index, draw(sampler, *args, **kwargs)
+        record({"index": index, "offsets": [int(o) for batch in batches for o in batch]})
+        return batches
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module, "materialize", materialized)
+        patch.setattr(BatchSampler, "next_micro_batches", recorded_draw)
+        trainer = Trainer(line.cfg, explicit=line.explicit,
+                          on_step=lambda _, step, loss: record({"step": step, "loss": loss}))
+        torch.save(initial, dumps[DUMP_INIT_ENV])
+        torch.save(trainer.state_dict(), dumps[DUMP_RESUMED_ENV])
+        assert trainer.run().exit_code == 0
 
 
 # ---- initial weights ----------------------------------------------------------------------------
