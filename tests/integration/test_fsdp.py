@@ -18,6 +18,7 @@ import pickle
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def assert_close_losses(records: Path, reference: Path, last: int = STEPS) -> No
 
 # ---- resharded runs from the stopped one, resumed again by later tests ------------------------------
 
-RESHARDS = {  # processes (0: one, without torchrun), flags, last step trained
+RESHARDS = {  # processes (0: one, in this process), flags; each trains from step 12 to the end
     "one process": (0, ["--ckpt-format", "sharded"]),  # folders from one process, read by FSDP later
     "ddp": (2, ["--parallel", "ddp"]),  # files (auto), read by FSDP later
     "3 ranks": (3, FSDP + ["--batch-size", "2"]),  # uneven shards: 256 and 32 rows over 3 ranks
@@ -120,7 +121,7 @@ RESHARDS = {  # processes (0: one, without torchrun), flags, last step trained
 
 
 @pytest.fixture(scope="module", params=list(RESHARDS))
-def resharded(request, stopped, tiny_text: Path, tmp_path_factory) -> dict[str, Path]:
+def resharded(request, stopped, tiny_text: Path, tmp_path_factory) -> dict[str, Any]:
     """The stopped run resumed to the end on another world size or layout; the state it resumed with and
     its initial weights (built before the resume replaced them) dumped."""
     root = tmp_path_factory.mktemp("fsdp-resharded")
