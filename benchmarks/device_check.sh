@@ -5,6 +5,11 @@ set -u
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "no CUDA device here: nothing to check" | tee "$OUT/skipped.txt"
+    exit 0
+fi
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
@@ -29,7 +34,28 @@ timeout 60 python3 scripts/evaluate.py --ckpt "$G/best.pt" --device cuda --data 
 timeout 60 python3 scripts/ckpt.py verify "$G" 2>&1 | tee -a "$OUT/tools.log"
 # nccl: two processes on one GPU is not possible with one rank per GPU; where there are two GPUs,
 # a 2-process DDP run stopped with SIGTERM and resumed.
-if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+if [ "$NGPU" -ge 2 ]; then
     timeout 200 torchrun --standalone --nproc_per_node=2 scripts/train.py --device cuda --max-steps 300 \
         --out-dir /tmp/device-ddp --no-progress 2>&1 | tail -3 | tee "$OUT/nccl.log"
 fi
+# FSDP2 built on the meta device, each rank materializing only its shards, over nccl: one rank per GPU
+# (one GPU: one rank, still nccl, meta init and folders). First, meta init on CUDA gives the same
+# weights as a whole model built on the CPU; then train, stop at 200, resume to 300; then the memory
+# benchmark (peak allocated per rank, DDP against FSDP).
+timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/fsdp.log"
+import torch
+from nanoresume.config import ModelConfig
+from nanoresume.model import GPT, materialize, shapes_only
+cfg = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=128)
+on_gpu = materialize(shapes_only(cfg), torch.device("cuda"), 1337).state_dict()
+whole = GPT(cfg, seed=1337).state_dict()
+same = all(torch.equal(on_gpu[k].cpu(), v) for k, v in whole.items())
+print(f"meta init on cuda equals the whole model built on the cpu: {same}")
+PY
+F=/tmp/device-fsdp; rm -rf "$F"
+FSDP_FLAGS=(--device cuda --parallel fsdp --dtype bfloat16 --eval-interval 100 --no-progress --out-dir "$F")
+timeout 300 torchrun --standalone --nproc_per_node="$NGPU" scripts/train.py "${FSDP_FLAGS[@]}" --max-steps 200 \
+    2>&1 | grep -E "sharded over|finished|rror" | tee -a "$OUT/fsdp.log"
+timeout 300 torchrun --standalone --nproc_per_node="$NGPU" scripts/train.py "${FSDP_FLAGS[@]}" --max-steps 300 \
+    --resume auto 2>&1 | grep -E "resumed from|sharded over|finished|rror" | tee -a "$OUT/fsdp.log"
+timeout 300 python3 benchmarks/fsdp_memory.py --device cuda --nproc "$NGPU" 2>&1 | tee "$OUT/fsdp_memory.log"

@@ -1,21 +1,30 @@
-"""Will a run fit? A lower bound on its memory, checked before anything is allocated.
+"""Will a run fit? A lower bound on what one process will hold, checked before anything is allocated.
 
 Without it, ``--n-embd 16777216`` or ``--batch-size 1000000000`` passes validation and then
-hangs in the allocator or dies in the OOM killer. The bound counts only what must exist
-(weights, gradients and AdamW's two moments in float32; the activations of one micro-batch
-at 2 bytes a value; the logits; the validation batch index), so a run it refuses surely
-cannot fit, and one it lets through may still run out of memory later, as it would anyway.
+hangs in the allocator or dies in the OOM killer. The bound counts only what must exist on this
+process, so a run it refuses surely cannot fit, and one it lets through may still run out of
+memory later, as it would anyway:
+
+- **state**: float32 weights, gradients and AdamW's two moments (16 bytes a parameter), whole in
+  one process or under DDP, this rank's 1/world shard of them under FSDP;
+- **gathered** (FSDP only): the largest unit FSDP gathers whole for its forward and backward (a
+  block, or the root's embeddings), float32 weights and gradients;
+- **activations**: one micro-batch's at 2 bytes a value, float32 logits and their gradient, and the
+  validation batch index.
+
+On the CPU the processes of one machine share its memory, so each is given its share of it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import TrainConfig
+from .config import ModelConfig, TrainConfig
 from .errors import ConfigError
 from .model import parameter_count
 
@@ -23,19 +32,55 @@ _ACTIVATION_VALUES_PER_BLOCK = 12  # per token and per unit of width: qkv 3, att
 _CGROUP = Path("/sys/fs/cgroup")
 
 
-def training_bytes(cfg: TrainConfig) -> int:
-    """A lower bound on the memory one training step of ``cfg`` needs."""
-    B, T, C = cfg.batch_size, cfg.block_size, cfg.n_embd
+@dataclass(frozen=True)
+class Need:
+    """What one process of a run will hold at least, in bytes."""
+
+    parameters: int  # of the whole model
+    world_size: int
+    sharded: bool
+    state: int  # this process's weights, gradients and optimizer moments
+    gathered: int  # FSDP: the largest unit gathered whole at once (0 otherwise)
+    activations: int  # activations, logits and their gradient, validation index
+
+    @property
+    def total(self) -> int:
+        return self.state + self.gathered + self.activations
+
+
+def unit_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the largest unit FSDP gathers whole: one block, or the root (the embeddings and
+    the final LayerNorm; the tied output head is the token embedding)."""
+    C, bias = cfg.n_embd, int(cfg.bias)
+    block = 12 * C * C + 2 * C + 11 * C * bias
+    root = cfg.vocab_size * C + cfg.block_size * C + C * (1 + bias)
+    return max(block, root)
+
+
+def need(cfg: TrainConfig, world_size: int = 1, sharded: bool = False) -> Need:
+    """A lower bound on what one process of ``cfg`` holds during a step, on ``world_size`` processes,
+    its model sharded (FSDP) or not (one process, DDP)."""
+    B, T, C = cfg.batch_size, cfg.block_size, cfg.n_embd  # B: per process
     tokens = B * T
-    state = 16 * parameter_count(cfg.model_config())  # float32 weights, gradients, exp_avg, exp_avg_sq
+    model = cfg.model_config()
+    params = parameter_count(model)
+    shards = world_size if sharded else 1
+    state = 16 * -(-params // shards)  # float32 weights, gradients, exp_avg, exp_avg_sq; ceil: shards pad
+    gathered = 8 * unit_parameters(model) if sharded and world_size > 1 else 0
     activations = 2 * tokens * C * _ACTIVATION_VALUES_PER_BLOCK * cfg.n_layer
     logits = 2 * 4 * tokens * cfg.vocab_size  # float32 logits and their gradient
     validation_index = 8 * cfg.eval_iters * B  # one int64 start offset per validation window
-    return state + activations + logits + validation_index
+    return Need(params, world_size, sharded, state, gathered, activations + logits + validation_index)
 
 
-def available_bytes(device: torch.device) -> Optional[int]:
-    """Free memory on ``device`` (for the CPU: available RAM, capped by a container's limit); None if unknown."""
+def training_bytes(cfg: TrainConfig, world_size: int = 1, sharded: bool = False) -> int:
+    """A lower bound on the memory one process needs for a training step of ``cfg`` (see :func:`need`)."""
+    return need(cfg, world_size, sharded).total
+
+
+def available_bytes(device: torch.device, sharing: int = 1) -> Optional[int]:
+    """Free memory on ``device`` for one of ``sharing`` processes that share it (for the CPU: available
+    RAM, capped by a container's limit); None if unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -43,22 +88,48 @@ def available_bytes(device: torch.device) -> Optional[int]:
         return None
     candidates = [_meminfo_available(), _cgroup_room()]
     known = [c for c in candidates if c is not None]
-    return min(known) if known else None
+    return min(known) // max(1, sharing) if known else None
 
 
-def check_fits(cfg: TrainConfig, device: torch.device) -> None:
-    """Raise a one-line :class:`ConfigError` if ``cfg`` surely cannot train on ``device``."""
-    available = available_bytes(device)
-    needed = training_bytes(cfg)
-    if available is None or needed <= available:
+def processes_on_this_machine() -> int:
+    """How many processes torchrun started on this machine (they share its RAM); 1 without torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def check_fits(cfg: TrainConfig, device: torch.device, world_size: int = 1, sharded: bool = False) -> None:
+    """Raise a one-line :class:`ConfigError` if one process of ``cfg`` surely cannot train on ``device``."""
+    sharing = processes_on_this_machine() if device.type == "cpu" else 1
+    available = available_bytes(device, sharing)
+    needed = need(cfg, world_size, sharded)
+    if available is None or needed.total <= available:
         return
-    params = parameter_count(cfg.model_config())
+    raise ConfigError(refusal(cfg, needed, device, available, sharing))
+
+
+def refusal(cfg: TrainConfig, needed: Need, device: torch.device, available: int, sharing: int = 1) -> str:
+    """The one line that refuses a run that cannot fit, with the numbers it was judged on."""
+    params = needed.parameters
     count = f"{params / 1e9:,.1f}B" if params >= 1e9 else f"{params / 1e6:,.1f}M"
-    raise ConfigError(
-        f"this run needs at least {needed / 1e9:,.1f} GB of memory ({count} parameters; "
-        f"--n-layer {cfg.n_layer} --n-embd {cfg.n_embd} --block-size {cfg.block_size} --batch-size "
-        f"{cfg.batch_size} --eval-iters {cfg.eval_iters}) but {device.type} has {available / 1e9:,.1f} GB "
-        f"free; lower those flags (use --grad-accum for a larger effective batch)")
+    share = f"its 1/{needed.world_size} shard of the" if needed.sharded and needed.world_size > 1 else "the"
+    gathered = f" + {_gb(needed.gathered)} GB of one unit gathered whole" if needed.gathered else ""
+    mode = (f"FSDP over {needed.world_size} processes" if needed.sharded and needed.world_size > 1
+            else f"DDP over {needed.world_size} processes" if needed.world_size > 1 else "one process")
+    room = f"{_gb(available)} GB free" + (f" (its share of {sharing} processes on this machine)" if sharing > 1 else "")
+    fix = "lower those flags (use --grad-accum for a larger effective batch)"
+    if needed.world_size > 1 and not needed.sharded:
+        fix += ", or shard the model with --parallel fsdp"
+    return (f"this run needs at least {_gb(needed.total)} GB of memory per process ({mode}: {_gb(needed.state)} GB for "
+            f"{share} weights, gradients and optimizer state of {count} parameters{gathered} + "
+            f"{_gb(needed.activations)} GB of activations; --n-layer {cfg.n_layer} --n-embd {cfg.n_embd} "
+            f"--block-size {cfg.block_size} --batch-size {cfg.batch_size} --eval-iters {cfg.eval_iters}) but "
+            f"{device.type} has {room}; {fix}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f}" if n >= 1e8 else f"{n / 1e9:,.3f}"
 
 
 def _meminfo_available() -> Optional[int]:

@@ -1,10 +1,17 @@
 """A decoder-only GPT: pre-LayerNorm blocks, causal SDPA attention, GELU MLP, tied embeddings.
 
 No I/O and no training logic: build it from a :class:`ModelConfig`, call it.
+
+Initial weights are keyed, not streamed: each parameter's values come from a generator seeded by
+``(seed, parameter name)`` alone, never from the global random stream. So they are the same bit for
+bit however the model is later split (one process, DDP, FSDP on any number of ranks), a rank of a
+sharded model can fill in just its own shard (:func:`materialize`), and building a model draws
+nothing from the streams dropout uses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -74,7 +81,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """``GPT(cfg)(idx, targets)`` returns ``(logits, loss)``; ``loss`` is None without targets."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: Optional[int] = 0) -> None:
+        """``seed``: the initial weights' key (:func:`init_weights`); None leaves them as torch's modules
+        made them (for a model built on the meta device, to be materialized later)."""
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -83,19 +92,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and un-embeds
-        self.apply(self._init_weights)
-        # GPT-2 scaling: residual projections shrink with depth so the residual stream stays O(1).
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.tie_weights()
+        if seed is not None:
+            init_weights(self, seed)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def tie_weights(self) -> None:
+        """One matrix embeds and un-embeds (``Module.to_empty`` unties them: it makes a new tensor per module)."""
+        self.lm_head.weight = self.wte.weight
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -144,6 +147,69 @@ class GPT(nn.Module):
         return idx
 
 
+# ---- initial weights -----------------------------------------------------------------------------
+
+def parameter_key(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s generator: a stable hash (not Python's salted ``hash``)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def initial_value(model: GPT, name: str, seed: int) -> torch.Tensor:
+    """Parameter ``name``'s whole initial value, on the CPU, in float32: N(0, 0.02) for weight
+    matrices, with GPT-2's residual projections shrunk by sqrt(2 * n_layer) so the residual stream
+    stays O(1); ones for LayerNorm weights; zeros for biases. Depends only on (seed, name, shape)."""
+    module_name, _, kind = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    shape = getattr(module, kind).shape
+    if kind == "bias":
+        return torch.zeros(shape)
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape)
+    std = 0.02 / math.sqrt(2 * model.config.n_layer) if name.endswith("proj.weight") else 0.02
+    generator = torch.Generator(device="cpu").manual_seed(parameter_key(seed, name))
+    return torch.empty(shape).normal_(mean=0.0, std=std, generator=generator)
+
+
+@torch.no_grad()
+def init_weights(model: GPT, seed: int) -> None:
+    """Give every parameter its keyed initial value, one whole parameter at a time on the CPU (the
+    peak is the largest parameter, not the model). A parameter sharded as a DTensor (FSDP2) receives
+    only this rank's shard of it, so every layout ends up holding the same numbers."""
+    for name, p in model.named_parameters():  # a tied parameter once, under its first name
+        _copy_part(p, initial_value(model, name, seed))
+
+
+def _copy_part(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy into ``p`` its part of ``full``: the whole of it, or for a DTensor this rank's shard, cut as
+    DTensor cuts (``torch.chunk`` along the sharded dim: uneven sizes, trailing ranks possibly empty)."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        p.copy_(full)
+        return
+    part = full
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_shard():
+            ranks, index = p.device_mesh.size(mesh_dim), p.device_mesh.get_local_rank(mesh_dim)
+            chunks = torch.chunk(part, ranks, dim=placement.dim)
+            part = chunks[index] if index < len(chunks) else part.narrow(placement.dim, 0, 0)
+    local = p.to_local()
+    if local.shape != part.shape:  # copy_ would broadcast a wrong cut silently
+        raise AssertionError(f"shard of shape {tuple(local.shape)} but the cut is {tuple(part.shape)}")
+    local.copy_(part)
+
+
+def materialize(model: GPT, device: torch.device, seed: int) -> GPT:
+    """Allocate a meta-device model (:func:`shapes_only`, sharded or not) on ``device`` and initialise it
+    with :func:`init_weights`: each rank of a sharded model allocates and fills only its shards."""
+    model.to_empty(device=device)
+    if getattr(model.wte.weight, "placements", None) is None:
+        model.tie_weights()  # FSDP2 keeps its shared parameter; to_empty gave each module its own
+    assert model.lm_head.weight is model.wte.weight, "the output head lost its tie to the token embedding"
+    init_weights(model, seed)
+    return model
+
+
 # Initialisers the modules above call while being built.
 _INITIALISERS = ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_", "constant_")
 
@@ -168,4 +234,4 @@ def shapes_only(cfg: ModelConfig) -> GPT:
     stack); checkpoint validation in every tool and every resume would pay it.
     """
     with torch.device("meta"), _initialisers_skipped():
-        return GPT(cfg)
+        return GPT(cfg, seed=None)

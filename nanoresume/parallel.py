@@ -15,11 +15,13 @@ they cost more than half a second, and a single process or a DDP run writing fil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from . import distributed
+from .errors import CheckpointError
 from .optim import indexed_optimizer_state, named_optimizer_state, parameter_names
 from .training_state import MODEL, OPTIMIZER
 
@@ -32,12 +34,37 @@ def shard(model: nn.Module, blocks: nn.ModuleList, device: torch.device, world_s
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if device.type == "cpu":
+        return_freed_memory()
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy() if dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc give every freed block of ``threshold`` bytes or more back to the system at once;
+    False where that cannot be set (not glibc). Process-wide, and set once.
+
+    FSDP gathers each unit's weights (and gradients) whole, uses them, and frees them. glibc's default
+    raises its mmap threshold to the largest block freed so far, so from the second unit on these
+    blocks come from its heap, and freed ones stay in the process: on the CPU, a 32-block model kept
+    about two units' worth per block, and a rank's peak RSS ended above DDP's. With the threshold fixed
+    they are unmapped when freed and the peak is the shard plus about one unit (benchmarks/fsdp_memory.py).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -133,6 +160,55 @@ def load_folder(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         state[OPTIMIZER] = get_optimizer_state_dict(model, optimizer)
     load_into(folder, state, group)
     _set_sharded(model, optimizer, state[MODEL], state.get(OPTIMIZER), full=False)
+    problem = None if OPTIMIZER not in state else loaded_optimizer_problem(model, optimizer, state[OPTIMIZER])
+    error = CheckpointError(f"{folder}: after loading, {problem}; this torch cannot resume it as saved, "
+                            f"resume from another checkpoint") if problem else None
+    distributed.raise_if_any_failed(error)  # every rank refuses together, none waits in a collective
+
+
+def loaded_optimizer_problem(model: nn.Module, optimizer: torch.optim.Optimizer,
+                             loaded: dict[str, Any]) -> Optional[str]:
+    """What is wrong with the optimizer after a folder was loaded into it, in a few words; None if nothing.
+
+    Every state tensor must be laid out as its parameter is (a DTensor with the same mesh, placements
+    and local shape under FSDP, a plain tensor of the same shape otherwise): a DCP load that left a
+    moment whole, replicated or misplaced trains on silently wrong numbers (the pytorch #138575 class).
+    Every parameter group must hold what the folder held (learning rate, betas, weight decay...)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p, values in optimizer.state.items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue  # AdamW's step count: a scalar on every rank
+            if _layout(value) != _layout(p):
+                return (f"optimizer state {names.get(id(p), '?')}.{key} is laid out as {_layout(value)} but "
+                        f"its parameter as {_layout(p)}")
+    groups = loaded.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups):
+        return f"the optimizer has {len(optimizer.param_groups)} parameter groups but the checkpoint {len(groups)}"
+    for index, (group, saved) in enumerate(zip(optimizer.param_groups, groups)):
+        if [names.get(id(p)) for p in group["params"]] != list(saved.get("params", [])):
+            return f"parameter group {index} holds other parameters than the checkpoint's"
+        for key, value in saved.items():
+            if key != "params" and _plain(group.get(key)) != _plain(value):
+                return f"parameter group {index} has {key} {group.get(key)!r} but the checkpoint {value!r}"
+    return None
+
+
+def _layout(tensor: torch.Tensor) -> str:
+    placements = getattr(tensor, "placements", None)
+    if placements is None:
+        return f"a tensor of shape {tuple(tensor.shape)}"
+    return (f"a DTensor {tuple(placements)} on mesh {tuple(tensor.device_mesh.mesh.tolist())} with a local "
+            f"shard of {tuple(tensor.to_local().shape)}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, tensors as numbers: how a value may come back from a folder."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
 
 
 def _set_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Any],

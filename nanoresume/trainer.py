@@ -42,7 +42,7 @@ from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
 from .mirror import Uploader
-from .model import GPT
+from .model import materialize, shapes_only
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
@@ -156,11 +156,12 @@ class Trainer:
         for change in plan.changes:
             self.console.log(messages.config_change(change, resumed=plan.mode is StartMode.RESUME))
         self.cfg = cfg = plan.cfg
-        check_fits(cfg, self.device)  # before a size that cannot fit hangs in the allocator
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         parallelism = startup.choose_parallelism(cfg, env.launched, self.dtype)
         if parallelism.warning is not None:
             warn(parallelism.warning)
+        # this rank's share, before a size that cannot fit hangs in the allocator
+        check_fits(cfg, self.device, env.world_size, parallelism.sharded_model)
         self.sharded_model, self.folder_checkpoints = parallelism.sharded_model, parallelism.folder_checkpoints
         self.manager = checkpoint.CheckpointManager(
             self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
@@ -196,11 +197,14 @@ class Trainer:
         """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
         the batch order and the counters: everything a step needs."""
         env = self.env
-        seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.raw_model = GPT(cfg.model_config()).to(self.device)
+        seed_everything(cfg.seed)
         seed_rank_streams(cfg.seed, env.rank)  # dropout differs between ranks (rank 0 keeps the plain seed)
+        # Built on the meta device, sharded, then each rank allocates and fills only what it holds; the
+        # initial weights are keyed by (seed, name), the same in every layout, drawing on no stream.
+        model = shapes_only(cfg.model_config())
         if self.sharded_model:
-            parallel.shard(self.raw_model, self.raw_model.blocks, self.device, env.world_size, self.dtype)
+            parallel.shard(model, model.blocks, self.device, env.world_size, self.dtype)
+        self.raw_model = materialize(model, self.device, cfg.seed)
         compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.model = (DistributedDataParallel(compiled, device_ids=[self.device.index] if self.device.type == "cuda"
                                               else None) if distributed.active() and not self.sharded_model

@@ -18,6 +18,8 @@ inherit it) and sets these variables; the nanoresume package itself knows nothin
   (default 1) of a collective of :mod:`nanoresume.distributed`: ``vote`` (the per-step all-gather),
   ``gather`` (the checkpoint gather), ``eval`` (evaluation's sum), ``broadcast`` (the resume
   broadcast at start-up) or ``barrier``; its peers then meet a dead process there;
+- ``NANORESUME_PROBE_DUMP_INIT=FILE``: right after the model is built, before any resume, rank 0
+  saves the initial weights, gathered whole (``parallel.full_weights``), to FILE.
 - ``NANORESUME_PROBE_FORGET_RNG=1``: a resumed run leaves its random number streams as they are
   instead of restoring them: a deliberately broken resume, which must be caught.
 
@@ -44,6 +46,7 @@ FORGET_RNG_ENV = "NANORESUME_PROBE_FORGET_RNG"
 DIE_IN_ENV = "NANORESUME_PROBE_DIE_IN"
 DIE_SITES = {"vote": "all_gather_rows", "gather": "gather_objects", "eval": "all_sum",
              "broadcast": "broadcast_object", "barrier": "barrier"}
+DUMP_INIT_ENV = "NANORESUME_PROBE_DUMP_INIT"
 
 
 def _step_and_rank(text: Optional[str]) -> Optional[tuple[int, Optional[int]]]:
@@ -137,6 +140,19 @@ def _install_save_and_resume_probes(rank: int) -> None:
                 torch.save(state, dump)
 
         Trainer._resume_from = dumped_resume  # type: ignore[method-assign]
+    initial = os.environ.get(DUMP_INIT_ENV)
+    if initial:
+        from nanoresume import parallel
+
+        build_model = Trainer._build_model
+
+        def dumped_build(self: Trainer, *args: Any, **kwargs: Any) -> None:
+            build_model(self, *args, **kwargs)
+            weights = parallel.full_weights(self.raw_model, self.sharded_model)  # a collective under FSDP
+            if self.env.is_main:
+                torch.save(weights, initial)
+
+        Trainer._build_model = dumped_build  # type: ignore[method-assign]
 
 
 def _install_death_probe(rank: int) -> None:

@@ -37,6 +37,9 @@ SMOKE = {
     "chaos_folders.py": (["--kills", "0", "--nproc", "1"],
                          [r"kills: 0 \(0 during a folder write or commit\), resumes: 0, committed folders lost: 0",
                           r"final state bitwise equal to the run never killed: yes"]),
+    "fsdp_memory.py": (["--n-layer", "1", "--n-embd", "64", "--steps", "1", "--nproc", "1"],
+                       [rf"ddp +peak RSS per rank +{NUMBER} MB", rf"fsdp / ddp peak RSS: {NUMBER}x",
+                        rf"fsdp / ddp parameters: {NUMBER}x"]),
     # one job of each parallelism and of each format (all four: the ratios between them too)
     "sharded_checkpoints.py": (["--preset", "cpu", "--repeats", "1", "--batch-size", "1", "--nproc", "1",
                                 "--combinations", "ddp/file", "fsdp/sharded"],

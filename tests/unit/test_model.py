@@ -1,4 +1,4 @@
-"""GPT shapes, loss, tied embeddings, and that it can learn at all."""
+"""GPT shapes, loss, tied embeddings, that it can learn at all, and keyed initial weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanoresume.config import ModelConfig
-from nanoresume.model import GPT, parameter_count
+from nanoresume.model import (GPT, _copy_part, initial_value, materialize, parameter_count, parameter_key,
+                              shapes_only)
 from nanoresume.optim import build_optimizer
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
@@ -90,3 +91,74 @@ def test_greedy_generation_appends_tokens_and_is_deterministic():
     assert out.shape == (1, 22)
     assert torch.equal(out[:, :2], prompt)
     assert torch.equal(out, model.generate(prompt, max_new_tokens=20, temperature=0))
+
+
+# ---- keyed initial weights ------------------------------------------------------------------------
+
+
+def test_initial_weights_depend_on_the_seed_alone_and_draw_nothing_from_the_global_stream():
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = GPT(TINY, seed=7).state_dict()
+    torch.manual_seed(2)  # a different global stream changes nothing
+    second = GPT(TINY, seed=7).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["wte.weight"], GPT(TINY, seed=8).state_dict()["wte.weight"])
+    torch.manual_seed(1)
+    materialize(shapes_only(TINY), torch.device("cpu"), 7)
+    assert torch.equal(torch.get_rng_state(), before)  # dropout's stream is left where seeding put it
+
+
+def test_a_model_materialized_from_the_meta_device_equals_one_built_whole_and_keeps_its_tie():
+    built = GPT(TINY, seed=3)
+    meta = shapes_only(TINY)
+    assert meta.wte.weight.is_meta
+    model = materialize(meta, torch.device("cpu"), 3)
+    assert model.lm_head.weight is model.wte.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), built.state_dict().values()))
+
+
+def test_initial_values_follow_gpt2_and_are_keyed_by_name_not_by_order():
+    model = GPT(TINY, seed=0)
+    assert torch.equal(model.blocks[0].ln_1.weight, torch.ones(32)) and not model.blocks[1].mlp.fc.bias.any()
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(4)) < 0.002
+    # a parameter's value is its name's: a deeper model starts its first block exactly as a shallow one
+    deeper = GPT(ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16), seed=0)
+    assert torch.equal(deeper.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert parameter_key(0, "wte.weight") == parameter_key(0, "wte.weight") != parameter_key(1, "wte.weight")
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_the_shards_any_number_of_ranks_fill_in_put_together_are_the_whole_initial_value(world):
+    """What each FSDP rank copies into its shard (torch.chunk along dim 0, as FSDP2 cuts: 256 rows over 3
+    ranks is 86, 86, 84; 16 over 5 is 4, 4, 4, 4 and an empty shard)."""
+    model = GPT(TINY, seed=0)
+    for name, p in model.named_parameters():
+        full = initial_value(model, name, 0)
+        assert torch.equal(full, p.detach())
+        parts = [_shard_of(full, world, rank) for rank in range(world)]
+        assert torch.equal(torch.cat(parts), full), name
+
+
+def _shard_of(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    from torch.distributed.tensor import Shard
+
+    class Mesh:  # the two questions _copy_part asks of a device mesh
+        def size(self, dim: int) -> int:
+            return world
+
+        def get_local_rank(self, dim: int) -> int:
+            return rank
+
+    expected = torch.chunk(full, world)[rank] if rank < len(torch.chunk(full, world)) else full[:0]
+    target = torch.empty_like(expected)
+
+    class Sharded:  # the parts of a DTensor _copy_part uses
+        placements, device_mesh = (Shard(0),), Mesh()
+
+        def to_local(self) -> torch.Tensor:
+            return target
+
+    _copy_part(Sharded(), full)
+    return target
