@@ -76,13 +76,17 @@ class WatchedProcess:
 
     ``command`` runs in ``cwd`` (default: the folder holding the nanoresume package, so that
     ``-m nanoresume...`` works from a checkout) with ``env`` added to this process's environment.
+    ``own_group``: start it in a process group (and session) of its own, so that :meth:`kill` also
+    reaches what it started and then left, which is no longer below it.
     """
 
     def __init__(self, command: list[str], write_delay: float, env: Optional[dict[str, str]] = None,
-                 cwd: Optional[Path] = None) -> None:
+                 cwd: Optional[Path] = None, own_group: bool = False) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{WRITE_DELAY_ENV: str(write_delay)}, **(env or {}))
+        self.own_group = own_group
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        env=env, cwd=cwd or Path(__file__).resolve().parent.parent)
+                                        env=env, cwd=cwd or Path(__file__).resolve().parent.parent,
+                                        start_new_session=own_group)
         self.writing = False  # between a write's first byte and its commit
         self.write_seen = threading.Event()
         self.writes_started = 0
@@ -115,6 +119,11 @@ class WatchedProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass  # already gone
+        if self.own_group:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # its group is numbered after it
+            except ProcessLookupError:
+                pass  # nothing left in it
         self.process.wait()
 
 

@@ -4,15 +4,18 @@ and nothing left behind."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from nanoresume.config import parse_command_line
 from nanoresume.tools import selftest
+from nanoresume.tools.chaos import WatchedProcess
 from tests.harness.probes import FORGET_RNG_ENV
 from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_train
 
@@ -113,3 +116,67 @@ def test_a_self_test_of_a_missing_script_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nanoresume", "self-test", "nope.py"], capture_output=True,
                             text=True, cwd=tmp_path, env=env, timeout=60)
     assert_one_line_error(result, "nope.py: no such script")
+
+
+HANGING_SCRIPT = """
+import os, pathlib, subprocess, sys, time
+here = pathlib.Path(sys.argv[1])
+# a process the script starts and leaves: once its parent is gone it is no longer below the script
+starter = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+           "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+orphan = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, check=True).stdout
+(here / "pids").write_text(f"{os.getpid()} {orphan}")
+time.sleep(600)  # never saves, never ends
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie no one has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_script_that_hangs_is_killed_with_all_it_started_after_the_timeout(in_process, tmp_path, monkeypatch,
+                                                                              capsys):
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGING_SCRIPT)
+    pids_file = tmp_path / "pids"
+    real_wait = WatchedProcess.wait
+
+    def wait_once_it_hangs(self, timeout=None):
+        """Start the clock once the script is in its hang, so that the kill has its orphan to find however
+        long the start took on a busy machine."""
+        deadline = time.monotonic() + 120
+        while not pids_file.exists() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(WatchedProcess, "wait", wait_once_it_hangs)
+    try:
+        code = selftest.main(["--timeout", "1", str(script), str(tmp_path)])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert err.strip().splitlines() == ["error: the reference run did not end within 1 s and was killed with every "
+                                            "process it started; if it hangs, fix that, or if it is only slow, allow "
+                                            "more with --timeout SECONDS"]
+        pids = [int(pid) for pid in pids_file.read_text().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in pids), pids
+        assert leftovers(in_process) == []
+    finally:  # never leave a sleeper behind, whatever failed
+        for pid in (int(p) for p in pids_file.read_text().split()) if pids_file.exists() else ():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan"])
+def test_a_self_test_timeout_that_is_not_a_positive_number_is_one_error_line(value, tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert selftest.main(["--timeout", value, str(script)]) == 2
+    assert capsys.readouterr().err == f"error: --timeout {float(value):g}: give a number of seconds above 0\n"
