@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import runpy
 import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -62,16 +65,41 @@ def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_
     assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
 
 
+def run_as_main(module: str, args: list[str], capsys) -> str:
+    """What ``python -m nanoresume.MODULE ARGS`` prints, run as ``__main__`` in this process (no torch import
+    to pay for again): its ``if __name__ == "__main__"`` part parses ARGS as it would there."""
+    def exit_now(code: int) -> None:  # os._exit, which a tool ends with after main(), would end pytest too
+        raise SystemExit(code)
+
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", [f"nanoresume.{module}", *args]), mock.patch.object(os, "_exit", exit_now), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported already (by the tests)
+        try:
+            runpy.run_module(f"nanoresume.{module}", run_name="__main__", alter_sys=False)
+        except SystemExit as e:
+            message = e.code if isinstance(e.code, str) else ""  # sys.exit("usage: ...") prints it to stderr
+        else:
+            message = ""
+    captured = capsys.readouterr()
+    return captured.out + captured.err + message
+
+
 @pytest.mark.slow
-def test_no_module_exits_0_having_done_nothing():
-    """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library."""
-    for module in sorted(m.name.removeprefix("nanoresume.")
-                         for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume.")):
-        proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
-        output = proc.stdout + proc.stderr
+def test_no_module_exits_0_having_done_nothing(capsys):
+    """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library.
+    The refusal is decided as the package is imported by ``-m``: a real process each, which stops there,
+    before torch is imported; the runnable modules run here."""
+    modules = sorted(m.name.removeprefix("nanoresume.")
+                     for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume."))
+    assert set(nanoresume.RUNNABLE_MODULES) <= set(modules)
+    for module in modules:
         if module in nanoresume.RUNNABLE_MODULES:
+            output = run_as_main(module, ["--help"], capsys)
             assert "usage" in output.lower(), f"nanoresume.{module}: {output!r}"
         else:
+            proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
+            output = proc.stdout + proc.stderr
             assert proc.returncode == 2, f"nanoresume.{module} exited {proc.returncode}: {output!r}"
             assert proc.stderr.startswith(f"error: nanoresume.{module} is a library module"), proc.stderr
 
