@@ -17,7 +17,8 @@ from nanoresume.config import parse_command_line
 from nanoresume.tools import selftest
 from nanoresume.tools.chaos import WatchedProcess
 from tests.harness.probes import FORGET_RNG_ENV
-from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_train
+from nanoresume.tools.cli import main as train_main
+from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +33,6 @@ def leftovers(temp: Path) -> list[str]:
     return [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")]
 
 
-def self_test(args: list[str], workdir: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run ``train.py --self-test ARGS`` in ``workdir`` with a temp folder of its own; returns (result, temp)."""
-    temp = workdir / "tmp"
-    temp.mkdir()
-    result = run_train(["--self-test", *args], timeout=400, cwd=workdir, env={"TMPDIR": str(temp), **env})
-    return result, temp
-
-
 @pytest.fixture
 def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """For a self-test run in this process: the working folder is tmp_path, the temp folder
@@ -51,9 +44,10 @@ def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return temp
 
 
-def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(tiny_text, tmp_path):
+def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(tiny_text, in_process, tmp_path,
+                                                                                capsys):
     args = cli_flags(dict(FLAGS, data=str(tiny_text), out_dir="not-used"))
-    result, temp = self_test(args, tmp_path)
+    result = run_main(train_main, ["--self-test", *args], capsys)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning: --self-test ignores --out-dir" in result.stderr
     lines = result.stdout.splitlines()
@@ -64,7 +58,7 @@ def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(t
     assert "(in a write)" in result.stdout  # the SIGKILL landed inside a checkpoint write
     assert lines[-1].startswith("bit-exact on this machine with these settings (every step's loss and the whole "
                                 "final state, bit for bit")
-    assert leftovers(temp) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+    assert leftovers(in_process) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
 
 
 def test_self_test_catches_a_resume_that_forgets_its_random_numbers(tiny_text, in_process, monkeypatch, capsys):
@@ -106,9 +100,9 @@ def test_the_self_test_runs_only_the_scenarios_asked_for_and_refuses_unknown_one
     (["--max-steps", "3"], "--max-steps 3: --self-test needs at least 8 steps"),
     (["--self-test-nproc", "0"], "--self-test-nproc 0 must be at least 1"),
 ])
-def test_self_test_settings_that_cannot_work_are_one_error_line(args, needle, tmp_path):
-    result, _ = self_test(args, tmp_path)
-    assert_one_line_error(result, needle)
+def test_self_test_settings_that_cannot_work_are_one_error_line(args, needle, in_process, capsys):
+    assert_one_line_error(run_main(train_main, ["--self-test", *args], capsys), needle)
+    assert leftovers(in_process) == []
 
 
 def test_a_self_test_of_a_missing_script_is_one_error_line(tmp_path):
