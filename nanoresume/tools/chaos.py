@@ -152,12 +152,15 @@ def descendants(pid: int) -> list[int]:
 
 
 def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, write_delay: float = 0.002,
-              max_wait: float = 4.0, log: Callable[[str], None] = print, timeout: float = 600) -> ChaosReport:
+              max_wait: float = 4.0, log: Callable[[str], None] = print, timeout: float = 600,
+              write_wait: Optional[float] = None) -> ChaosReport:
     """Kill ``kills`` times, resuming with ``--resume auto`` after each, then let the run finish.
 
     ``train_args`` must include ``--out-dir out_dir``. Half of the kills wait for a
     checkpoint write to start and land inside it; the rest land at a random moment
-    in the first ``max_wait`` seconds of the process. Returns once the run exits 0.
+    in the first ``max_wait`` seconds of the process. A kill aimed at a write waits for one at most
+    ``write_wait`` seconds (default: 4 × ``max_wait``), then lands where the process is. Returns once the
+    run exits 0.
     """
     rng = random.Random(seed)
     report = ChaosReport()
@@ -169,7 +172,7 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
         if report.kills < kills:
             aim_at_write = rng.random() < 0.5
             if aim_at_write:
-                child.write_seen.wait(timeout=max_wait * 4)
+                child.write_seen.wait(timeout=max_wait * 4 if write_wait is None else write_wait)
                 time.sleep(rng.uniform(0.0, 0.05))
             else:
                 time.sleep(rng.uniform(0.2, max_wait))
