@@ -110,10 +110,10 @@ def saved_step(run_output: str) -> int:
     return int(match.group(2))
 
 
-def test_each_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_exactly(
+def test_each_signal_and_the_time_limit_save_their_step_exit_with_their_code_and_resume_bit_exactly(
         args_for, uninterrupted, tmp_path):
-    """One launch chain: SIGTERM, then SIGINT and SIGUSR1 each in a start resumed from the stop before,
-    then a start to the end, bit-exact with the run never stopped."""
+    """One launch chain: SIGTERM, then SIGINT, SIGUSR1 and --time-limit each in a start resumed from the
+    stop before, then a start to the end, bit-exact with the run never stopped."""
     args = args_for("stopped")
     last = 0
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)):
@@ -134,7 +134,16 @@ def test_each_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes
         assert (tmp_path / "stopped" / "exit_code").read_text() == f"{code}\n"
         last = step
 
-    final = resume_to_end(args, tmp_path / "stopped")
+    # Counted from process start (test_stop_conditions.py) with a second to spare for the save: 1 s is
+    # spent after the first step on any machine, so the run never finishes first, however fast.
+    result = run_train(args + ["--resume", "auto", "--time-limit", "1"])
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "stopped by time limit" in result.stdout
+    step = saved_step(result.stdout)
+    assert last < step < MAX_STEPS, (last, step)
+    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
+
+    final = resume_to_end(args, tmp_path / "stopped")  # the time limit was that start's, not the run's
     assert final_state_difference(final, uninterrupted()) is None
 
 
@@ -232,18 +241,3 @@ def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, unin
     assert not [p for p in folder.iterdir() if ".tmp." in p.name]
     final = checkpoint.step_path(folder, SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
-
-
-def test_time_limit_stops_gracefully_with_exit_75_and_resumes_bit_exactly(args_for, uninterrupted, tmp_path):
-    args = args_for("stopped")
-    # Counted from process start (test_stop_conditions.py) with a second to spare for the save: 1 s is
-    # spent after the first step on any machine, so the run never finishes first, however fast.
-    result = run_train(args + ["--time-limit", "1"])
-    assert result.returncode == 75, result.stdout + result.stderr
-    assert "stopped by time limit" in result.stdout
-    step = saved_step(result.stdout)
-    assert 1 <= step < MAX_STEPS
-    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
-
-    final = resume_to_end(args, tmp_path / "stopped")
-    assert final_state_difference(final, uninterrupted()) is None
