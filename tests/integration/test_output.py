@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow
 TENSORBOARD_FULL = "warning: TensorBoard logging stopped: No space left on device; training goes on"
 
 
-def run_bytes(args: list[str]) -> subprocess.CompletedProcess:
-    """train.py with output kept as bytes: text mode would turn the bar's carriage returns into newlines."""
-    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, timeout=120,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
 def with_terminal_stderr(args: list[str], timeout: float = 120) -> tuple[int, str, str]:
     """Run train.py with stderr on a pseudo-terminal, as in an interactive shell; (code, stdout, terminal)."""
     master, slave = os.openpty()
@@ -50,13 +44,13 @@ def with_terminal_stderr(args: list[str], timeout: float = 120) -> tuple[int, st
     return process.wait(timeout=timeout), stdout, b"".join(terminal).decode(errors="replace")
 
 
-def test_a_log_file_gets_plain_lines_and_no_bar_and_ends_with_a_summary(tiny_cli_args, tmp_path):
+def test_a_log_file_gets_plain_lines_and_no_bar_and_ends_with_a_summary(tiny_cli_args, tmp_path, capsys):
     flags = tiny_cli_args(max_steps=20, eval_interval=10, log_interval=5)
     flags.remove("--no-progress")
-    proc = run_bytes(flags)  # stdout and stderr are pipes, as under SLURM or `> log 2>&1`
+    proc = run_main(cli.main, flags, capsys)  # in-process; capsys's streams are no terminal, as a log file is not
     assert proc.returncode == 0, proc.stderr
-    assert b"\r" not in proc.stdout + proc.stderr and proc.stderr == b""
-    stdout = proc.stdout.decode()
+    assert "\r" not in proc.stdout + proc.stderr and proc.stderr == ""
+    stdout = proc.stdout
     plain = [line for line in stdout.splitlines() if re.match(r"step +\d+ \| loss ", line)]
     assert [int(line.split()[1]) for line in plain] == [5, 10, 15, 20]
     assert re.fullmatch(r"step +5 \| loss \d\.\d{4} \| lr \d\.\d\de-\d\d \| [\d,]+ tok/s \| \d+:\d\d:\d\d", plain[0])
@@ -65,11 +59,12 @@ def test_a_log_file_gets_plain_lines_and_no_bar_and_ends_with_a_summary(tiny_cli
                         rf"{re.escape(str(tmp_path / 'out' / 'best.pt'))}, wall time \d+:\d\d:\d\d", last), last
 
 
-def test_progress_forces_the_bar_into_a_log_and_a_terminal_gets_it_by_default(tiny_cli_args):
+def test_progress_forces_the_bar_into_a_log_and_a_terminal_gets_it_by_default(tiny_cli_args, capsys):
     flags = tiny_cli_args(max_steps=6, eval_interval=3)
     flags.remove("--no-progress")
-    forced = run_bytes(flags + ["--progress", "--out-dir", flags[flags.index("--out-dir") + 1] + "-forced"])
-    assert forced.returncode == 0 and b"\r" in forced.stderr and b"6/6" in forced.stderr
+    forced = run_main(cli.main, flags + ["--progress", "--out-dir", flags[flags.index("--out-dir") + 1] + "-forced"],
+                      capsys)  # in-process, into capsys's streams: no terminal
+    assert forced.returncode == 0 and "\r" in forced.stderr and "6/6" in forced.stderr
     code, stdout, terminal = with_terminal_stderr(flags)
     assert code == 0, terminal
     assert "\r" in terminal and "6/6" in terminal  # the bar
