@@ -22,8 +22,9 @@ import pytest
 
 import nanoresume
 from nanoresume.invocation import command_words
+from nanoresume.tools import commands
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_main
 
 INSTALLED = Path(sys.executable).parent / "nanoresume"
 
@@ -35,15 +36,16 @@ def run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.Comple
 
 @pytest.mark.slow
 @pytest.mark.skipif(not INSTALLED.is_file(), reason="nanoresume is not pip-installed beside this Python")
-def test_the_installed_command_trains_lists_and_samples(tiny_cli_args, tmp_path):
+def test_the_installed_command_trains_lists_and_samples(tiny_cli_args, tmp_path, capsys):
     assert run([str(INSTALLED), "--version"]).stdout == f"nanoresume {nanoresume.__version__}\n"
     trained = run([str(INSTALLED), "train", *tiny_cli_args(max_steps=4, eval_interval=2)])
     assert trained.returncode == 0, trained.stderr
     assert "finished: 4 steps" in trained.stdout
-    listed = run([str(INSTALLED), "ckpt", "list", str(tmp_path / "out")])
+    # The other commands through the function the installed script calls, in-process: the same dispatch.
+    listed = run_main(commands.main, ["ckpt", "list", str(tmp_path / "out")], capsys)
     assert listed.returncode == 0 and "--resume auto would pick: step_00000004.pt" in listed.stdout
-    sampled = run([str(INSTALLED), "sample", "--ckpt", str(tmp_path / "out" / "best.pt"), "--prompt", "def ",
-                   "--max-new-tokens", "5", "--device", "cpu"])
+    sampled = run_main(commands.main, ["sample", "--ckpt", str(tmp_path / "out" / "best.pt"), "--prompt", "def ",
+                                       "--max-new-tokens", "5", "--device", "cpu"], capsys)
     assert sampled.returncode == 0 and sampled.stdout.startswith("def "), sampled.stderr
 
 
