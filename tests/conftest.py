@@ -3,6 +3,8 @@ on torch's global deterministic-algorithms flag. Plain helpers live in ``tests/h
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +18,7 @@ import torch  # noqa: E402
 
 from nanoresume.compare import first_difference  # noqa: E402
 from nanoresume.config import TrainConfig, resolve_config  # noqa: E402
-from tests.helpers import TINY_FLAGS, ReferenceRun, cli_flags, kill_launched_trees, run_train  # noqa: E402
+from tests.helpers import TINY_FLAGS, ReferenceRun, cli_flags, kill_launched_trees  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +39,13 @@ def _tiny_values(tiny_text: Path, tmp_path: Path, overrides: dict[str, Any]) -> 
     return values
 
 
+def _run_key(overrides: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The settings a reference run trains with, so that ``max_steps=20`` and no overrides share one run."""
+    values = _tiny_values(Path("data"), Path("root"), overrides)
+    return tuple(sorted((k, v) for k, v in values.items() if k not in ("data", "out_dir", "cache_dir")
+                        or k in overrides))
+
+
 @pytest.fixture
 def make_config(tiny_text: Path, tmp_path: Path) -> Callable[..., TrainConfig]:
     """``make_config(max_steps=20, ...)``: a resolved tiny config writing under tmp_path/out."""
@@ -51,7 +60,7 @@ def reference_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     runs: dict[tuple[tuple[str, Any], ...], ReferenceRun] = {}
 
     def get(**overrides: Any) -> ReferenceRun:
-        key = tuple(sorted(overrides.items()))
+        key = _run_key(overrides)
         if key not in runs:
             root = tmp_path_factory.mktemp("reference")
             runs[key] = ReferenceRun.train(resolve_config(TrainConfig(**_tiny_values(tiny_text, root, overrides))))
@@ -64,15 +73,20 @@ def reference_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def reference_cli_run(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``reference_cli_run(max_steps=20, ...)``: OUT of an uninterrupted ``scripts/train.py`` run of the
     tiny config with these overrides, run the first time a test asks for them and shared for the rest
-    of the session. Read it, never change it."""
+    of the session. Read it, never change it. The command line's ``main`` runs in this process, as the
+    script would run it (the same OUT, bit for bit), without a process start to pay for."""
+    from nanoresume.tools.cli import main
+
     runs: dict[tuple[tuple[str, Any], ...], Path] = {}
 
     def get(**overrides: Any) -> Path:
-        key = tuple(sorted(overrides.items()))
+        key = _run_key(overrides)
         if key not in runs:
             root = tmp_path_factory.mktemp("reference-cli")
-            result = run_train(cli_flags(_tiny_values(tiny_text, root, overrides)))
-            assert result.returncode == 0, result.stdout + result.stderr
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                code = main(cli_flags(_tiny_values(tiny_text, root, overrides)))
+            assert code == 0, printed.getvalue()
             runs[key] = root / "out"
         return runs[key]
 

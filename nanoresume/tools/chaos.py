@@ -90,13 +90,17 @@ class WatchedProcess:
 
     ``command`` runs in ``cwd`` (default: the folder holding the nanoresume package, so that
     ``-m nanoresume...`` works from a checkout) with ``env`` added to this process's environment.
+    ``own_group``: start it in a process group (and session) of its own, so that :meth:`kill` also
+    reaches what it started and then left, which is no longer below it.
     """
 
     def __init__(self, command: list[str], write_delay: float, env: Optional[dict[str, str]] = None,
-                 cwd: Optional[Path] = None) -> None:
+                 cwd: Optional[Path] = None, own_group: bool = False) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{WRITE_DELAY_ENV: str(write_delay)}, **(env or {}))
+        self.own_group = own_group
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        env=env, cwd=cwd or Path(__file__).resolve().parent.parent)
+                                        env=env, cwd=cwd or Path(__file__).resolve().parent.parent,
+                                        start_new_session=own_group)
         self.writing = False  # between a write's first byte and its commit
         self.write_seen = threading.Event()
         self.writes_started = 0
@@ -129,6 +133,11 @@ class WatchedProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass  # already gone
+        if self.own_group:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # its group is numbered after it
+            except ProcessLookupError:
+                pass  # nothing left in it
         self.process.wait()
 
 
@@ -158,14 +167,16 @@ def descendants(pid: int) -> list[int]:
 
 def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, write_delay: float = 0.002,
               max_wait: float = 4.0, log: Callable[[str], None] = print, timeout: float = 600,
-              launcher: Sequence[str] = ()) -> ChaosReport:
+              launcher: Sequence[str] = (), write_wait: Optional[float] = None) -> ChaosReport:
     """Kill ``kills`` times, resuming with ``--resume auto`` after each, then let the run finish.
 
     ``train_args`` must include ``--out-dir out_dir``. Half of the kills wait for a
     checkpoint write to start and land inside it; the rest land at a random moment
-    in the first ``max_wait`` seconds of the process. Returns once the run exits 0.
-    With a ``launcher`` (:func:`torchrun_launcher`) each kill takes the launcher and every worker at
-    once, as a machine dying would; checkpoint folders (``--ckpt-format sharded``, FSDP) count as files do.
+    in the first ``max_wait`` seconds of the process. A kill aimed at a write waits for one at most
+    ``write_wait`` seconds (default: 4 × ``max_wait``), then lands where the process is. Returns once the
+    run exits 0. With a ``launcher`` (:func:`torchrun_launcher`) each kill takes the launcher and every
+    worker at once, as a machine dying would; checkpoint folders (``--ckpt-format sharded``, FSDP) count
+    as files do.
     """
     rng = random.Random(seed)
     report = ChaosReport()
@@ -177,7 +188,7 @@ def run_chaos(train_args: list[str], out_dir: Path, kills: int, seed: int = 0, w
         if report.kills < kills:
             aim_at_write = rng.random() < 0.5
             if aim_at_write:
-                child.write_seen.wait(timeout=max_wait * 4)
+                child.write_seen.wait(timeout=max_wait * 4 if write_wait is None else write_wait)
                 time.sleep(rng.uniform(0.0, 0.05))
             else:
                 time.sleep(rng.uniform(0.2, max_wait))

@@ -51,6 +51,7 @@ from .selftest_runs import SCENARIOS, Outcome, Scenario, Stop, checkpoint_folder
 MIN_STEPS = 8  # three chained stops need room between them
 WRITE_DELAY = 0.002  # seconds per written chunk: a checkpoint write lasts long enough to kill inside it
 POLL = 0.01  # seconds between looks at a run's progress
+REFERENCE_TIMEOUT = 3600.0  # seconds the reference run may take unless --timeout says otherwise
 TORCHRUN_FORWARDS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what torchrun passes on to its workers
 # Flags that say how a run is started, not what it computes: the self-test sets them itself.
 RUN_ONLY = ("out_dir", "resume", "time_limit", "progress")
@@ -121,10 +122,11 @@ class _Progress:
 class Runner:
     """Starts the runs of a self-test in ``work`` and keeps track of them, so that none outlives it."""
 
-    def __init__(self, program: Program, work: Path) -> None:
+    def __init__(self, program: Program, work: Path, timeout: float = REFERENCE_TIMEOUT, more_time: str = "") -> None:
         self.program = program
         self.work = work
-        self.timeout: Optional[float] = None  # seconds one process may take; set from the reference run
+        self.more_time = more_time  # how to allow a slow run more time, for the error of a run that took too long
+        self.timeout = timeout  # seconds one process may take; :func:`run_self_test` sets it from the reference
         self.steps = 0  # the step every run ends at; set by the reference run
         self.live: list[WatchedProcess] = []
 
@@ -133,7 +135,7 @@ class Runner:
         enough to kill inside one."""
         env = {**self.program.env, **({SLOW_LATER_ENV: "1"} if slow_writes else {})}
         child = WatchedProcess(self.program.command(out, resume), WRITE_DELAY if slow_writes else 0.0,
-                               env=env, cwd=self.program.cwd)
+                               env=env, cwd=self.program.cwd, own_group=True)
         self.live.append(child)
         return child
 
@@ -142,7 +144,8 @@ class Runner:
             code = child.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:  # a hang is a failure, not a wait forever
             child.kill()
-            raise SelfTestError(f"{what} did not end within {self.timeout:.0f} s") from None
+            raise SelfTestError(f"{what} did not end within {self.timeout:.0f} s and was killed with every process "
+                                f"it started; if it hangs, fix that{self.more_time}") from None
         finally:
             self.live.remove(child)
         return code
@@ -164,7 +167,7 @@ class Runner:
         if scenario.stops:
             outcome.resumed.append(self._newest_verified(out))
         child = self.start(out, resume=bool(scenario.stops))
-        code = self.finish(child, f"the last run of {scenario.name!r}")
+        code = self.finish(child, f"the last run of {scenario.name!r}" if scenario.stops else "the reference run")
         if code != 0:
             raise SelfTestError(f"{scenario.name}: the run exited {code}{_tail(child)}")
         outcome.final = self._final_checkpoint(out, scenario.name)
@@ -175,7 +178,7 @@ class Runner:
         target = max(1, round(stop.at * self.steps))
         progress = _Progress(outcome.out)
         name = stop.signal.name
-        deadline = time.monotonic() + (self.timeout or float("inf"))
+        deadline = time.monotonic() + self.timeout
         while (progress.poll() or 0) < target:
             if time.monotonic() > deadline:
                 child.kill()
@@ -268,7 +271,8 @@ def chosen_scenarios(names: Optional[Sequence[str]]) -> tuple[Scenario, ...]:
 
 def run_self_test(program: Program, describe: str, hints: list[str],
                   prepare: Optional[Callable[[Path], None]] = None,
-                  scenarios: Optional[Sequence[str]] = None) -> int:
+                  scenarios: Optional[Sequence[str]] = None, timeout: Optional[float] = None,
+                  more_time: str = "") -> int:
     """Run every scenario of :data:`SCENARIOS` for ``program``; print the table and the verdict.
 
     ``describe`` is the first line's account of what is tested; ``hints`` name the common causes
@@ -276,13 +280,16 @@ def run_self_test(program: Program, describe: str, hints: list[str],
     does, once, what every run would otherwise do first (fill a token cache), so that the
     reference run times what the others will repeat. ``scenarios``: the folder names of the
     scenarios to run after the reference (default: all), for tests that need only some of them.
+    ``timeout``: seconds any one run may take (default: :data:`REFERENCE_TIMEOUT` for the reference,
+    then ten times what it took, at least 120); a run still going then is killed with all it started,
+    and the error ends with ``more_time`` (how to allow more).
     Returns 0 if every run ended bit-exactly as the reference did, else 1.
     """
 
     chosen = chosen_scenarios(scenarios)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="nanoresume-self-test-"))
-    runner = Runner(program, work)
+    runner = Runner(program, work, timeout or REFERENCE_TIMEOUT, more_time)
     print(f"self-test: {describe}; {len(chosen)} scenarios, "
           f"{sum(len(s.stops) + 1 for s in chosen)} runs, in {work} (removed at the end)", flush=True)
     try:
@@ -291,7 +298,7 @@ def run_self_test(program: Program, describe: str, hints: list[str],
                 prepare(work)
             reference = runner.run(chosen[0])
             runner.steps = int(STEP_PATTERN.match(reference.final.name).group(1))
-            runner.timeout = max(120.0, 10 * reference.seconds)
+            runner.timeout = timeout or max(120.0, 10 * reference.seconds)
             print(f"reference run: {runner.steps} steps in {reference.seconds:.0f} s; the other runs take about "
                   f"{report.estimate_rest(reference, runner.steps, chosen[1:]):.0f} s more", flush=True)
             outcomes = [reference] + [runner.run(s) for s in chosen[1:]]
@@ -381,18 +388,26 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
     ``scenarios``: as for :func:`run_self_test`."""
 
     parser = make_parser(prog, DESCRIPTION)
+    parser.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"seconds any one run may take before it is killed with all it started "
+                             f"(default: {REFERENCE_TIMEOUT:.0f} for the first run, then ten times what it took, "
+                             f"at least 120)")
     parser.add_argument("script", help="the training script to test, e.g. examples/own_loop.py")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="flags given to every run of the script")
     options = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
 
     def body() -> int:
         script = Path(options.script)
+        timeout = getattr(options, "timeout", None)
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise UserError(f"--timeout {timeout:g}: give a number of seconds above 0")
         if not script.is_file():
             raise UserError(f"{options.script}: no such script; pass the path of a Python training script")
         program = Program([sys.executable, "-m", "nanoresume.tools.chaos_child", "script", str(script)],
                           list(options.args), Path.cwd(), env=_package_on_path())
         return run_self_test(program, f"{' '.join([str(script), *options.args])}", report.script_hints(),
-                             scenarios=scenarios)
+                             scenarios=scenarios, timeout=timeout,
+                             more_time=", or if it is only slow, allow more with --timeout SECONDS")
 
     return run_reporting_errors(body)
 

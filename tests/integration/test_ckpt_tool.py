@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from nanoresume.tools import ckpt
+from nanoresume.tools import ckpt, sampling
 from nanoresume.checkpoint import load_checkpoint, save_atomically
 from nanoresume.trainer import Trainer
-from tests.helpers import REPO, flip_a_byte, run_script, stop_after
+from tests.helpers import REPO, flip_a_byte, run_main, run_script, stop_after
 
 CKPT_SCRIPT = REPO / "scripts" / "ckpt.py"
 SAMPLE_SCRIPT = REPO / "scripts" / "sample.py"
@@ -126,7 +124,7 @@ def test_export_round_trip(trained_run: Path, tmp_path: Path, capsys) -> None:
     assert exported["model_config"] == best["model_config"] and exported["step"] == 20
     assert exported["model"].keys() == step_state["model"].keys()
     assert all(torch.equal(exported["model"][k], step_state["model"][k]) for k in exported["model"])
-    proc = run_script(SAMPLE_SCRIPT, "--ckpt", str(target), "--prompt", "import", "--max-new-tokens", "20")
+    proc = run_main(sampling.main, ["--ckpt", str(target), "--prompt", "import", "--max-new-tokens", "20"], capsys)
     assert proc.returncode == 0 and proc.stdout.startswith("import"), proc.stderr
     code, _, err = run_tool(capsys, "export", str(source), "--to", str(target))
     assert code == 2 and "--force" in err  # no silent overwrite
@@ -151,11 +149,10 @@ def test_user_errors_are_one_line_with_exit_code_2(trained_run: Path, tmp_path: 
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
 
 
-def test_bad_flag_and_help_through_the_real_script() -> None:
+def test_bad_flag_and_help_through_the_real_script(capsys) -> None:
     proc = run_script(CKPT_SCRIPT, "diff", "--bogus")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-    proc = subprocess.run([sys.executable, "-m", "nanoresume.tools.ckpt", "export", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = run_main(ckpt.main, ["export", "--help"], capsys)  # in-process: the parser is the same
     assert proc.returncode == 0 and "--to FILE" in proc.stdout and "--force" in proc.stdout
 
 

@@ -9,18 +9,22 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import runpy
 import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 import nanoresume
 from nanoresume.invocation import command_words
+from nanoresume.tools import commands
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_main
 
 INSTALLED = Path(sys.executable).parent / "nanoresume"
 
@@ -32,15 +36,16 @@ def run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.Comple
 
 @pytest.mark.slow
 @pytest.mark.skipif(not INSTALLED.is_file(), reason="nanoresume is not pip-installed beside this Python")
-def test_the_installed_command_trains_lists_and_samples(tiny_cli_args, tmp_path):
+def test_the_installed_command_trains_lists_and_samples(tiny_cli_args, tmp_path, capsys):
     assert run([str(INSTALLED), "--version"]).stdout == f"nanoresume {nanoresume.__version__}\n"
     trained = run([str(INSTALLED), "train", *tiny_cli_args(max_steps=4, eval_interval=2)])
     assert trained.returncode == 0, trained.stderr
     assert "finished: 4 steps" in trained.stdout
-    listed = run([str(INSTALLED), "ckpt", "list", str(tmp_path / "out")])
+    # The other commands through the function the installed script calls, in-process: the same dispatch.
+    listed = run_main(commands.main, ["ckpt", "list", str(tmp_path / "out")], capsys)
     assert listed.returncode == 0 and "--resume auto would pick: step_00000004.pt" in listed.stdout
-    sampled = run([str(INSTALLED), "sample", "--ckpt", str(tmp_path / "out" / "best.pt"), "--prompt", "def ",
-                   "--max-new-tokens", "5", "--device", "cpu"])
+    sampled = run_main(commands.main, ["sample", "--ckpt", str(tmp_path / "out" / "best.pt"), "--prompt", "def ",
+                                       "--max-new-tokens", "5", "--device", "cpu"], capsys)
     assert sampled.returncode == 0 and sampled.stdout.startswith("def "), sampled.stderr
 
 
@@ -62,16 +67,41 @@ def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_
     assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
 
 
+def run_as_main(module: str, args: list[str], capsys) -> str:
+    """What ``python -m nanoresume.MODULE ARGS`` prints, run as ``__main__`` in this process (no torch import
+    to pay for again): its ``if __name__ == "__main__"`` part parses ARGS as it would there."""
+    def exit_now(code: int) -> None:  # os._exit, which a tool ends with after main(), would end pytest too
+        raise SystemExit(code)
+
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", [f"nanoresume.{module}", *args]), mock.patch.object(os, "_exit", exit_now), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported already (by the tests)
+        try:
+            runpy.run_module(f"nanoresume.{module}", run_name="__main__", alter_sys=False)
+        except SystemExit as e:
+            message = e.code if isinstance(e.code, str) else ""  # sys.exit("usage: ...") prints it to stderr
+        else:
+            message = ""
+    captured = capsys.readouterr()
+    return captured.out + captured.err + message
+
+
 @pytest.mark.slow
-def test_no_module_exits_0_having_done_nothing():
-    """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library."""
-    for module in sorted(m.name.removeprefix("nanoresume.")
-                         for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume.")):
-        proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
-        output = proc.stdout + proc.stderr
+def test_no_module_exits_0_having_done_nothing(capsys):
+    """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library.
+    The refusal is decided as the package is imported by ``-m``: a real process each, which stops there,
+    before torch is imported; the runnable modules run here."""
+    modules = sorted(m.name.removeprefix("nanoresume.")
+                     for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume."))
+    assert set(nanoresume.RUNNABLE_MODULES) <= set(modules)
+    for module in modules:
         if module in nanoresume.RUNNABLE_MODULES:
+            output = run_as_main(module, ["--help"], capsys)
             assert "usage" in output.lower(), f"nanoresume.{module}: {output!r}"
         else:
+            proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
+            output = proc.stdout + proc.stderr
             assert proc.returncode == 2, f"nanoresume.{module} exited {proc.returncode}: {output!r}"
             assert proc.stderr.startswith(f"error: nanoresume.{module} is a library module"), proc.stderr
 

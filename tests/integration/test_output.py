@@ -3,6 +3,7 @@ stderr, a summary at the end; and output that goes away or cannot be written nev
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -14,17 +15,11 @@ import termios
 import pytest
 
 from nanoresume.tools import cli
-from tests.helpers import REPO, TRAIN_SCRIPT, run_main, run_train
+from tests.helpers import REPO, TRAIN_SCRIPT, run_main
 
 pytestmark = pytest.mark.slow
 
 TENSORBOARD_FULL = "warning: TensorBoard logging stopped: No space left on device; training goes on"
-
-
-def run_bytes(args: list[str]) -> subprocess.CompletedProcess:
-    """train.py with output kept as bytes: text mode would turn the bar's carriage returns into newlines."""
-    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, timeout=120,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 def with_terminal_stderr(args: list[str], timeout: float = 120) -> tuple[int, str, str]:
@@ -49,13 +44,13 @@ def with_terminal_stderr(args: list[str], timeout: float = 120) -> tuple[int, st
     return process.wait(timeout=timeout), stdout, b"".join(terminal).decode(errors="replace")
 
 
-def test_a_log_file_gets_plain_lines_and_no_bar_and_ends_with_a_summary(tiny_cli_args, tmp_path):
+def test_a_log_file_gets_plain_lines_and_no_bar_and_ends_with_a_summary(tiny_cli_args, tmp_path, capsys):
     flags = tiny_cli_args(max_steps=20, eval_interval=10, log_interval=5)
     flags.remove("--no-progress")
-    proc = run_bytes(flags)  # stdout and stderr are pipes, as under SLURM or `> log 2>&1`
+    proc = run_main(cli.main, flags, capsys)  # in-process; capsys's streams are no terminal, as a log file is not
     assert proc.returncode == 0, proc.stderr
-    assert b"\r" not in proc.stdout + proc.stderr and proc.stderr == b""
-    stdout = proc.stdout.decode()
+    assert "\r" not in proc.stdout + proc.stderr and proc.stderr == ""
+    stdout = proc.stdout
     plain = [line for line in stdout.splitlines() if re.match(r"step +\d+ \| loss ", line)]
     assert [int(line.split()[1]) for line in plain] == [5, 10, 15, 20]
     assert re.fullmatch(r"step +5 \| loss \d\.\d{4} \| lr \d\.\d\de-\d\d \| [\d,]+ tok/s \| \d+:\d\d:\d\d", plain[0])
@@ -64,11 +59,12 @@ def test_a_log_file_gets_plain_lines_and_no_bar_and_ends_with_a_summary(tiny_cli
                         rf"{re.escape(str(tmp_path / 'out' / 'best.pt'))}, wall time \d+:\d\d:\d\d", last), last
 
 
-def test_progress_forces_the_bar_into_a_log_and_a_terminal_gets_it_by_default(tiny_cli_args):
+def test_progress_forces_the_bar_into_a_log_and_a_terminal_gets_it_by_default(tiny_cli_args, capsys):
     flags = tiny_cli_args(max_steps=6, eval_interval=3)
     flags.remove("--no-progress")
-    forced = run_bytes(flags + ["--progress", "--out-dir", flags[flags.index("--out-dir") + 1] + "-forced"])
-    assert forced.returncode == 0 and b"\r" in forced.stderr and b"6/6" in forced.stderr
+    forced = run_main(cli.main, flags + ["--progress", "--out-dir", flags[flags.index("--out-dir") + 1] + "-forced"],
+                      capsys)  # in-process, into capsys's streams: no terminal
+    assert forced.returncode == 0 and "\r" in forced.stderr and "6/6" in forced.stderr
     code, stdout, terminal = with_terminal_stderr(flags)
     assert code == 0, terminal
     assert "\r" in terminal and "6/6" in terminal  # the bar
@@ -76,9 +72,10 @@ def test_progress_forces_the_bar_into_a_log_and_a_terminal_gets_it_by_default(ti
 
 
 def test_warnings_go_to_stderr_not_stdout(tiny_cli_args, tmp_path, capsys):
-    assert run_main(cli.main, tiny_cli_args(max_steps=2, eval_interval=2), capsys).returncode == 0  # in-process
+    """In-process: the console looks its streams up at each line, so capsys sees what the fds would."""
+    assert run_main(cli.main, tiny_cli_args(max_steps=2, eval_interval=2), capsys).returncode == 0
     (tmp_path / "out" / "checkpoints" / ".step_00000004.pt.tmp.999").write_bytes(b"half a write")
-    proc = run_train(tiny_cli_args(max_steps=4, eval_interval=2, resume="auto"))
+    proc = run_main(cli.main, tiny_cli_args(max_steps=4, eval_interval=2, resume="auto"), capsys)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("warning: removed ") and "interrupted write" in proc.stderr
     assert "warning:" not in proc.stdout
@@ -126,30 +123,25 @@ def test_ckpt_show_into_a_reader_that_left_reports_no_error(tiny_cli_args, tmp_p
     assert proc.returncode == 141  # as for any tool whose reader left: 128 + SIGPIPE, and no message
 
 
-# TensorBoard's RecordWriter is what both the old background writer and ours call for every event:
-# failing it after some writes is a disk filling up, at once a disk that is full from the start.
-FAIL_TENSORBOARD_AFTER = """
-import errno, sys
-from tensorboard.summary.writer import record_writer
-real_write, writes = record_writer.RecordWriter.write, [0]
-def write(self, data):
-    writes[0] += 1
-    if writes[0] > int(sys.argv[1]):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return real_write(self, data)
-record_writer.RecordWriter.write = write
-sys.path.insert(0, sys.argv[2])
-from nanoresume.tools.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-
-
 @pytest.mark.parametrize("good_writes", [0, 20], ids=["full-at-start", "fills-mid-run"])
-def test_tensorboard_that_cannot_write_warns_once_and_training_goes_on(tiny_cli_args, tmp_path, good_writes):
-    args = tiny_cli_args(max_steps=40, eval_interval=10)
-    proc = subprocess.run([sys.executable, "-c", FAIL_TENSORBOARD_AFTER, str(good_writes), str(REPO), *args],
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+def test_tensorboard_that_cannot_write_warns_once_and_training_goes_on(tiny_cli_args, tmp_path, good_writes, capsys,
+                                                                       monkeypatch):
+    # TensorBoard's RecordWriter is what both the old background writer and ours call for every event:
+    # failing it after some writes is a disk filling up, at once a disk that is full from the start.
+    from tensorboard.summary.writer import record_writer
+
+    real_write, writes = record_writer.RecordWriter.write, [0]
+
+    def write(self, data):
+        writes[0] += 1
+        if writes[0] > good_writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    proc = run_main(cli.main, tiny_cli_args(max_steps=40, eval_interval=10), capsys)  # a thread's traceback shows too
     assert proc.returncode == 0, proc.stderr
+    assert writes[0] > good_writes
     assert proc.stderr.splitlines() == [TENSORBOARD_FULL]  # one warning, no thread traceback
     assert "finished: 40 steps" in proc.stdout
     assert (tmp_path / "out" / "checkpoints" / "step_00000040.pt").is_file()

@@ -19,8 +19,8 @@ import pytest
 from nanoresume.checkpoint import step_path
 from nanoresume.trainer import Trainer
 
-from nanoresume.tools import cli
-from tests.helpers import REPO, TRAIN_SCRIPT, LossRecorder, run_main
+from nanoresume.tools import cli, sampling
+from tests.helpers import TRAIN_SCRIPT, LossRecorder, run_main
 
 
 def read_jsonl(out: Path) -> list[dict]:
@@ -139,16 +139,15 @@ def test_nanogpt_token_data_trains_from_a_config_file_and_samples_token_ids(tmp_
     (tmp_path / "run.json").write_text(json.dumps(settings))
     out = tmp_path / "out"
     trained = run_main(cli.main, ["--config", str(tmp_path / "run.json"), "--max-steps", "4", "--out-dir", str(out)],
-                       capsys)  # in-process; sample.py below runs as a real script
+                       capsys)  # in-process, as the sampling below (test_sampling.py runs sample.py as a script)
     assert trained.returncode == 0, trained.stderr
     assert "(train.bin + val.bin): 5,000 train + 1,000 val tokens" in trained.stdout
     config = json.loads((out / "config.json").read_text())
     assert {k: config[k] for k in settings} == settings and config["max_steps"] == 4
     assert step_path(out / "checkpoints", 4).is_file()
 
-    sampled = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--ckpt", str(out / "best.pt"),
-                              "--prompt-ids", "1,2,3", "--max-new-tokens", "10", "--device", "cpu"],
-                             capture_output=True, text=True, timeout=60)
+    sampled = run_main(sampling.main, ["--ckpt", str(out / "best.pt"), "--prompt-ids", "1,2,3", "--max-new-tokens",
+                                       "10", "--device", "cpu"], capsys)
     assert sampled.returncode == 0, sampled.stderr
     tokens = [int(t) for t in sampled.stdout.split()]
     assert tokens[:3] == [1, 2, 3] and len(tokens) == 13 and max(tokens) < 65

@@ -4,17 +4,21 @@ and nothing left behind."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from nanoresume.config import parse_command_line
 from nanoresume.tools import selftest
+from nanoresume.tools.chaos import WatchedProcess
 from tests.harness.probes import FORGET_RNG_ENV
-from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_train
+from nanoresume.tools.cli import main as train_main
+from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +33,6 @@ def leftovers(temp: Path) -> list[str]:
     return [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")]
 
 
-def self_test(args: list[str], workdir: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run ``train.py --self-test ARGS`` in ``workdir`` with a temp folder of its own; returns (result, temp)."""
-    temp = workdir / "tmp"
-    temp.mkdir()
-    result = run_train(["--self-test", *args], timeout=400, cwd=workdir, env={"TMPDIR": str(temp), **env})
-    return result, temp
-
-
 @pytest.fixture
 def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """For a self-test run in this process: the working folder is tmp_path, the temp folder
@@ -48,9 +44,10 @@ def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return temp
 
 
-def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(tiny_text, tmp_path):
+def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(tiny_text, in_process, tmp_path,
+                                                                                capsys):
     args = cli_flags(dict(FLAGS, data=str(tiny_text), out_dir="not-used"))
-    result, temp = self_test(args, tmp_path)
+    result = run_main(train_main, ["--self-test", *args], capsys)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning: --self-test ignores --out-dir" in result.stderr
     lines = result.stdout.splitlines()
@@ -61,7 +58,7 @@ def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(t
     assert "(in a write)" in result.stdout  # the SIGKILL landed inside a checkpoint write
     assert lines[-1].startswith("bit-exact on this machine with these settings (every step's loss and the whole "
                                 "final state, bit for bit")
-    assert leftovers(temp) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
+    assert leftovers(in_process) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
 
 
 def test_self_test_catches_a_resume_that_forgets_its_random_numbers(tiny_text, in_process, monkeypatch, capsys):
@@ -103,9 +100,9 @@ def test_the_self_test_runs_only_the_scenarios_asked_for_and_refuses_unknown_one
     (["--max-steps", "3"], "--max-steps 3: --self-test needs at least 8 steps"),
     (["--self-test-nproc", "0"], "--self-test-nproc 0 must be at least 1"),
 ])
-def test_self_test_settings_that_cannot_work_are_one_error_line(args, needle, tmp_path):
-    result, _ = self_test(args, tmp_path)
-    assert_one_line_error(result, needle)
+def test_self_test_settings_that_cannot_work_are_one_error_line(args, needle, in_process, capsys):
+    assert_one_line_error(run_main(train_main, ["--self-test", *args], capsys), needle)
+    assert leftovers(in_process) == []
 
 
 def test_a_self_test_of_a_missing_script_is_one_error_line(tmp_path):
@@ -113,3 +110,67 @@ def test_a_self_test_of_a_missing_script_is_one_error_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nanoresume", "self-test", "nope.py"], capture_output=True,
                             text=True, cwd=tmp_path, env=env, timeout=60)
     assert_one_line_error(result, "nope.py: no such script")
+
+
+HANGING_SCRIPT = """
+import os, pathlib, subprocess, sys, time
+here = pathlib.Path(sys.argv[1])
+# a process the script starts and leaves: once its parent is gone it is no longer below the script
+starter = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+           "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+orphan = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, check=True).stdout
+(here / "pids").write_text(f"{os.getpid()} {orphan}")
+time.sleep(600)  # never saves, never ends
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie no one has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_script_that_hangs_is_killed_with_all_it_started_after_the_timeout(in_process, tmp_path, monkeypatch,
+                                                                              capsys):
+    script = tmp_path / "hangs.py"
+    script.write_text(HANGING_SCRIPT)
+    pids_file = tmp_path / "pids"
+    real_wait = WatchedProcess.wait
+
+    def wait_once_it_hangs(self, timeout=None):
+        """Start the clock once the script is in its hang, so that the kill has its orphan to find however
+        long the start took on a busy machine."""
+        deadline = time.monotonic() + 120
+        while not pids_file.exists() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(WatchedProcess, "wait", wait_once_it_hangs)
+    try:
+        code = selftest.main(["--timeout", "1", str(script), str(tmp_path)])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert err.strip().splitlines() == ["error: the reference run did not end within 1 s and was killed with every "
+                                            "process it started; if it hangs, fix that, or if it is only slow, allow "
+                                            "more with --timeout SECONDS"]
+        pids = [int(pid) for pid in pids_file.read_text().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in pids), pids
+        assert leftovers(in_process) == []
+    finally:  # never leave a sleeper behind, whatever failed
+        for pid in (int(p) for p in pids_file.read_text().split()) if pids_file.exists() else ():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan"])
+def test_a_self_test_timeout_that_is_not_a_positive_number_is_one_error_line(value, tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert selftest.main(["--timeout", value, str(script)]) == 2
+    assert capsys.readouterr().err == f"error: --timeout {float(value):g}: give a number of seconds above 0\n"

@@ -15,7 +15,8 @@ import pytest
 
 from nanoresume import checkpoint
 from nanoresume.tools.chaos import EVAL_MARK, WRITE_DELAY_ENV, WRITE_DONE_MARK, WRITE_MARK, final_state_difference
-from tests.helpers import REPO, TRAIN_SCRIPT, run_train
+from nanoresume.tools import cli
+from tests.helpers import REPO, TRAIN_SCRIPT, run_main, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +99,9 @@ def uninterrupted(reference_cli_run):
     return make
 
 
-def resume_to_end(args: list[str], out: Path, max_steps: int = MAX_STEPS) -> Path:
-    result = run_train(args + ["--resume", "auto"])
+def resume_to_end(args: list[str], out: Path, capsys: pytest.CaptureFixture, max_steps: int = MAX_STEPS) -> Path:
+    """``--resume auto`` to the end, in-process (the same state, bit for bit, as a process of its own)."""
+    result = run_main(cli.main, args + ["--resume", "auto"], capsys)
     assert result.returncode == 0, result.stdout + result.stderr
     return checkpoint.step_path(out / "checkpoints", max_steps)
 
@@ -110,10 +112,10 @@ def saved_step(run_output: str) -> int:
     return int(match.group(2))
 
 
-def test_each_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes_bit_exactly(
-        args_for, uninterrupted, tmp_path):
-    """One launch chain: SIGTERM, then SIGINT and SIGUSR1 each in a start resumed from the stop before,
-    then a start to the end, bit-exact with the run never stopped."""
+def test_each_signal_and_the_time_limit_save_their_step_exit_with_their_code_and_resume_bit_exactly(
+        args_for, uninterrupted, tmp_path, capsys):
+    """One launch chain: SIGTERM, then SIGINT, SIGUSR1 and --time-limit each in a start resumed from the
+    stop before, then a start to the end, bit-exact with the run never stopped."""
     args = args_for("stopped")
     last = 0
     for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)):
@@ -134,7 +136,16 @@ def test_each_signal_at_a_step_saves_that_step_exits_128_plus_signal_and_resumes
         assert (tmp_path / "stopped" / "exit_code").read_text() == f"{code}\n"
         last = step
 
-    final = resume_to_end(args, tmp_path / "stopped")
+    # Counted from process start (test_stop_conditions.py) with a second to spare for the save: 1 s is
+    # spent after the first step on any machine, so the run never finishes first, however fast.
+    result = run_train(args + ["--resume", "auto", "--time-limit", "1"])
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert "stopped by time limit" in result.stdout
+    step = saved_step(result.stdout)
+    assert last < step < MAX_STEPS, (last, step)
+    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
+
+    final = resume_to_end(args, tmp_path / "stopped", capsys)  # the time limit was that start's, not the run's
     assert final_state_difference(final, uninterrupted()) is None
 
 
@@ -150,7 +161,7 @@ def test_sighup_saves_exits_129_and_the_process_ends_right_after_its_last_line(a
     checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", saved_step(run.output)))
 
 
-def test_signal_during_evaluation_stops_it_early_without_touching_best_pt(args_for, uninterrupted, tmp_path):
+def test_signal_during_evaluation_stops_it_early_without_touching_best_pt(args_for, uninterrupted, tmp_path, capsys):
     # 1500 validation batches make each evaluation last far longer than the 20 steps before it.
     flags = dict(max_steps=40, eval_interval=20, eval_iters=1500)
     args = args_for("stopped", **flags)
@@ -163,7 +174,7 @@ def test_signal_during_evaluation_stops_it_early_without_touching_best_pt(args_f
     assert "step     20 |" not in run.output  # the cut-short evaluation reported nothing ...
     assert checkpoint.load_checkpoint(tmp_path / "stopped" / "best.pt")["step"] == 0  # ... nor touched best.pt
 
-    final = resume_to_end(args, tmp_path / "stopped", max_steps=40)
+    final = resume_to_end(args, tmp_path / "stopped", capsys, max_steps=40)
     assert final_state_difference(final, uninterrupted(**flags)) is None
 
 
@@ -180,7 +191,7 @@ def wait_for_marks(run: Training, mark: str, count: int, timeout: float = 60) ->
 SAVE_FLAGS = dict(max_steps=60, eval_interval=1000, ckpt_interval=20)
 
 
-def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(args_for, uninterrupted, tmp_path):
+def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(args_for, uninterrupted, tmp_path, capsys):
     args = args_for("stopped", **SAVE_FLAGS) + ["--no-async-save"]
     run = Training(args, slow_writes=0.003)  # a checkpoint write now takes about a second
     wait_for_marks(run, WRITE_MARK, 2)
@@ -190,12 +201,12 @@ def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(arg
     assert run.output.count(WRITE_MARK) == 2  # the interrupted write finished; no second save
     checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", 20))
 
-    final = resume_to_end(args, tmp_path / "stopped", max_steps=SAVE_FLAGS["max_steps"])
+    final = resume_to_end(args, tmp_path / "stopped", capsys, max_steps=SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
 
 
 def test_signal_while_a_background_save_is_in_flight_commits_it_then_saves_the_stop(args_for, uninterrupted,
-                                                                                     tmp_path):
+                                                                                     tmp_path, capsys):
     args = args_for("stopped", **SAVE_FLAGS)  # background saving is the default
     run = Training(args, slow_writes=0.003)
     wait_for_marks(run, WRITE_MARK, 2)  # the step-20 checkpoint is being written while training goes on
@@ -208,11 +219,11 @@ def test_signal_while_a_background_save_is_in_flight_commits_it_then_saves_the_s
     for step in (20, stopped_at):
         assert checkpoint.load_checkpoint(checkpoint.step_path(folder, step))["step"] == step
 
-    final = resume_to_end(args, tmp_path / "stopped", max_steps=SAVE_FLAGS["max_steps"])
+    final = resume_to_end(args, tmp_path / "stopped", capsys, max_steps=SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
 
 
-def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, uninterrupted, tmp_path):
+def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, uninterrupted, tmp_path, capsys):
     args = args_for("stopped", **SAVE_FLAGS)
     run = Training(args, slow_writes=0.05)  # a checkpoint write now takes many seconds
     wait_for_marks(run, WRITE_MARK, 2)
@@ -226,24 +237,9 @@ def test_second_ctrl_c_exits_at_once_and_the_next_start_cleans_up(args_for, unin
     assert [p for p in folder.iterdir() if ".tmp." in p.name], "the cut write should leave its temp file"
     assert not checkpoint.step_path(folder, 20).exists()
 
-    result = run_train(args + ["--resume", "auto"])
+    result = run_main(cli.main, args + ["--resume", "auto"], capsys)  # in-process
     assert result.returncode == 0, result.stdout + result.stderr
     assert "interrupted write" in result.stderr  # a warning
     assert not [p for p in folder.iterdir() if ".tmp." in p.name]
     final = checkpoint.step_path(folder, SAVE_FLAGS["max_steps"])
     assert final_state_difference(final, uninterrupted(**SAVE_FLAGS)) is None
-
-
-def test_time_limit_stops_gracefully_with_exit_75_and_resumes_bit_exactly(args_for, uninterrupted, tmp_path):
-    args = args_for("stopped")
-    # Counted from process start (test_stop_conditions.py) with a second to spare for the save: 1 s is
-    # spent after the first step on any machine, so the run never finishes first, however fast.
-    result = run_train(args + ["--time-limit", "1"])
-    assert result.returncode == 75, result.stdout + result.stderr
-    assert "stopped by time limit" in result.stdout
-    step = saved_step(result.stdout)
-    assert 1 <= step < MAX_STEPS
-    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", step))
-
-    final = resume_to_end(args, tmp_path / "stopped")
-    assert final_state_difference(final, uninterrupted()) is None

@@ -24,7 +24,7 @@ import pytest
 from nanoresume.checkpoint import load_checkpoint
 from nanoresume.mirror import Mirror
 from nanoresume.tools import cli
-from tests.helpers import REPO, assert_one_line_error, flip_a_byte, launch_tree, run_main, run_train
+from tests.helpers import REPO, assert_one_line_error, flip_a_byte, launch_tree, run_main
 from tests.mirror.helpers import MirrorTarget, mirror_flags, s3_options
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -66,7 +66,7 @@ def tensorboard_steps(out: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_a_machine_lost_mid_run_resumes_from_the_mirror_as_if_never_stopped(target, tiny_cli_args, reference_cli_run,
-                                                                           tmp_path, assert_same_state):
+                                                                           tmp_path, assert_same_state, capsys):
     settings = dict(max_steps=30, eval_interval=10)
     flags = [*tiny_cli_args(**settings), *mirror_flags(target)]
     out, marker = tmp_path / "out", tmp_path / "held"
@@ -77,7 +77,7 @@ def test_a_machine_lost_mid_run_resumes_from_the_mirror_as_if_never_stopped(targ
     shutil.rmtree(out)  # the machine is gone, and its disk with it
 
     time.sleep(1.02 - time.time() % 1)  # TensorBoard event file names start with whole seconds: keep them in order
-    resumed = run_train([*flags, "--resume", "auto"], timeout=180)
+    resumed = run_main(cli.main, [*flags, "--resume", "auto"], capsys)  # in-process: the new machine
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {target.url}/checkpoints/step_00000010.pt at step 10" in resumed.stdout
     assert resumed.stdout.rstrip().splitlines()[-1] == f"mirrored step 30 to {target.url}"
@@ -220,9 +220,9 @@ def test_bad_mirror_flags_are_one_line_errors(tiny_cli_args, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_missing_bucket_is_refused_before_training(s3_endpoint, tiny_cli_args, tmp_path):
+def test_a_missing_bucket_is_refused_before_training(s3_endpoint, tiny_cli_args, tmp_path, capsys):
     target = MirrorTarget("s3://no-such-bucket/run", s3_options(s3_endpoint))
-    refused = run_train([*tiny_cli_args(), *mirror_flags(target)])
+    refused = run_main(cli.main, [*tiny_cli_args(), *mirror_flags(target)], capsys)
     assert_one_line_error(refused, "--mirror s3://no-such-bucket/run", "bucket does not exist")
     assert not (tmp_path / "out").exists()
 

@@ -14,7 +14,8 @@ import pytest
 
 from nanoresume.checkpoint import load_checkpoint
 from tests.harness.probes import STOP_ENV
-from tests.helpers import REPO, TINY_FLAGS, cli_flags, run_tree
+from nanoresume.tools import cli
+from tests.helpers import REPO, TINY_FLAGS, cli_flags, run_main, run_tree
 
 HARNESS = REPO / "tests" / "harness"  # its sitecustomize installs the probes (STOP_ENV) in every process
 FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=20, eval_interval=10, ckpt_interval=10, progress=False)
@@ -23,8 +24,6 @@ FLAGS = dict(TINY_FLAGS, batch_size=2, dropout=0.0, max_steps=20, eval_interval=
 def torchrun(nproc: int, flags: list[str], **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "--monitor-interval=0.1", "--shutdown-timeout=10", "-m", "nanoresume.tools.chaos_child", "child"]
-    if nproc == 1:
-        command = [sys.executable, "-m", "nanoresume.tools.chaos_child", "child"]
     path = os.pathsep.join(p for p in (str(HARNESS), os.environ.get("PYTHONPATH")) if p)
     environ = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=path, **env)
     return run_tree(command + flags, 180, env=environ, cwd=REPO)
@@ -38,7 +37,7 @@ def final_state(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_two_process_run_lost_after_its_mirror_resumes_from_it_with_two_processes_and_with_one(
-        tiny_text, tmp_path, assert_same_state):
+        tiny_text, tmp_path, assert_same_state, capsys):
     def flags(out: str, mirror: Path, **more: object) -> list[str]:
         return cli_flags(dict(FLAGS, data=str(tiny_text), out_dir=str(tmp_path / out),
                               cache_dir=str(tmp_path / "cache"), mirror=str(mirror), **more))
@@ -60,7 +59,7 @@ def test_a_two_process_run_lost_after_its_mirror_resumes_from_it_with_two_proces
     assert f"resumed from {mirror}/checkpoints/step_00000010.pt at step 10" in two.stdout
     assert_same_state(final_state(tmp_path / "out"), final_state(tmp_path / "reference"))
 
-    one = torchrun(1, flags("one", tmp_path / "mirror-for-one", resume="auto"))
+    one = run_main(cli.main, flags("one", tmp_path / "mirror-for-one", resume="auto"), capsys)  # in-process
     assert one.returncode == 0, one.stdout + one.stderr
     assert f"resumed from {tmp_path / 'mirror-for-one'}/checkpoints/step_00000010.pt at step 10" in one.stdout
     assert "--grad-accum: 1 -> 2" in one.stdout  # the global batch of 2 processes, kept

@@ -20,10 +20,10 @@ event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.ev
 
 
 @pytest.mark.slow
-def test_a_run_resumed_from_the_mirror_on_an_empty_out_ends_as_if_never_stopped(target, make_config, tmp_path,
+def test_a_run_resumed_from_the_mirror_on_an_empty_out_ends_as_if_never_stopped(target, make_config, reference_run,
                                                                                  assert_same_state):
+    reference = reference_run(max_steps=20, eval_interval=10)  # trained once for both targets
     cfg = make_config(max_steps=20, eval_interval=10)
-    reference, _ = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "reference")))
 
     train(cfg, stop_at=10)
     out = Path(cfg.out_dir)
@@ -46,7 +46,7 @@ def test_a_run_resumed_from_the_mirror_on_an_empty_out_ends_as_if_never_stopped(
     resumed, _ = train(dataclasses.replace(cfg, resume="auto"))
     assert warnings == []
     assert resumed.resumed_from == out / "checkpoints" / "step_00000010.pt"
-    assert_same_state(final_state(resumed), final_state(reference))
+    assert_same_state(final_state(resumed), reference.state)
     train_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
                    if "train/loss" in json.loads(line)]
     assert train_steps == list(range(1, 21))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,8 @@ from nanoresume.config import ModelConfig
 from nanoresume.data import windows
 from nanoresume.model import GPT
 from nanoresume.trainer import Trainer
-from tests.helpers import REPO
+from tests.helpers import run_main
 
-EVALUATE_SCRIPT = REPO / "scripts" / "evaluate.py"
 CPU = torch.device("cpu")
 BLOCK = 16
 
@@ -89,15 +86,14 @@ def test_agrees_with_the_training_loops_own_eval_on_its_windows(make_config) -> 
 
 
 @pytest.mark.slow
-def test_cli_on_a_text_file_prints_the_same_loss(make_config, tiny_text: Path, tmp_path: Path) -> None:
+def test_cli_on_a_text_file_prints_the_same_loss(make_config, tiny_text: Path, tmp_path: Path, capsys) -> None:
     cfg = make_config(max_steps=5, eval_interval=5)
     Trainer(cfg).run()
     best = Path(cfg.out_dir) / "best.pt"
     text = tmp_path / "eval.txt"
     text.write_bytes(tiny_text.read_bytes()[:5000])
-    proc = subprocess.run([sys.executable, str(EVALUATE_SCRIPT), "--ckpt", str(best), "--data", str(text),
-                           "--batch-size", "64", "--no-progress", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=60)
+    proc = run_main(evaluation.main, ["--ckpt", str(best), "--data", str(text), "--batch-size", "64", "--no-progress",
+                                      "--device", "cpu"], capsys)
     assert proc.returncode == 0, proc.stderr
     from nanoresume.loading import load_model
 
