@@ -41,7 +41,7 @@ from .errors import NonFiniteLossError
 from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
-from .mirror import Uploader
+from .mirror.link import MirrorLink
 from .model import materialize, shapes_only
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
@@ -132,9 +132,9 @@ class Trainer:
         except WriteCancelled:
             pass  # the user insisted on stopping: the write in flight was abandoned and its temp file removed
         finally:
-            if getattr(self, "uploader", None) is not None:
-                self.uploader.close()  # an upload in flight is abandoned: the mirror keeps its previous pointer
-                self.uploader = None
+            if getattr(self, "mirror_link", None) is not None:
+                self.mirror_link.close()
+                self.mirror_link = None
             torch.use_deterministic_algorithms(self._was_deterministic)
             self.run_dir.close()
             self.process_group.close()
@@ -146,7 +146,7 @@ class Trainer:
         restart = distributed.restart_count(os.environ) if env.launched else 0
         if restart:
             self.console.log(messages.restarted_by_torchrun(restart, distributed.max_restarts(os.environ)))
-        self.uploader: Optional[Uploader] = None  # rank 0's, with --mirror: started once the start point is known
+        self.mirror_link: Optional[MirrorLink] = None  # rank 0's, with --mirror: started once the start point is known
         self.mirror = startup.open_mirror(cfg, env)  # probed before OUT is created
         startup.open_run_dir(cfg, env, self.run_dir, warn)
         found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror,  # refuses before a download commits
@@ -191,7 +191,11 @@ class Trainer:
         if env.is_main:
             self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
         if self.mirror is not None:
-            self._start_uploader(found)
+            resumed = self.counters.step if found.checkpoint is not None else None
+            self.mirror_link = MirrorLink.start(self.mirror, self.run_dir.root, lambda text: self.console.warn(text),
+                                                cfg.mirror_keep_last or cfg.keep_last, resumed,
+                                                found.source is not None or found.mirror_step == resumed,
+                                                self.manager.committed_path)
 
     def _build_model(self, cfg: TrainConfig) -> None:
         """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
@@ -228,35 +232,17 @@ class Trainer:
             return
         self.manager.adopt(path, self.counters.step, self.console.warn)  # newer checkpoints are set aside
 
-    # ---- the mirror (rank 0, with --mirror) ----------------------------------------------------
-
-    def _start_uploader(self, found: startup.Found) -> None:
-        """Start the background uploader. The mirror holds the step resumed from when it came from there
-        or the mirror's pointer names it; otherwise that checkpoint goes up first (the mirror is behind)."""
-        cfg, resumed = self.cfg, self.counters.step if found.checkpoint is not None else None
-        held = resumed if resumed is not None and (found.source is not None or found.mirror_step == resumed) else None
-        self.uploader = Uploader(self.mirror, self.run_dir.root, lambda text: self.console.warn(text),
-                                 keep_last=cfg.mirror_keep_last or cfg.keep_last,
-                                 protect=() if resumed is None else (resumed,), held=held).start()
-        if resumed is not None and held is None and self.manager.committed_path is not None:
-            self.uploader.committed(resumed, self.manager.committed_path)
-
     def _committed(self, step: int, path: Path) -> None:
         """A step checkpoint was committed locally (on the writer thread in background mode)."""
         self.stop.last_committed_step = step
-        if self.uploader is not None:
-            self.uploader.committed(step, path)  # returns at once: training never waits for the network
+        if self.mirror_link is not None:
+            self.mirror_link.committed(step, path)  # returns at once: training never waits for the network
 
     def _finish_mirror(self) -> None:
-        """After the last local commit: wait at most --mirror-wait (never past --time-limit) for the final
-        upload, then say what the mirror holds."""
-        if self.uploader is None:
-            return
-        wait = 0.0 if self.stop.forced else self.cfg.mirror_wait  # the user insists: no waiting for the network
-        if self.cfg.time_limit is not None:
-            wait = min(wait, max(0.0, self.cfg.time_limit - (time.monotonic() - self.started)))
-        self.uploader.wait(wait)
-        self.console.log(self.uploader.summary())
+        """After the last local commit, a bounded wait for the final upload, and what the mirror holds."""
+        if self.mirror_link is not None:
+            time_left = None if self.cfg.time_limit is None else self.cfg.time_limit - (time.monotonic() - self.started)
+            self.console.log(self.mirror_link.finish(self.cfg.mirror_wait, self.stop.forced, time_left))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -546,8 +532,8 @@ class Trainer:
         ppl = math.exp(min(val_loss, 50.0))
         metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
         line = messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second)
-        if self.uploader is not None:
-            lag_steps, lag_seconds = self.uploader.lag()
+        if self.mirror_link is not None:
+            lag_steps, lag_seconds = self.mirror_link.uploader.lag()
             metrics.log(step, {"mirror/lag_steps": float(lag_steps), "mirror/lag_seconds": lag_seconds})
             line += messages.mirror_lag(lag_steps, lag_seconds)
         self.console.log(line)
