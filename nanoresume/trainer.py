@@ -20,24 +20,24 @@ together, once per step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, launcher, messages, parallel, schema, startup
+from . import checkpoint, distributed, ending, launcher, messages, parallel, startup
 from .checkpoint.observe import CancelWhen, WriteCancelled
 from .config import TrainConfig, derived_fields
 from .console import Console, TrainWindow, configure_logging, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
 from .distributed import DistributedEnv, ProcessGroup
+from .ending import RunResult
 from .errors import NonFiniteLossError
+from .evaluating import Evaluation, validation_loss
 from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
@@ -45,32 +45,16 @@ from .mirror.link import MirrorLink
 from .model import materialize, shapes_only
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
+from .saving import StepSaves
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .samples import EvalSamples
 from .signals import StopFlag
 from .slowsteps import SlowStepWatch
 from .startup import StartMode
+from .steplog import StepLog
 from .state import seed_everything, seed_rank_streams
 from .stopping import CONTINUE, FINISHED, Outcome, StepDecisions
 from .training_parts import TrainingParts
-
-@dataclass
-class RunResult:
-    """What a call to :meth:`Trainer.run` (or :func:`nanoresume.train`) did."""
-
-    step: int  # the step training reached (a resumed run counts from the start of the run, not of this call)
-    stop_reason: Optional[str]  # None when training reached max_steps; "SIGINT", "time limit", ...
-    exit_code: int  # what the command line would exit with: 0 finished, 128+signal, 75 time limit
-    last_checkpoint: Optional[Path] = None  # the newest committed step checkpoint (None: none yet)
-    best_val_loss: Optional[float] = None  # the best validation loss so far (None: no evaluation yet)
-    best_checkpoint: Optional[Path] = None  # best.pt, the weights of that evaluation (None: not written yet)
-    steps_trained: int = 0  # optimizer steps taken by this call
-
-    @property
-    def finished(self) -> bool:
-        """Whether training reached ``max_steps`` (else it stopped early, and a resume continues it)."""
-        return self.stop_reason is None
-
 
 class Trainer:
     """Build everything for ``cfg`` (resuming if asked), then :meth:`run`.
@@ -96,7 +80,6 @@ class Trainer:
         self.on_metrics = on_metrics  # (step, {"train/loss": ...} or {"val/loss": ...}): see metrics.py
         self.command = list(command)  # what the user runs to train: repeated in "Continue with: ..."
         self.started = time.monotonic() if started is None else started
-        self._slow_steps: Optional[SlowStepWatch] = None  # made at the first step, from the resolved config
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.env = env or distributed.detect()
         # torchrun's command line, for the stop message: read now, the launcher may be gone by then
@@ -171,15 +154,16 @@ class Trainer:
             token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
             on_commit=self._committed, observer=CancelWhen(lambda: self.stop.abandoning),
             advice=self.run_dir.checkpoint_advice)
-        self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
-        self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = startup.load_data(cfg, env, warn)
         startup.claim_mirror(self.mirror, cfg, self.data.fingerprint, env)
         self._build_model(cfg)
-        self.samples = EvalSamples(cfg.sample_tokens, cfg.sample_prompt, cfg.seed, cfg.vocab_size, self.device, warn)
+        self.saves = StepSaves(self.manager, self.parts, self.run_dir.best, env, self.folder_checkpoints)
         self.decisions = StepDecisions(self.stop, env, self.manager, cfg.time_limit, self.started)
+        self.evaluation = Evaluation(cfg, env, self.stop, self.counters, self.decisions,
+                                     EvalSamples(cfg.sample_tokens, cfg.sample_prompt, cfg.seed, cfg.vocab_size,
+                                                 self.device, warn), self.raw_model, self.sharded_model, self.autocast)
 
         if found.checkpoint is not None:
             self._resume_from(*found.checkpoint, source=found.source)
@@ -226,7 +210,7 @@ class Trainer:
     def _resume_from(self, path: Path, state: dict[str, Any], source: Optional[str] = None) -> None:
         """``source``: where the checkpoint was downloaded from (the mirror), named in the resume line."""
         self.parts.load(path, state)
-        self.stop.last_committed_step = self._newest_checkpoint = self.counters.step
+        self.stop.last_committed_step = self.saves.newest = self.counters.step
         self.console.log(messages.resumed(source or path, self.counters.step))
         if not self.env.is_main:
             return
@@ -287,44 +271,18 @@ class Trainer:
         votes = self.decisions.vote(total_loss / self.cfg.grad_accum, grad_norm)
         if votes.any_nonfinite_loss:
             raise NonFiniteLossError(messages.nonfinite_loss(votes.loss, self.counters.step + 1,
-                                                             self._newest_checkpoint))
+                                                             self.saves.newest))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return votes.loss, votes.grad_norm
 
-    @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over the fixed validation batches; None if a stop request arrived during it.
-
-        A stop requested before it started does not cut it short: an evaluation that is due is
-        part of the step, and skipping it would change best.pt and the checkpoint written at the
-        stop. Under torchrun the batches are shared out between ranks, and an evaluation is never
-        cut short (the ranks would have to agree on it batch by batch).
-        """
-        stop_already_requested = self.stop.is_set()
-        rank, world, count = self.env.rank, self.env.world_size, len(self.val_batches)
-        mine = list(range(rank, count, world))
-        if self.sharded_model:  # each forward gathers weights with every rank: all must run as many
-            mine += [-1] * (-(-count // world) - len(mine))  # (-1: a repeat whose loss counts for nothing)
-        self._eval_model.eval()
-        try:
-            losses = torch.zeros(count, dtype=torch.float64, device=self.device)
-            for i in mine:
-                if world == 1 and self.stop.is_set() and not stop_already_requested:
-                    return None
-                offsets = self.val_batches[max(i, 0)]
-                x, y = (t.to(self.device) for t in windows(self.data.val, offsets, self.cfg.block_size))
-                with self.autocast():
-                    _, loss = self._eval_model(x, y)
-                if i >= 0:
-                    losses[i] = loss.double()
-            # Each batch's loss comes from exactly one rank; the sum over ranks just collects them.
-            per_batch = distributed.all_sum(losses).tolist()
-            return sum(per_batch) / len(per_batch)
-        finally:
-            self._eval_model.train()
+        """Mean loss over the fixed validation batches; None if a stop request arrived during it
+        (see :func:`~nanoresume.evaluating.validation_loss`)."""
+        return validation_loss(self._eval_model, self.data.val, self.val_batches, self.cfg.block_size, self.device,
+                               self.env, self.stop, self.autocast, self.sharded_model)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -345,9 +303,9 @@ class Trainer:
             self._run(result)
         except (KeyboardInterrupt, WriteCancelled):
             if self.stop.forced_exit is None and self.stop.forced:  # ours: say it again, now that all is closed
-                raise self.stop.interrupted(self._continue_hint()) from None
+                raise self.stop.interrupted(ending.continue_hint(self.continue_in, self.stop)) from None
             raise
-        self.stop.raise_if_forced(self._continue_hint())
+        self.stop.raise_if_forced(ending.continue_hint(self.continue_in, self.stop))
         return result
 
     def _run(self, result: RunResult) -> None:
@@ -363,7 +321,7 @@ class Trainer:
             first_step = self.counters.step
             if self._outcome() is FINISHED:  # nothing to train, nothing to evaluate
                 self.console.log(messages.nothing_to_do(self.counters.step, self.cfg.max_steps))
-                self._fill(result, first_step)
+                ending.fill(result, self.counters, first_step, self.manager.committed_path, self.run_dir.best)
                 if self.env.is_main:
                     self.run_dir.write_exit_code(0)
                     self._finish_mirror()  # a mirror behind a finished run catches up
@@ -376,19 +334,7 @@ class Trainer:
                 if lost is None:
                     raise
                 raise distributed.report(lost) from None
-            self._fill(result, first_step)
-
-    def _fill(self, result: RunResult, first_step: int) -> None:
-        """What the run reached: its step, checkpoints and best validation loss."""
-        counters = self.counters
-        result.step, result.steps_trained = counters.step, counters.step - first_step
-        result.last_checkpoint = self.manager.committed_path
-        result.best_val_loss = counters.best_val_loss if math.isfinite(counters.best_val_loss) else None
-        result.best_checkpoint = self.run_dir.best if self.run_dir.best.exists() else None
-
-    def _continue_hint(self) -> str:
-        """After "interrupted; last committed checkpoint: step N": how to continue, where the run was started."""
-        return messages.how_to_continue(self.continue_in, self.stop.last_committed_step)
+            ending.fill(result, self.counters, first_step, self.manager.committed_path, self.run_dir.best)
 
     def _start_metrics(self, metrics: Metrics) -> None:
         """Log from the first step this start trains: a resume from step R continues at R + 1, a new
@@ -402,7 +348,9 @@ class Trainer:
     def _loop(self, metrics: Metrics) -> Outcome:
         """Train step by step while the outcome is CONTINUE; each step ends with its save, if due."""
         cfg, counters, window = self.cfg, self.counters, TrainWindow()
-        evaluated = self._evaluation_due()  # step 0 of a new run, or one a stop cut short before the restart
+        steps = StepLog(metrics, window, self.console, self.decisions, cfg.tokens_per_step(self.env.world_size),
+                        SlowStepWatch(cfg.grad_accum, cfg.batch_size))
+        evaluated = self.evaluation.due()  # step 0 of a new run, or one a stop cut short before the restart
         if evaluated:
             self._evaluate_and_log(metrics, window)
         # The step resumed from is saved already; after its evaluation, best.pt may not be.
@@ -414,10 +362,10 @@ class Trainer:
             seconds = time.perf_counter() - started
             counters.step += 1
             counters.tokens_seen += cfg.tokens_per_step(self.env.world_size)
-            self._log_step(metrics, window, loss, lr, grad_norm, seconds)
+            steps.record(counters.step, loss, lr, grad_norm, seconds)
             if self.on_step is not None:
                 self.on_step(self, counters.step, loss)
-            if self._evaluation_due():
+            if self.evaluation.due():
                 self._evaluate_and_log(metrics, window)
             outcome = self._end_of_step(time_due=self.decisions.votes.save_time_due)
         return outcome
@@ -428,125 +376,37 @@ class Trainer:
         forced ends the run at this step, saved, rather than after one more."""
         outcome = self._outcome()
         if save or outcome is not CONTINUE:
-            self._save_if_due(force=outcome is not CONTINUE, time_due=time_due)
+            self.saves.save_if_due(self.counters.step, force=outcome is not CONTINUE, time_due=time_due)
         if outcome is CONTINUE:
             outcome = self._outcome()
             if outcome is not CONTINUE:
-                self._save_if_due(force=True)  # a no-op when this step is saved already
+                self.saves.save_if_due(self.counters.step, force=True)  # a no-op when this step is saved already
         return outcome
 
     def _outcome(self) -> Outcome:
         """What follows the step just taken: the one place a stop is decided."""
-        return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self._evaluation_due())
+        return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self.evaluation.due())
 
     def _finish(self, outcome: Outcome, result: RunResult) -> None:
         """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
-        if self.env.is_main or self.folder_checkpoints:
-            self._wait_for_commit()  # the stop message names a committed checkpoint, never one still in flight
+        if self.env.is_main or self.folder_checkpoints:  # the stop message names a committed checkpoint
+            ending.wait_for_commit(self.stop, self.manager, self.console.log)
         distributed.barrier("the wait for the last commit")  # no rank exits (and makes torchrun stop the others) first
-        counters = self.counters
-        result.step, result.last_checkpoint = counters.step, self.manager.committed_path
+        result.step, result.last_checkpoint = self.counters.step, self.manager.committed_path
         if outcome.kind == "stop":
             result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
-            if self.continue_in != "shell":
-                self.console.log(messages.stopped_in_python(outcome.reason, counters.step, result.last_checkpoint,
-                                                            self.stop.last_committed_step, self.continue_in))
-            elif self.env.launched:  # the launcher's command: the worker's own would continue on one process
-                self.console.log(messages.stopped_under_torchrun(
-                    outcome.reason, counters.step, result.last_checkpoint,
-                    launcher.resume_auto(self._launcher) if self._launcher is not None else None))
-            else:
-                self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint,
-                                                  self.command, self.cfg.out_dir))
-        else:
-            self.console.log(messages.finished(counters.step, counters.tokens_seen, counters.best_val_loss,
-                                               self.run_dir.best, time.monotonic() - self.started))
+        origin = ending.Origin(self.continue_in, self.command, self.cfg.out_dir, self.env.launched, self._launcher)
+        self.console.log(ending.last_line(outcome, self.counters, result.last_checkpoint, self.stop, origin,
+                                          self.run_dir.best, time.monotonic() - self.started))
         if self.env.is_main:
             self.run_dir.write_exit_code(result.exit_code)
             self._finish_mirror()  # the exit code stays the stop's
 
-    def _wait_for_commit(self) -> None:
-        """Wait for the save in flight. In library use, a user who insists meanwhile is told what is being
-        waited for, and that another interrupt abandons it (the command line exits at once instead)."""
-        told = self.stop.forced_exit is not None
-        while not told and self.manager.in_flight:
-            if self.stop.forced:
-                self.console.log(messages.waiting_for_commit(self.manager.staged_step, self.stop.last_committed_step))
-                told = True
-            else:
-                time.sleep(0.02)
-        self.manager.wait()
-
-    def _log_step(self, metrics: Metrics, window: TrainWindow, loss: float, lr: float, grad_norm: float,
-                  seconds: float) -> None:
-        tokens = self.cfg.tokens_per_step(self.env.world_size)
-        window.add(loss, tokens)
-        self.decisions.slowest_step = max(self.decisions.slowest_step, seconds)
-        metrics.log(self.counters.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                         "train/tokens_per_s": tokens / seconds})
-        self.console.advance(self.counters.step, loss, lr, tokens, seconds)
-        if self._slow_steps is None:
-            self._slow_steps = SlowStepWatch(self.cfg.grad_accum, self.cfg.batch_size)
-        warning = self._slow_steps.observe(self.counters.step, seconds)
-        if warning is not None:
-            self.console.warn(warning)
-
-    def _evaluation_due(self) -> bool:
-        step = self.counters.step
-        due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
-        return due and self.counters.evaluated_step != step
-
-    def _save_if_due(self, force: bool, time_due: bool = False) -> None:
-        """Save this step's checkpoint when it is due (or forced), and best.pt when the evaluation of
-        this step improved it: one save, staged now, committed now or in the background.
-
-        Every rank takes the same decision. A file: each rank hands rank 0 its RNG streams (and under
-        FSDP its shards), and rank 0 alone writes. A folder: every rank writes its own part. In
-        synchronous mode every rank waits for the commit.
-        """
-        step = self.counters.step
-        due = (step > 0 or force) and self.manager.is_due(step, force, time_due=time_due)
-        state = self.parts.checkpoint(self.folder_checkpoints) if due else None
-        best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
-        self._pending_best = None
-        if state is not None:
-            self._newest_checkpoint = step
-        if self.folder_checkpoints and state is not None:
-            self.manager.save(step, state, also=best, sharded=True)
-        elif self.env.is_main and (state is not None or best):
-            self.manager.save(step, state, also=best)
-        elif state is not None:
-            self.manager.mark_staged(step)  # the decision is shared; the file is rank 0's
-        if due and not self.manager.background:
-            distributed.barrier("the wait for a checkpoint commit")
-
     def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
-        train_loss, tokens_per_second = window.summary()
-        started = time.perf_counter()
-        val_loss = self.evaluate()
-        self.decisions.last_eval_seconds = time.perf_counter() - started
-        if val_loss is None:
-            return  # cut short by a stop request: an incomplete eval must not touch best.pt
-        step = self.counters.step
-        self.counters.evaluated_step = step
-        ppl = math.exp(min(val_loss, 50.0))
-        metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
-        line = messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second)
-        if self.mirror_link is not None:
-            lag_steps, lag_seconds = self.mirror_link.uploader.lag()
-            metrics.log(step, {"mirror/lag_steps": float(lag_steps), "mirror/lag_seconds": lag_seconds})
-            line += messages.mirror_lag(lag_steps, lag_seconds)
-        self.console.log(line)
-        cancel = self.stop.is_set if self.env.world_size == 1 else None  # a stop waits for no sample (one process)
-        self.decisions.last_eval_seconds += self.samples.show(step, self.raw_model, self.autocast, self.console.log,
-                                                              metrics, cancel)
-        window.reset()
-        if val_loss < self.counters.best_val_loss:
-            self.counters.best_val_loss = val_loss
-            weights = parallel.full_weights(self.raw_model, self.sharded_model)  # under FSDP a collective
-            if self.env.is_main:
-                self._pending_best = schema.weights_state(
-                    weights, dataclasses.asdict(self.cfg.model_config()), step, self.counters.tokens_seen, val_loss)
+        lag = self.mirror_link.uploader.lag if self.mirror_link is not None else None
+        best = self.evaluation.run(self.evaluate, metrics, window, self.console.log, lag)
+        if best is not None:
+            self.saves.pending_best = best
 
     def _start_line(self) -> str:
         cfg, world = self.cfg, self.env.world_size
