@@ -1,8 +1,9 @@
-"""How a run ends, and what it reports: :class:`RunResult`, the wait for the last commit, and the last
-line (finished, or stopped and how to continue where the run was started).
+"""How a run ends, and what it reports: :class:`RunResult`, the wait for the last commit, the last
+line (finished, or stopped and how to continue where the run was started), the exit code, and the
+mirror's bounded catch-up.
 
-The trainer calls these once, after its loop; they decide nothing about *whether* to stop (that is
-:mod:`nanoresume.stopping`), only how the end is told.
+The trainer hands its :class:`Ending` the outcome of its loop; nothing here decides *whether* to stop
+(that is :mod:`nanoresume.stopping`), only how the end is told and recorded.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import launcher, messages
+from . import distributed, launcher, messages
 from .checkpoint import CheckpointManager
+from .config import TrainConfig
+from .distributed import DistributedEnv
+from .mirror.link import MirrorLink
+from .rundir import RunDir
 from .signals import StopFlag
 from .stopping import Outcome
 from .training_state import Counters
@@ -44,18 +49,7 @@ class Origin:
 
     continue_in: str  # "shell" (the command), "notebook" (run the cell again), "python"
     command: Sequence[str]  # what the user runs to train
-    out_dir: str
-    launched: bool  # under torchrun: the launcher's command continues it, not the worker's own
     launcher: Optional[Sequence[str]]  # torchrun's command line, read at start (the launcher may be gone by now)
-
-
-def fill(result: RunResult, counters: Counters, first_step: int, last_checkpoint: Optional[Path],
-         best: Path) -> None:
-    """What the run reached: its step, checkpoints and best validation loss."""
-    result.step, result.steps_trained = counters.step, counters.step - first_step
-    result.last_checkpoint = last_checkpoint
-    result.best_val_loss = counters.best_val_loss if math.isfinite(counters.best_val_loss) else None
-    result.best_checkpoint = best if best.exists() else None
 
 
 def continue_hint(continue_in: str, stop: StopFlag) -> str:
@@ -77,7 +71,7 @@ def wait_for_commit(stop: StopFlag, manager: CheckpointManager, log: Callable[[s
 
 
 def last_line(outcome: Outcome, counters: Counters, last_checkpoint: Optional[Path], stop: StopFlag,
-              origin: Origin, best: Path, elapsed_seconds: float) -> str:
+              origin: Origin, out_dir: str, launched: bool, best: Path, elapsed_seconds: float) -> str:
     """How the run ended: finished, or stopped (why, what is saved, how to continue)."""
     step = counters.step
     if outcome.kind != "stop":
@@ -85,8 +79,58 @@ def last_line(outcome: Outcome, counters: Counters, last_checkpoint: Optional[Pa
     if origin.continue_in != "shell":
         return messages.stopped_in_python(outcome.reason, step, last_checkpoint, stop.last_committed_step,
                                           origin.continue_in)
-    if origin.launched:  # the launcher's command: the worker's own would continue on one process
+    if launched:  # the launcher's command: the worker's own would continue on one process
         return messages.stopped_under_torchrun(
             outcome.reason, step, last_checkpoint,
             launcher.resume_auto(origin.launcher) if origin.launcher is not None else None)
-    return messages.stopped(outcome.reason, step, last_checkpoint, origin.command, origin.out_dir)
+    return messages.stopped(outcome.reason, step, last_checkpoint, origin.command, out_dir)
+
+
+class Ending:
+    """The end of one :meth:`Trainer.run`: :meth:`finish` after the loop, or :meth:`nothing_to_do`.
+    ``log`` is the run's console; ``mirror_link``: rank 0's, with ``--mirror``."""
+
+    def __init__(self, cfg: TrainConfig, env: DistributedEnv, stop: StopFlag, manager: CheckpointManager,
+                 run_dir: RunDir, counters: Counters, log: Callable[[str], None], origin: Origin, started: float,
+                 mirror_link: Optional[MirrorLink], folder_checkpoints: bool) -> None:
+        self.cfg, self.env, self.stop, self.manager, self.run_dir = cfg, env, stop, manager, run_dir
+        self.counters, self.log, self.origin, self.started = counters, log, origin, started
+        self.mirror_link, self.folder_checkpoints = mirror_link, folder_checkpoints
+
+    def nothing_to_do(self, result: RunResult, first_step: int) -> None:
+        """A run already at ``max_steps`` (nothing to train, nothing to evaluate): say so, exit code 0."""
+        self.log(messages.nothing_to_do(self.counters.step, self.cfg.max_steps))
+        self.fill(result, first_step)
+        if self.env.is_main:
+            self.run_dir.write_exit_code(0)
+            self._finish_mirror()  # a mirror behind a finished run catches up
+
+    def finish(self, outcome: Outcome, result: RunResult) -> None:
+        """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
+        if self.env.is_main or self.folder_checkpoints:  # the stop message names a committed checkpoint
+            wait_for_commit(self.stop, self.manager, self.log)
+        distributed.barrier("the wait for the last commit")  # no rank exits (and makes torchrun stop the others) first
+        result.step, result.last_checkpoint = self.counters.step, self.manager.committed_path
+        if outcome.kind == "stop":
+            result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
+        self.log(last_line(outcome, self.counters, result.last_checkpoint, self.stop, self.origin, self.cfg.out_dir,
+                           self.env.launched, self.run_dir.best, time.monotonic() - self.started))
+        if self.env.is_main:
+            self.run_dir.write_exit_code(result.exit_code)
+            self._finish_mirror()  # the exit code stays the stop's
+
+    def fill(self, result: RunResult, first_step: int) -> None:
+        """What the run reached: its step, checkpoints and best validation loss."""
+        counters, best = self.counters, self.run_dir.best
+        result.step, result.steps_trained = counters.step, counters.step - first_step
+        result.last_checkpoint = self.manager.committed_path
+        result.best_val_loss = counters.best_val_loss if math.isfinite(counters.best_val_loss) else None
+        result.best_checkpoint = best if best.exists() else None
+
+    def _finish_mirror(self) -> None:
+        """After the last local commit, a bounded wait for the final upload, and what the mirror holds."""
+        if self.mirror_link is None:
+            return
+        limit = self.cfg.time_limit
+        time_left = None if limit is None else limit - (time.monotonic() - self.started)
+        self.log(self.mirror_link.finish(self.cfg.mirror_wait, self.stop.forced, time_left))

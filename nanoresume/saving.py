@@ -8,13 +8,30 @@ synchronous mode every rank waits for the commit.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import distributed
 from .checkpoint import CheckpointManager
+from .checkpoint.observe import CancelWhen
+from .config import TrainConfig
 from .distributed import DistributedEnv
+from .rundir import RunDir
 from .training_parts import TrainingParts
+
+
+def checkpoint_manager(cfg: TrainConfig, run_dir: RunDir, env: DistributedEnv, folder_checkpoints: bool,
+                       on_commit: Callable[[int, Path], None], abandoning: Callable[[], bool]) -> CheckpointManager:
+    """The run's save policy, from its settings: the interval, the minutes, how many to keep, in the
+    background or not; ``abandoning`` cancels a write in flight (the user insisted on stopping)."""
+    return CheckpointManager(
+        run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
+        every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
+        # a folder's writes coordinate over a group of their own: they may run on the writer thread
+        group=distributed.new_group() if folder_checkpoints else None,
+        token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
+        on_commit=on_commit, observer=CancelWhen(abandoning), advice=run_dir.checkpoint_advice)
 
 
 class StepSaves:

@@ -1,14 +1,17 @@
 """The training loop, and the wiring of everything it uses.
 
 ``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving a checkpoint on the
-interval, at the end, and whenever it stops. Start-up decisions (resume or not, which config,
-which parallelism) come from :mod:`nanoresume.startup`; everything that must survive a restart
-lives in :class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the
-one that never stopped; whether to go on after a step is decided once per step by
-:class:`~nanoresume.stopping.StepDecisions`; every line the run prints comes from
+interval, at the end, and whenever it stops. Each piece lives in its own module, and the trainer
+wires them: start-up decisions (resume or not, which config, which parallelism) come from
+:mod:`nanoresume.startup`; everything that must survive a restart lives in
+:class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the one that
+never stopped; whether to go on after a step is decided once per step by
+:class:`~nanoresume.stopping.StepDecisions`; each step's save is :mod:`nanoresume.saving`'s, its
+log :mod:`nanoresume.steplog`'s, an evaluation :mod:`nanoresume.evaluating`'s, and how the run
+ends and what it reports :mod:`nanoresume.ending`'s; every line the run prints comes from
 :mod:`nanoresume.messages`. With ``--mirror``, rank 0 hands each committed checkpoint to a
-background :class:`~nanoresume.mirror.Uploader` and, at the end, waits at most ``--mirror-wait``
-for the last one (see :mod:`nanoresume.mirror`).
+background uploader (:mod:`nanoresume.mirror.link`) and, at the end, waits at most
+``--mirror-wait`` for the last one.
 
 Under torchrun every rank runs this same loop on its share of each global batch, with the
 model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
@@ -29,8 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, ending, launcher, messages, parallel, startup
-from .checkpoint.observe import CancelWhen, WriteCancelled
+from . import distributed, ending, launcher, messages, parallel, saving, startup
+from .checkpoint.observe import WriteCancelled
 from .config import TrainConfig, derived_fields
 from .console import Console, TrainWindow, configure_logging, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
@@ -45,7 +48,6 @@ from .mirror.link import MirrorLink
 from .model import materialize, shapes_only
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
-from .saving import StepSaves
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .samples import EvalSamples
 from .signals import StopFlag
@@ -146,20 +148,14 @@ class Trainer:
         # this rank's share, before a size that cannot fit hangs in the allocator
         check_fits(cfg, self.device, env.world_size, parallelism.sharded_model)
         self.sharded_model, self.folder_checkpoints = parallelism.sharded_model, parallelism.folder_checkpoints
-        self.manager = checkpoint.CheckpointManager(
-            self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
-            every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
-            # a folder's writes coordinate over a group of their own: they may run on the writer thread
-            group=distributed.new_group() if self.folder_checkpoints else None,
-            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
-            on_commit=self._committed, observer=CancelWhen(lambda: self.stop.abandoning),
-            advice=self.run_dir.checkpoint_advice)
+        self.manager = saving.checkpoint_manager(cfg, self.run_dir, env, self.folder_checkpoints, self._committed,
+                                                 lambda: self.stop.abandoning)
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = startup.load_data(cfg, env, warn)
         startup.claim_mirror(self.mirror, cfg, self.data.fingerprint, env)
         self._build_model(cfg)
-        self.saves = StepSaves(self.manager, self.parts, self.run_dir.best, env, self.folder_checkpoints)
+        self.saves = saving.StepSaves(self.manager, self.parts, self.run_dir.best, env, self.folder_checkpoints)
         self.decisions = StepDecisions(self.stop, env, self.manager, cfg.time_limit, self.started)
         self.evaluation = Evaluation(cfg, env, self.stop, self.counters, self.decisions,
                                      EvalSamples(cfg.sample_tokens, cfg.sample_prompt, cfg.seed, cfg.vocab_size,
@@ -221,12 +217,6 @@ class Trainer:
         self.stop.last_committed_step = step
         if self.mirror_link is not None:
             self.mirror_link.committed(step, path)  # returns at once: training never waits for the network
-
-    def _finish_mirror(self) -> None:
-        """After the last local commit, a bounded wait for the final upload, and what the mirror holds."""
-        if self.mirror_link is not None:
-            time_left = None if self.cfg.time_limit is None else self.cfg.time_limit - (time.monotonic() - self.started)
-            self.console.log(self.mirror_link.finish(self.cfg.mirror_wait, self.stop.forced, time_left))
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -319,22 +309,21 @@ class Trainer:
             cleanup.callback(self.stop.tear_down)  # runs first: nothing left to save
             self.console.log(self._start_line())
             first_step = self.counters.step
-            if self._outcome() is FINISHED:  # nothing to train, nothing to evaluate
-                self.console.log(messages.nothing_to_do(self.counters.step, self.cfg.max_steps))
-                ending.fill(result, self.counters, first_step, self.manager.committed_path, self.run_dir.best)
-                if self.env.is_main:
-                    self.run_dir.write_exit_code(0)
-                    self._finish_mirror()  # a mirror behind a finished run catches up
+            end = ending.Ending(self.cfg, self.env, self.stop, self.manager, self.run_dir, self.counters,
+                                self.console.log, ending.Origin(self.continue_in, self.command, self._launcher),
+                                self.started, self.mirror_link, self.folder_checkpoints)
+            if self._outcome() is FINISHED:
+                end.nothing_to_do(result, first_step)
                 return
             self._start_metrics(metrics)
             try:
-                self._finish(self._loop(metrics), result)
+                end.finish(self._loop(metrics), result)
             except Exception as e:  # DDP's and FSDP's own collectives fail unguarded: say so before the teardown
                 lost = distributed.lost_peer_error(e)
                 if lost is None:
                     raise
                 raise distributed.report(lost) from None
-            ending.fill(result, self.counters, first_step, self.manager.committed_path, self.run_dir.best)
+            end.fill(result, first_step)
 
     def _start_metrics(self, metrics: Metrics) -> None:
         """Log from the first step this start trains: a resume from step R continues at R + 1, a new
@@ -386,21 +375,6 @@ class Trainer:
     def _outcome(self) -> Outcome:
         """What follows the step just taken: the one place a stop is decided."""
         return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self.evaluation.due())
-
-    def _finish(self, outcome: Outcome, result: RunResult) -> None:
-        """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
-        if self.env.is_main or self.folder_checkpoints:  # the stop message names a committed checkpoint
-            ending.wait_for_commit(self.stop, self.manager, self.console.log)
-        distributed.barrier("the wait for the last commit")  # no rank exits (and makes torchrun stop the others) first
-        result.step, result.last_checkpoint = self.counters.step, self.manager.committed_path
-        if outcome.kind == "stop":
-            result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
-        origin = ending.Origin(self.continue_in, self.command, self.cfg.out_dir, self.env.launched, self._launcher)
-        self.console.log(ending.last_line(outcome, self.counters, result.last_checkpoint, self.stop, origin,
-                                          self.run_dir.best, time.monotonic() - self.started))
-        if self.env.is_main:
-            self.run_dir.write_exit_code(result.exit_code)
-            self._finish_mirror()  # the exit code stays the stop's
 
     def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
         lag = self.mirror_link.uploader.lag if self.mirror_link is not None else None
