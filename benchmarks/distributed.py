@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.saves):
         trainer.counters.step += 1  # a new step name for every save, as in training
         started = time.perf_counter()
-        trainer._save_if_due(force=True)
+        trainer.saves.save_if_due(trainer.counters.step, force=True)
         saves.append(time.perf_counter() - started)
     loss, norm = torch.tensor(2.5), torch.tensor(1.0)
     decisions = []

@@ -69,7 +69,8 @@ def worker(args: argparse.Namespace) -> None:
         sync()
         distributed.barrier()
         started = time.perf_counter()
-        trainer._save_if_due(force=True)  # synchronous: returns once the commit is done on every rank
+        # synchronous: returns once the commit is done on every rank
+        trainer.saves.save_if_due(trainer.counters.step, force=True)
         saves.append(time.perf_counter() - started)
         checkpoints = CheckpointDir(trainer.run_dir.checkpoints)
         distributed.barrier()

@@ -1,14 +1,17 @@
 """The training loop, and the wiring of everything it uses.
 
 ``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving a checkpoint on the
-interval, at the end, and whenever it stops. Start-up decisions (resume or not, which config,
-which parallelism) come from :mod:`nanoresume.startup`; everything that must survive a restart
-lives in :class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the
-one that never stopped; whether to go on after a step is decided once per step by
-:class:`~nanoresume.stopping.StepDecisions`; every line the run prints comes from
+interval, at the end, and whenever it stops. Each piece lives in its own module, and the trainer
+wires them: start-up decisions (resume or not, which config, which parallelism) come from
+:mod:`nanoresume.startup`; everything that must survive a restart lives in
+:class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the one that
+never stopped; whether to go on after a step is decided once per step by
+:class:`~nanoresume.stopping.StepDecisions`; each step's save is :mod:`nanoresume.saving`'s, its
+log :mod:`nanoresume.steplog`'s, an evaluation :mod:`nanoresume.evaluating`'s, and how the run
+ends and what it reports :mod:`nanoresume.ending`'s; every line the run prints comes from
 :mod:`nanoresume.messages`. With ``--mirror``, rank 0 hands each committed checkpoint to a
-background :class:`~nanoresume.mirror.Uploader` and, at the end, waits at most ``--mirror-wait``
-for the last one (see :mod:`nanoresume.mirror`).
+background uploader (:mod:`nanoresume.mirror.link`) and, at the end, waits at most
+``--mirror-wait`` for the last one.
 
 Under torchrun every rank runs this same loop on its share of each global batch, with the
 model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
@@ -20,28 +23,28 @@ together, once per step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, distributed, launcher, messages, parallel, schema, startup
-from .checkpoint.observe import CancelWhen, WriteCancelled
+from . import distributed, ending, launcher, messages, parallel, saving, startup
+from .checkpoint.observe import WriteCancelled
 from .config import TrainConfig, derived_fields
 from .console import Console, TrainWindow, configure_logging, log, wants_bar
 from .data import BatchSampler, eval_offsets, windows
 from .distributed import DistributedEnv, ProcessGroup
+from .ending import RunResult
 from .errors import NonFiniteLossError
+from .evaluating import Evaluation, validation_loss
 from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
-from .mirror import Uploader
+from .mirror.link import MirrorLink
 from .model import materialize, shapes_only
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
@@ -50,27 +53,10 @@ from .samples import EvalSamples
 from .signals import StopFlag
 from .slowsteps import SlowStepWatch
 from .startup import StartMode
+from .steplog import StepLog
 from .state import seed_everything, seed_rank_streams
 from .stopping import CONTINUE, FINISHED, Outcome, StepDecisions
 from .training_parts import TrainingParts
-
-@dataclass
-class RunResult:
-    """What a call to :meth:`Trainer.run` (or :func:`nanoresume.train`) did."""
-
-    step: int  # the step training reached (a resumed run counts from the start of the run, not of this call)
-    stop_reason: Optional[str]  # None when training reached max_steps; "SIGINT", "time limit", ...
-    exit_code: int  # what the command line would exit with: 0 finished, 128+signal, 75 time limit
-    last_checkpoint: Optional[Path] = None  # the newest committed step checkpoint (None: none yet)
-    best_val_loss: Optional[float] = None  # the best validation loss so far (None: no evaluation yet)
-    best_checkpoint: Optional[Path] = None  # best.pt, the weights of that evaluation (None: not written yet)
-    steps_trained: int = 0  # optimizer steps taken by this call
-
-    @property
-    def finished(self) -> bool:
-        """Whether training reached ``max_steps`` (else it stopped early, and a resume continues it)."""
-        return self.stop_reason is None
-
 
 class Trainer:
     """Build everything for ``cfg`` (resuming if asked), then :meth:`run`.
@@ -96,7 +82,6 @@ class Trainer:
         self.on_metrics = on_metrics  # (step, {"train/loss": ...} or {"val/loss": ...}): see metrics.py
         self.command = list(command)  # what the user runs to train: repeated in "Continue with: ..."
         self.started = time.monotonic() if started is None else started
-        self._slow_steps: Optional[SlowStepWatch] = None  # made at the first step, from the resolved config
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()  # restored by close()
         self.env = env or distributed.detect()
         # torchrun's command line, for the stop message: read now, the launcher may be gone by then
@@ -132,9 +117,9 @@ class Trainer:
         except WriteCancelled:
             pass  # the user insisted on stopping: the write in flight was abandoned and its temp file removed
         finally:
-            if getattr(self, "uploader", None) is not None:
-                self.uploader.close()  # an upload in flight is abandoned: the mirror keeps its previous pointer
-                self.uploader = None
+            if getattr(self, "mirror_link", None) is not None:
+                self.mirror_link.close()
+                self.mirror_link = None
             torch.use_deterministic_algorithms(self._was_deterministic)
             self.run_dir.close()
             self.process_group.close()
@@ -146,7 +131,7 @@ class Trainer:
         restart = distributed.restart_count(os.environ) if env.launched else 0
         if restart:
             self.console.log(messages.restarted_by_torchrun(restart, distributed.max_restarts(os.environ)))
-        self.uploader: Optional[Uploader] = None  # rank 0's, with --mirror: started once the start point is known
+        self.mirror_link: Optional[MirrorLink] = None  # rank 0's, with --mirror: started once the start point is known
         self.mirror = startup.open_mirror(cfg, env)  # probed before OUT is created
         startup.open_run_dir(cfg, env, self.run_dir, warn)
         found = startup.find_resume(cfg, env, self.run_dir, warn, self.mirror,  # refuses before a download commits
@@ -163,23 +148,18 @@ class Trainer:
         # this rank's share, before a size that cannot fit hangs in the allocator
         check_fits(cfg, self.device, env.world_size, parallelism.sharded_model)
         self.sharded_model, self.folder_checkpoints = parallelism.sharded_model, parallelism.folder_checkpoints
-        self.manager = checkpoint.CheckpointManager(
-            self.run_dir.checkpoints, cfg.effective_ckpt_interval, cfg.keep_last, background=cfg.async_save,
-            every_seconds=cfg.ckpt_minutes * 60 if cfg.ckpt_minutes is not None else None,
-            # a folder's writes coordinate over a group of their own: they may run on the writer thread
-            group=distributed.new_group() if self.folder_checkpoints else None,
-            token=str(distributed.broadcast_object(os.getpid())), coordinator=env.is_main,
-            on_commit=self._committed, observer=CancelWhen(lambda: self.stop.abandoning),
-            advice=self.run_dir.checkpoint_advice)
-        self._newest_checkpoint: Optional[int] = None  # staged or committed: the step a resume would restart at
-        self._pending_best: Optional[dict[str, Any]] = None  # best.pt weights waiting for this step's save
+        self.manager = saving.checkpoint_manager(cfg, self.run_dir, env, self.folder_checkpoints, self._committed,
+                                                 lambda: self.stop.abandoning)
         if cfg.deterministic:
             use_deterministic_kernels()  # before cuBLAS first starts; close() restores the global flag
         self.data = startup.load_data(cfg, env, warn)
         startup.claim_mirror(self.mirror, cfg, self.data.fingerprint, env)
         self._build_model(cfg)
-        self.samples = EvalSamples(cfg.sample_tokens, cfg.sample_prompt, cfg.seed, cfg.vocab_size, self.device, warn)
+        self.saves = saving.StepSaves(self.manager, self.parts, self.run_dir.best, env, self.folder_checkpoints)
         self.decisions = StepDecisions(self.stop, env, self.manager, cfg.time_limit, self.started)
+        self.evaluation = Evaluation(cfg, env, self.stop, self.counters, self.decisions,
+                                     EvalSamples(cfg.sample_tokens, cfg.sample_prompt, cfg.seed, cfg.vocab_size,
+                                                 self.device, warn), self.raw_model, self.sharded_model, self.autocast)
 
         if found.checkpoint is not None:
             self._resume_from(*found.checkpoint, source=found.source)
@@ -191,7 +171,11 @@ class Trainer:
         if env.is_main:
             self.run_dir.write_config({**cfg.to_dict(), **derived_fields(cfg, env.world_size)})
         if self.mirror is not None:
-            self._start_uploader(found)
+            resumed = self.counters.step if found.checkpoint is not None else None
+            self.mirror_link = MirrorLink.start(self.mirror, self.run_dir.root, lambda text: self.console.warn(text),
+                                                cfg.mirror_keep_last or cfg.keep_last, resumed,
+                                                found.source is not None or found.mirror_step == resumed,
+                                                self.manager.committed_path)
 
     def _build_model(self, cfg: TrainConfig) -> None:
         """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
@@ -222,41 +206,17 @@ class Trainer:
     def _resume_from(self, path: Path, state: dict[str, Any], source: Optional[str] = None) -> None:
         """``source``: where the checkpoint was downloaded from (the mirror), named in the resume line."""
         self.parts.load(path, state)
-        self.stop.last_committed_step = self._newest_checkpoint = self.counters.step
+        self.stop.last_committed_step = self.saves.newest = self.counters.step
         self.console.log(messages.resumed(source or path, self.counters.step))
         if not self.env.is_main:
             return
         self.manager.adopt(path, self.counters.step, self.console.warn)  # newer checkpoints are set aside
 
-    # ---- the mirror (rank 0, with --mirror) ----------------------------------------------------
-
-    def _start_uploader(self, found: startup.Found) -> None:
-        """Start the background uploader. The mirror holds the step resumed from when it came from there
-        or the mirror's pointer names it; otherwise that checkpoint goes up first (the mirror is behind)."""
-        cfg, resumed = self.cfg, self.counters.step if found.checkpoint is not None else None
-        held = resumed if resumed is not None and (found.source is not None or found.mirror_step == resumed) else None
-        self.uploader = Uploader(self.mirror, self.run_dir.root, lambda text: self.console.warn(text),
-                                 keep_last=cfg.mirror_keep_last or cfg.keep_last,
-                                 protect=() if resumed is None else (resumed,), held=held).start()
-        if resumed is not None and held is None and self.manager.committed_path is not None:
-            self.uploader.committed(resumed, self.manager.committed_path)
-
     def _committed(self, step: int, path: Path) -> None:
         """A step checkpoint was committed locally (on the writer thread in background mode)."""
         self.stop.last_committed_step = step
-        if self.uploader is not None:
-            self.uploader.committed(step, path)  # returns at once: training never waits for the network
-
-    def _finish_mirror(self) -> None:
-        """After the last local commit: wait at most --mirror-wait (never past --time-limit) for the final
-        upload, then say what the mirror holds."""
-        if self.uploader is None:
-            return
-        wait = 0.0 if self.stop.forced else self.cfg.mirror_wait  # the user insists: no waiting for the network
-        if self.cfg.time_limit is not None:
-            wait = min(wait, max(0.0, self.cfg.time_limit - (time.monotonic() - self.started)))
-        self.uploader.wait(wait)
-        self.console.log(self.uploader.summary())
+        if self.mirror_link is not None:
+            self.mirror_link.committed(step, path)  # returns at once: training never waits for the network
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -301,44 +261,18 @@ class Trainer:
         votes = self.decisions.vote(total_loss / self.cfg.grad_accum, grad_norm)
         if votes.any_nonfinite_loss:
             raise NonFiniteLossError(messages.nonfinite_loss(votes.loss, self.counters.step + 1,
-                                                             self._newest_checkpoint))
+                                                             self.saves.newest))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return votes.loss, votes.grad_norm
 
-    @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over the fixed validation batches; None if a stop request arrived during it.
-
-        A stop requested before it started does not cut it short: an evaluation that is due is
-        part of the step, and skipping it would change best.pt and the checkpoint written at the
-        stop. Under torchrun the batches are shared out between ranks, and an evaluation is never
-        cut short (the ranks would have to agree on it batch by batch).
-        """
-        stop_already_requested = self.stop.is_set()
-        rank, world, count = self.env.rank, self.env.world_size, len(self.val_batches)
-        mine = list(range(rank, count, world))
-        if self.sharded_model:  # each forward gathers weights with every rank: all must run as many
-            mine += [-1] * (-(-count // world) - len(mine))  # (-1: a repeat whose loss counts for nothing)
-        self._eval_model.eval()
-        try:
-            losses = torch.zeros(count, dtype=torch.float64, device=self.device)
-            for i in mine:
-                if world == 1 and self.stop.is_set() and not stop_already_requested:
-                    return None
-                offsets = self.val_batches[max(i, 0)]
-                x, y = (t.to(self.device) for t in windows(self.data.val, offsets, self.cfg.block_size))
-                with self.autocast():
-                    _, loss = self._eval_model(x, y)
-                if i >= 0:
-                    losses[i] = loss.double()
-            # Each batch's loss comes from exactly one rank; the sum over ranks just collects them.
-            per_batch = distributed.all_sum(losses).tolist()
-            return sum(per_batch) / len(per_batch)
-        finally:
-            self._eval_model.train()
+        """Mean loss over the fixed validation batches; None if a stop request arrived during it
+        (see :func:`~nanoresume.evaluating.validation_loss`)."""
+        return validation_loss(self._eval_model, self.data.val, self.val_batches, self.cfg.block_size, self.device,
+                               self.env, self.stop, self.autocast, self.sharded_model)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -359,9 +293,9 @@ class Trainer:
             self._run(result)
         except (KeyboardInterrupt, WriteCancelled):
             if self.stop.forced_exit is None and self.stop.forced:  # ours: say it again, now that all is closed
-                raise self.stop.interrupted(self._continue_hint()) from None
+                raise self.stop.interrupted(ending.continue_hint(self.continue_in, self.stop)) from None
             raise
-        self.stop.raise_if_forced(self._continue_hint())
+        self.stop.raise_if_forced(ending.continue_hint(self.continue_in, self.stop))
         return result
 
     def _run(self, result: RunResult) -> None:
@@ -375,34 +309,21 @@ class Trainer:
             cleanup.callback(self.stop.tear_down)  # runs first: nothing left to save
             self.console.log(self._start_line())
             first_step = self.counters.step
-            if self._outcome() is FINISHED:  # nothing to train, nothing to evaluate
-                self.console.log(messages.nothing_to_do(self.counters.step, self.cfg.max_steps))
-                self._fill(result, first_step)
-                if self.env.is_main:
-                    self.run_dir.write_exit_code(0)
-                    self._finish_mirror()  # a mirror behind a finished run catches up
+            end = ending.Ending(self.cfg, self.env, self.stop, self.manager, self.run_dir, self.counters,
+                                self.console.log, ending.Origin(self.continue_in, self.command, self._launcher),
+                                self.started, self.mirror_link, self.folder_checkpoints)
+            if self._outcome() is FINISHED:
+                end.nothing_to_do(result, first_step)
                 return
             self._start_metrics(metrics)
             try:
-                self._finish(self._loop(metrics), result)
+                end.finish(self._loop(metrics), result)
             except Exception as e:  # DDP's and FSDP's own collectives fail unguarded: say so before the teardown
                 lost = distributed.lost_peer_error(e)
                 if lost is None:
                     raise
                 raise distributed.report(lost) from None
-            self._fill(result, first_step)
-
-    def _fill(self, result: RunResult, first_step: int) -> None:
-        """What the run reached: its step, checkpoints and best validation loss."""
-        counters = self.counters
-        result.step, result.steps_trained = counters.step, counters.step - first_step
-        result.last_checkpoint = self.manager.committed_path
-        result.best_val_loss = counters.best_val_loss if math.isfinite(counters.best_val_loss) else None
-        result.best_checkpoint = self.run_dir.best if self.run_dir.best.exists() else None
-
-    def _continue_hint(self) -> str:
-        """After "interrupted; last committed checkpoint: step N": how to continue, where the run was started."""
-        return messages.how_to_continue(self.continue_in, self.stop.last_committed_step)
+            end.fill(result, first_step)
 
     def _start_metrics(self, metrics: Metrics) -> None:
         """Log from the first step this start trains: a resume from step R continues at R + 1, a new
@@ -416,7 +337,9 @@ class Trainer:
     def _loop(self, metrics: Metrics) -> Outcome:
         """Train step by step while the outcome is CONTINUE; each step ends with its save, if due."""
         cfg, counters, window = self.cfg, self.counters, TrainWindow()
-        evaluated = self._evaluation_due()  # step 0 of a new run, or one a stop cut short before the restart
+        steps = StepLog(metrics, window, self.console, self.decisions, cfg.tokens_per_step(self.env.world_size),
+                        SlowStepWatch(cfg.grad_accum, cfg.batch_size))
+        evaluated = self.evaluation.due()  # step 0 of a new run, or one a stop cut short before the restart
         if evaluated:
             self._evaluate_and_log(metrics, window)
         # The step resumed from is saved already; after its evaluation, best.pt may not be.
@@ -428,10 +351,10 @@ class Trainer:
             seconds = time.perf_counter() - started
             counters.step += 1
             counters.tokens_seen += cfg.tokens_per_step(self.env.world_size)
-            self._log_step(metrics, window, loss, lr, grad_norm, seconds)
+            steps.record(counters.step, loss, lr, grad_norm, seconds)
             if self.on_step is not None:
                 self.on_step(self, counters.step, loss)
-            if self._evaluation_due():
+            if self.evaluation.due():
                 self._evaluate_and_log(metrics, window)
             outcome = self._end_of_step(time_due=self.decisions.votes.save_time_due)
         return outcome
@@ -442,125 +365,22 @@ class Trainer:
         forced ends the run at this step, saved, rather than after one more."""
         outcome = self._outcome()
         if save or outcome is not CONTINUE:
-            self._save_if_due(force=outcome is not CONTINUE, time_due=time_due)
+            self.saves.save_if_due(self.counters.step, force=outcome is not CONTINUE, time_due=time_due)
         if outcome is CONTINUE:
             outcome = self._outcome()
             if outcome is not CONTINUE:
-                self._save_if_due(force=True)  # a no-op when this step is saved already
+                self.saves.save_if_due(self.counters.step, force=True)  # a no-op when this step is saved already
         return outcome
 
     def _outcome(self) -> Outcome:
         """What follows the step just taken: the one place a stop is decided."""
-        return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self._evaluation_due())
-
-    def _finish(self, outcome: Outcome, result: RunResult) -> None:
-        """Wait for the last commit on every rank, then say how the run ended and record its exit code."""
-        if self.env.is_main or self.folder_checkpoints:
-            self._wait_for_commit()  # the stop message names a committed checkpoint, never one still in flight
-        distributed.barrier("the wait for the last commit")  # no rank exits (and makes torchrun stop the others) first
-        counters = self.counters
-        result.step, result.last_checkpoint = counters.step, self.manager.committed_path
-        if outcome.kind == "stop":
-            result.stop_reason, result.exit_code = outcome.reason, outcome.exit_code
-            if self.continue_in != "shell":
-                self.console.log(messages.stopped_in_python(outcome.reason, counters.step, result.last_checkpoint,
-                                                            self.stop.last_committed_step, self.continue_in))
-            elif self.env.launched:  # the launcher's command: the worker's own would continue on one process
-                self.console.log(messages.stopped_under_torchrun(
-                    outcome.reason, counters.step, result.last_checkpoint,
-                    launcher.resume_auto(self._launcher) if self._launcher is not None else None))
-            else:
-                self.console.log(messages.stopped(outcome.reason, counters.step, result.last_checkpoint,
-                                                  self.command, self.cfg.out_dir))
-        else:
-            self.console.log(messages.finished(counters.step, counters.tokens_seen, counters.best_val_loss,
-                                               self.run_dir.best, time.monotonic() - self.started))
-        if self.env.is_main:
-            self.run_dir.write_exit_code(result.exit_code)
-            self._finish_mirror()  # the exit code stays the stop's
-
-    def _wait_for_commit(self) -> None:
-        """Wait for the save in flight. In library use, a user who insists meanwhile is told what is being
-        waited for, and that another interrupt abandons it (the command line exits at once instead)."""
-        told = self.stop.forced_exit is not None
-        while not told and self.manager.in_flight:
-            if self.stop.forced:
-                self.console.log(messages.waiting_for_commit(self.manager.staged_step, self.stop.last_committed_step))
-                told = True
-            else:
-                time.sleep(0.02)
-        self.manager.wait()
-
-    def _log_step(self, metrics: Metrics, window: TrainWindow, loss: float, lr: float, grad_norm: float,
-                  seconds: float) -> None:
-        tokens = self.cfg.tokens_per_step(self.env.world_size)
-        window.add(loss, tokens)
-        self.decisions.slowest_step = max(self.decisions.slowest_step, seconds)
-        metrics.log(self.counters.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                         "train/tokens_per_s": tokens / seconds})
-        self.console.advance(self.counters.step, loss, lr, tokens, seconds)
-        if self._slow_steps is None:
-            self._slow_steps = SlowStepWatch(self.cfg.grad_accum, self.cfg.batch_size)
-        warning = self._slow_steps.observe(self.counters.step, seconds)
-        if warning is not None:
-            self.console.warn(warning)
-
-    def _evaluation_due(self) -> bool:
-        step = self.counters.step
-        due = step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
-        return due and self.counters.evaluated_step != step
-
-    def _save_if_due(self, force: bool, time_due: bool = False) -> None:
-        """Save this step's checkpoint when it is due (or forced), and best.pt when the evaluation of
-        this step improved it: one save, staged now, committed now or in the background.
-
-        Every rank takes the same decision. A file: each rank hands rank 0 its RNG streams (and under
-        FSDP its shards), and rank 0 alone writes. A folder: every rank writes its own part. In
-        synchronous mode every rank waits for the commit.
-        """
-        step = self.counters.step
-        due = (step > 0 or force) and self.manager.is_due(step, force, time_due=time_due)
-        state = self.parts.checkpoint(self.folder_checkpoints) if due else None
-        best = [(self.run_dir.best, self._pending_best)] if self._pending_best is not None else []
-        self._pending_best = None
-        if state is not None:
-            self._newest_checkpoint = step
-        if self.folder_checkpoints and state is not None:
-            self.manager.save(step, state, also=best, sharded=True)
-        elif self.env.is_main and (state is not None or best):
-            self.manager.save(step, state, also=best)
-        elif state is not None:
-            self.manager.mark_staged(step)  # the decision is shared; the file is rank 0's
-        if due and not self.manager.background:
-            distributed.barrier("the wait for a checkpoint commit")
+        return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self.evaluation.due())
 
     def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
-        train_loss, tokens_per_second = window.summary()
-        started = time.perf_counter()
-        val_loss = self.evaluate()
-        self.decisions.last_eval_seconds = time.perf_counter() - started
-        if val_loss is None:
-            return  # cut short by a stop request: an incomplete eval must not touch best.pt
-        step = self.counters.step
-        self.counters.evaluated_step = step
-        ppl = math.exp(min(val_loss, 50.0))
-        metrics.log(step, {"val/loss": val_loss, "val/perplexity": ppl})
-        line = messages.evaluation(step, train_loss, val_loss, ppl, tokens_per_second)
-        if self.uploader is not None:
-            lag_steps, lag_seconds = self.uploader.lag()
-            metrics.log(step, {"mirror/lag_steps": float(lag_steps), "mirror/lag_seconds": lag_seconds})
-            line += messages.mirror_lag(lag_steps, lag_seconds)
-        self.console.log(line)
-        cancel = self.stop.is_set if self.env.world_size == 1 else None  # a stop waits for no sample (one process)
-        self.decisions.last_eval_seconds += self.samples.show(step, self.raw_model, self.autocast, self.console.log,
-                                                              metrics, cancel)
-        window.reset()
-        if val_loss < self.counters.best_val_loss:
-            self.counters.best_val_loss = val_loss
-            weights = parallel.full_weights(self.raw_model, self.sharded_model)  # under FSDP a collective
-            if self.env.is_main:
-                self._pending_best = schema.weights_state(
-                    weights, dataclasses.asdict(self.cfg.model_config()), step, self.counters.tokens_seen, val_loss)
+        lag = self.mirror_link.uploader.lag if self.mirror_link is not None else None
+        best = self.evaluation.run(self.evaluate, metrics, window, self.console.log, lag)
+        if best is not None:
+            self.saves.pending_best = best
 
     def _start_line(self) -> str:
         cfg, world = self.cfg, self.env.world_size

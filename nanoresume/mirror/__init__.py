@@ -33,7 +33,8 @@ so after the process exits the mirror holds a verified step N, or the last line 
 holds and why the newest is missing.
 
 Modules: :mod:`.store` (the fsspec seam, the probe, one-line errors), :mod:`.remote` (uploads,
-checks, pointer, retention), :mod:`.uploader` (the background thread), :mod:`.restore` (download,
+checks, pointer, retention), :mod:`.uploader` (the background thread), :mod:`.link` (a training run's
+uploader, from start to the bounded wait at the end), :mod:`.restore` (download,
 verify, commit; the run's other files), :mod:`.fetch` (the tools' verified copies in a cache).
 """
 

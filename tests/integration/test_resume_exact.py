@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import nanoresume.evaluating as evaluating
 import nanoresume.trainer as trainer_module
 import nanoresume.training_parts as training_parts
 from nanoresume.checkpoint import load_checkpoint, step_path
@@ -134,14 +135,14 @@ def test_a_stop_during_the_final_evaluation_is_a_stop_and_the_restart_redoes_it(
     baseline, cut_cfg = configs()
 
     trainer = Trainer(cut_cfg)
-    real_windows = trainer_module.windows
+    real_windows = evaluating.windows
 
     def windows_that_signal_in_the_final_eval(tokens, offsets, block_size):
         if tokens is trainer.data.val and trainer.counters.step == N:
             trainer.stop.request("test", 99)
         return real_windows(tokens, offsets, block_size)
 
-    monkeypatch.setattr(trainer_module, "windows", windows_that_signal_in_the_final_eval)
+    monkeypatch.setattr(evaluating, "windows", windows_that_signal_in_the_final_eval)
     result = trainer.run()
     assert (result.step, result.exit_code, result.stop_reason) == (N, 99, "test")
     monkeypatch.undo()

@@ -30,7 +30,7 @@ def install(mode: str, marker: Path, at: int) -> None:
         outcome = original(self, *args, **kwargs)
         if self.counters.step == at:
             deadline = time.monotonic() + 60
-            while self.uploader.held is None and time.monotonic() < deadline:
+            while self.mirror_link.uploader.held is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             marker.touch()
             if mode == "hold":

@@ -37,7 +37,7 @@ from nanoresume.trainer import Trainer as _Trainer
 
 import signal
 import nanoresume.startup as _startup
-import nanoresume.trainer as _trainer_module
+import nanoresume.evaluating as _evaluating
 
 _pause = {}
 
@@ -64,7 +64,7 @@ _windows = {"calls": 0}
 def _count_windows(*args):
     _windows["calls"] += 1
     return "evaluation" if _windows["calls"] == 2 else None
-_wrap(_trainer_module, "windows", _count_windows)
+_wrap(_evaluating, "windows", _count_windows)
 
 def pause_at(where):
     _pause["at"] = where
