@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -43,12 +44,20 @@ def failing_writes():
         stop_observing()
 
 
+def after_pending_writes(trainer: Trainer, arm: Callable[[int], None], code: int, now: bool) -> None:
+    """Arm the failure once the writes already under way have committed: on a slow machine a background
+    write of an earlier step may still be running, and must not be the one that fails."""
+    if now:
+        trainer.manager.wait()
+        arm(code)
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
 def test_a_failed_save_stops_the_run_with_one_line_and_keeps_earlier_checkpoints(make_config, failing_writes, code,
                                                                                  async_save):
     cfg = make_config(max_steps=30, ckpt_interval=5, eval_interval=1000, async_save=async_save)
-    trainer = Trainer(cfg, on_step=lambda tr, step, loss: failing_writes(code) if step == 7 else None)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: after_pending_writes(tr, failing_writes, code, step == 7))
     with pytest.raises(CheckpointWriteError) as failure:
         trainer.run()
     message = str(failure.value)
@@ -72,6 +81,7 @@ def test_an_fsync_error_fails_the_save_cleanly(make_config, monkeypatch):
 
     def break_fsync_at_step_7(tr, step, loss):
         if step == 7:
+            tr.manager.wait()  # step 5's background write commits first, however slow the machine
             monkeypatch.setattr(os, "fsync", broken_fsync)
 
     with pytest.raises(CheckpointWriteError, match="Input/output error"):
@@ -83,7 +93,8 @@ def test_an_fsync_error_fails_the_save_cleanly(make_config, monkeypatch):
 
 def test_a_failed_best_pt_write_keeps_the_previous_best_pt(make_config, failing_writes):
     cfg = make_config(max_steps=30, eval_interval=10, ckpt_interval=1000)
-    trainer = Trainer(cfg, on_step=lambda tr, step, loss: failing_writes(errno.ENOSPC) if step == 15 else None)
+    trainer = Trainer(cfg, on_step=lambda tr, step, loss: after_pending_writes(tr, failing_writes, errno.ENOSPC,
+                                                                             step == 15))
     with pytest.raises(CheckpointWriteError, match="best.pt"):
         trainer.run()
     best = load_checkpoint(Path(cfg.out_dir) / "best.pt")
