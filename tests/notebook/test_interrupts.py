@@ -27,8 +27,9 @@ INTERRUPTED = re.compile(r"interrupted; last committed checkpoint: (none|step (\
 # a stop was asked for (printing PAUSED), so an interrupt lands at a known step however fast the machine;
 # ``pause_at("start-up")`` waits so while the data is being loaded, ``pause_at("evaluation")`` after the
 # first batch of the first evaluation.
-# ``slow_writes()``: every checkpoint write takes about a second (a few hundred pieces, 4 ms each), so
-# the later clicks land while the stop's save is being written; it returns the function that undoes it.
+# ``held_writes(clicks)``: the stop's save (a write that starts once a stop was asked for) is held until
+# the user has clicked ``clicks`` times in all, so the later clicks land while it is being written however
+# fast or slow the machine writes; it returns the function that undoes it.
 HOOKS = """
 import time
 import nanoresume, torch
@@ -70,12 +71,19 @@ def pause_at(where):
     _pause["at"] = where
     _windows["calls"] = 0
 
-class _SlowWrites(_checkpoint.CheckpointObserver):
+class _HeldWrites(_checkpoint.CheckpointObserver):
+    def __init__(self, clicks):
+        self.clicks = clicks
     def on_write_progress(self, path, nbytes):
-        time.sleep(0.004)
+        stop = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+        if stop is None or not stop.is_set():
+            return  # not the stop's save
+        deadline = time.monotonic() + 240
+        while stop.signals_received + stop.insisted < self.clicks and time.monotonic() < deadline:
+            time.sleep(0.01)
 
-def slow_writes():
-    return _checkpoint.observe(_SlowWrites())
+def held_writes(clicks):
+    return _checkpoint.observe(_HeldWrites(clicks))
 """
 
 
@@ -141,7 +149,8 @@ def test_one_interrupt_saves_returns_sigint_and_running_the_cell_again_continues
 @pytest.mark.parametrize("gaps", [(0.05,), (0.5,), (0.3, 0.3)], ids=["twice-0.05s", "twice-0.5s", "three-times"])
 def test_pressing_stop_again_never_kills_the_kernel_nor_loses_what_was_committed(kernel, tmp_path, gaps):
     out = tmp_path / "out"
-    assert kernel.run("_fast_again = slow_writes()").error is None
+    clicks = 1 if gaps == (0.05,) else 1 + len(gaps)  # a click within DUPLICATE_WINDOW is the same click
+    assert kernel.run(f"_fast_again = held_writes({clicks})").error is None
     try:
         cell = kernel.start("pause_at(7)\n" + train(out, ckpt_interval=5))
         cell.wait_until("PAUSED")
