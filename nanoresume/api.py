@@ -14,7 +14,6 @@ kills the kernel (see :mod:`nanoresume.signals`); run the cell again to continue
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -38,6 +37,7 @@ def train(out_dir: str = "out", resume: str = "auto", mirror: Optional[str] = No
     """
     __tracebackhide__ = True  # IPython shows the caller's line and the one-line error, not this frame
     from .config import as_setting_names, config_from_settings
+    from .console import in_notebook
     from .errors import ConfigError
 
     given = {"out_dir": out_dir, "resume": resume, **({} if mirror is None else {"mirror": mirror}), **settings}
@@ -45,7 +45,7 @@ def train(out_dir: str = "out", resume: str = "auto", mirror: Optional[str] = No
     started = time.monotonic()  # --time-limit counts from the call
     from .trainer import Trainer  # torch from here on
 
-    where = "notebook" if _in_ipython() else "python"
+    where = "notebook" if in_notebook() else "python"  # the stop message then says to run the cell again
     stop = StopFlag()  # never ends the process: insisting raises KeyboardInterrupt
     with stop.installed():  # an interrupt during start-up asks for a stop too (at step 0, saved)
         try:
@@ -63,11 +63,3 @@ def _hint(where: str, stop: StopFlag) -> str:
     from .messages import how_to_continue
 
     return how_to_continue(where, stop.last_committed_step)
-
-
-def _in_ipython() -> bool:
-    """Whether this runs in IPython (a Jupyter or Colab kernel): the stop message then says to run
-    the cell again. IPython is only looked at if it is already imported."""
-    ipython = sys.modules.get("IPython")
-    get = getattr(ipython, "get_ipython", None)
-    return get is not None and get() is not None
