@@ -1,23 +1,16 @@
 """The training loop, and the wiring of everything it uses.
 
-``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving a checkpoint on the
-interval, at the end, and whenever it stops. Each piece lives in its own module, and the trainer
-wires them: start-up decisions (resume or not, which config, which parallelism) come from
-:mod:`nanoresume.startup`; everything that must survive a restart lives in
-:class:`~nanoresume.training_parts.TrainingParts`, so a resumed run is bit-for-bit the one that
-never stopped; whether to go on after a step is decided once per step by
-:class:`~nanoresume.stopping.StepDecisions`; each step's save is :mod:`nanoresume.saving`'s, its
-log :mod:`nanoresume.steplog`'s, an evaluation :mod:`nanoresume.evaluating`'s, and how the run
-ends and what it reports :mod:`nanoresume.ending`'s; every line the run prints comes from
-:mod:`nanoresume.messages`. With ``--mirror``, rank 0 hands each committed checkpoint to a
-background uploader (:mod:`nanoresume.mirror.link`) and, at the end, waits at most
-``--mirror-wait`` for the last one.
+``Trainer(cfg).run()`` trains until ``max_steps`` or a stop request, saving on the interval, at the
+end, and whenever it stops. The trainer wires; each piece lives in its own module: start-up
+decisions in :mod:`~nanoresume.startup`, what a step needs in :mod:`~nanoresume.building`, the
+named stateful parts a checkpoint holds in :mod:`~nanoresume.training_parts`, whether to go on in
+:mod:`~nanoresume.stopping` (once per step), the save in :mod:`~nanoresume.saving`, the step's log in
+:mod:`~nanoresume.steplog`, evaluation in :mod:`~nanoresume.evaluating`, the end of the run in
+:mod:`~nanoresume.ending`, and every printed line in :mod:`~nanoresume.messages`.
 
-Under torchrun every rank runs this same loop on its share of each global batch, with the
-model replicated (DistributedDataParallel) or sharded (FSDP2, ``--parallel fsdp``, see
-:mod:`nanoresume.parallel`); rank 0 alone writes files and logs, every rank writes its part
-of a checkpoint folder, and every decision that could differ between ranks is taken
-together, once per step.
+Under torchrun every rank runs this loop on its share of each global batch (DDP, or FSDP2 with
+``--parallel fsdp``); rank 0 alone writes files and logs, and every decision that could differ
+between ranks is taken together, once per step.
 """
 
 from __future__ import annotations
@@ -33,10 +26,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, ending, launcher, messages, parallel, saving, startup
+from .building import build_step_parts
 from .checkpoint.observe import WriteCancelled
 from .config import TrainConfig, derived_fields
-from .console import Console, TrainWindow, configure_logging, log, wants_bar
-from .data import BatchSampler, eval_offsets, windows
+from .console import Console, configure_logging, log, wants_bar
+from .data import windows
 from .distributed import DistributedEnv, ProcessGroup
 from .ending import RunResult
 from .errors import NonFiniteLossError
@@ -45,18 +39,13 @@ from .memory import check_fits
 from .invocation import DEFAULT_TRAIN_COMMAND
 from .metrics import Metrics, MetricsCallback
 from .mirror.link import MirrorLink
-from .model import materialize, shapes_only
-from .optim import build_optimizer, build_scheduler
 from .rundir import RunDir
 from .runtime import resolve_device, resolve_dtype, use_deterministic_kernels
 from .samples import EvalSamples
 from .signals import StopFlag
-from .slowsteps import SlowStepWatch
 from .startup import StartMode
 from .steplog import StepLog
-from .state import seed_everything, seed_rank_streams
 from .stopping import CONTINUE, FINISHED, Outcome, StepDecisions
-from .training_parts import TrainingParts
 
 class Trainer:
     """Build everything for ``cfg`` (resuming if asked), then :meth:`run`.
@@ -178,29 +167,12 @@ class Trainer:
                                                 self.manager.committed_path)
 
     def _build_model(self, cfg: TrainConfig) -> None:
-        """The model (sharded, compiled, wrapped for DDP as asked), its optimizer, schedule and scaler,
-        the batch order and the counters: everything a step needs."""
-        env = self.env
-        seed_everything(cfg.seed)
-        seed_rank_streams(cfg.seed, env.rank)  # dropout differs between ranks (rank 0 keeps the plain seed)
-        # Built on the meta device, sharded, then each rank allocates and fills only what it holds; the
-        # initial weights are keyed by (seed, name), the same in every layout, drawing on no stream.
-        model = shapes_only(cfg.model_config())
-        if self.sharded_model:
-            parallel.shard(model, model.blocks, self.device, env.world_size, self.dtype)
-        self.raw_model = materialize(model, self.device, cfg.seed)
-        compiled = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model = (DistributedDataParallel(compiled, device_ids=[self.device.index] if self.device.type == "cuda"
-                                              else None) if distributed.active() and not self.sharded_model
-                      else compiled)
-        self._eval_model = compiled  # never the DDP wrapper: evaluation needs no gradient sync
-        self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.sampler = BatchSampler(len(self.data.train), cfg.block_size, cfg.global_batch(env.world_size), cfg.seed)
-        self.val_batches = eval_offsets(len(self.data.val), cfg.block_size, cfg.eval_iters, cfg.batch_size)
-        self.parts = TrainingParts(cfg, env, self.data, self.raw_model, self.optimizer, self.scheduler, self.scaler,
-                                   self.sampler, self.sharded_model, warn=lambda text: self.console.warn(text))
+        """Everything a step needs (see :mod:`nanoresume.building`), kept under the names the loop uses."""
+        built = build_step_parts(cfg, self.env, self.device, self.dtype, self.data, self.sharded_model,
+                                 warn=lambda text: self.console.warn(text))
+        self.raw_model, self.model, self._eval_model = built.raw_model, built.model, built.eval_model
+        self.optimizer, self.scheduler, self.scaler = built.optimizer, built.scheduler, built.scaler
+        self.sampler, self.val_batches, self.parts = built.sampler, built.val_batches, built.parts
         self.counters = self.parts.counters
 
     def _resume_from(self, path: Path, state: dict[str, Any], source: Optional[str] = None) -> None:
@@ -315,9 +287,11 @@ class Trainer:
             if self._outcome() is FINISHED:
                 end.nothing_to_do(result, first_step)
                 return
-            self._start_metrics(metrics)
+            steps = StepLog(metrics, self.console, self.decisions, self.cfg.tokens_per_step(self.env.world_size),
+                            self.cfg.grad_accum, self.cfg.batch_size)
+            steps.start(self.counters.step, self.resumed_from is not None, self.cfg.to_dict())
             try:
-                end.finish(self._loop(metrics), result)
+                end.finish(self._loop(steps), result)
             except Exception as e:  # DDP's and FSDP's own collectives fail unguarded: say so before the teardown
                 lost = distributed.lost_peer_error(e)
                 if lost is None:
@@ -325,23 +299,12 @@ class Trainer:
                 raise distributed.report(lost) from None
             end.fill(result, first_step)
 
-    def _start_metrics(self, metrics: Metrics) -> None:
-        """Log from the first step this start trains: a resume from step R continues at R + 1, a new
-        run (or one killed before its first checkpoint) at 0, dropping what earlier starts logged there."""
-        first_logged = self.counters.step + 1 if self.resumed_from else 0
-        last_lost = metrics.start(first_logged, self.cfg.to_dict())
-        lost = messages.lost_steps(self.counters.step + 1, last_lost)
-        if lost is not None:
-            self.console.log(lost)
-
-    def _loop(self, metrics: Metrics) -> Outcome:
+    def _loop(self, steps: StepLog) -> Outcome:
         """Train step by step while the outcome is CONTINUE; each step ends with its save, if due."""
-        cfg, counters, window = self.cfg, self.counters, TrainWindow()
-        steps = StepLog(metrics, window, self.console, self.decisions, cfg.tokens_per_step(self.env.world_size),
-                        SlowStepWatch(cfg.grad_accum, cfg.batch_size))
+        cfg, counters = self.cfg, self.counters
         evaluated = self.evaluation.due()  # step 0 of a new run, or one a stop cut short before the restart
         if evaluated:
-            self._evaluate_and_log(metrics, window)
+            self._evaluate_and_log(steps)
         # The step resumed from is saved already; after its evaluation, best.pt may not be.
         outcome = self._end_of_step(time_due=False, save=evaluated)
         while outcome is CONTINUE:
@@ -355,7 +318,7 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self, counters.step, loss)
             if self.evaluation.due():
-                self._evaluate_and_log(metrics, window)
+                self._evaluate_and_log(steps)
             outcome = self._end_of_step(time_due=self.decisions.votes.save_time_due)
         return outcome
 
@@ -376,9 +339,9 @@ class Trainer:
         """What follows the step just taken: the one place a stop is decided."""
         return self.decisions.outcome(self.counters.step, self.cfg.max_steps, self.evaluation.due())
 
-    def _evaluate_and_log(self, metrics: Metrics, window: TrainWindow) -> None:
+    def _evaluate_and_log(self, steps: StepLog) -> None:
         lag = self.mirror_link.uploader.lag if self.mirror_link is not None else None
-        best = self.evaluation.run(self.evaluate, metrics, window, self.console.log, lag)
+        best = self.evaluation.run(self.evaluate, steps.metrics, steps.window, self.console.log, lag)
         if best is not None:
             self.saves.pending_best = best
 
