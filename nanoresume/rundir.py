@@ -28,6 +28,11 @@ from .atomic import write_file_atomically
 from .errors import (REMEDY_FREE_SPACE, REMEDY_MOVE_OBSTACLE, REMEDY_NONE_USABLE, REMEDY_RESUME_OR_ELSEWHERE,
                      CheckpointWriteError, ConfigError, UserError)
 
+# The names inside OUT that a mirror of the run repeats (see nanoresume.mirror.remote).
+CHECKPOINTS = "checkpoints"
+BEST = "best.pt"
+CONFIG = "config.json"
+
 
 class RunDir:
     """``RunDir(out)``: the paths of one run's folder (``.checkpoints``, ``.best``, ``.config``, ``.metrics``,
@@ -45,10 +50,10 @@ class RunDir:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.checkpoints = self.root / "checkpoints"
+        self.checkpoints = self.root / CHECKPOINTS
         self.tensorboard = self.root / "tb"
-        self.best = self.root / "best.pt"
-        self.config = self.root / "config.json"
+        self.best = self.root / BEST
+        self.config = self.root / CONFIG
         self.metrics = self.root / "metrics.jsonl"
         self.exit_code = self.root / "exit_code"
         self.lock_file = self.root / ".lock"

@@ -28,13 +28,14 @@ from ..atomic import is_temp_path
 from ..checkpoint.fileformat import COMMENT_LEN, MAGIC
 from ..checkpoint.files import CHECKSUM_SUFFIX, STEP_FOLDER_PATTERN, STEP_PATTERN
 from ..checkpoint.folders import MANIFEST, manifest_digests
+from .. import rundir
 from ..rundir import RunDir
 from .store import MirrorError, Store, crc32_reported, md5_reported
 
 POINTER = "LATEST.json"
-RUN_CONFIG = "config.json"
+RUN_CONFIG = rundir.CONFIG
 RUN_IDENTITY = "RUN.json"  # what the run mirrored here trains: its data fingerprint and model shape
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = rundir.CHECKPOINTS
 POINTER_FORMAT = 1
 # What is compared byte for byte where the store reports no MD5: an object's last 64 KiB (a whole
 # small file; for a checkpoint file, the trailer holding the digest of every byte before it).

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import checkpoint, schema
+from .. import checkpoint, rundir, schema
 from .. import training_state as ts
 from ..checkpoint import (CheckpointDir, StepCheckpoint, is_checkpoint_folder, load_checkpoint,
                           resolve_resume)
@@ -260,11 +260,11 @@ def cmd_list_mirror(url: str, options: dict[str, Any]) -> int:
     for note in notes:
         print(f"note: {note}")
     print(f"--resume auto would pick: {mirror.store.where(picked.name) if picked else 'nothing on the mirror'}")
-    found = _reading(url, lambda: mirror.store.info("best.pt"))
+    found = _reading(url, lambda: mirror.store.info(rundir.BEST))
     if found is not None:
         try:
             best_path = _reading(url, lambda: fetch_checkpoint(
-                mirror, RemoteCheckpoint(0, "best.pt", "file", int(found["size"])), read_any))
+                mirror, RemoteCheckpoint(0, rundir.BEST, "file", int(found["size"])), read_any))
             state = load(best_path)
             print(f"best.pt: step {state[ts.STEP]:,}, val loss {format_loss(state[schema.VAL_LOSS])}")
         except CheckpointError as e:
@@ -290,9 +290,9 @@ def cmd_verify_mirror(url: str, options: dict[str, Any]) -> int:
     mirror = Mirror(url, options)
     notes: list[str] = []
     candidates = list(reversed(_reading(url, lambda: mirror_candidates(mirror, notes.append))))
-    found = _reading(url, lambda: mirror.store.info("best.pt"))
+    found = _reading(url, lambda: mirror.store.info(rundir.BEST))
     if found is not None:
-        candidates.append(RemoteCheckpoint(0, "best.pt", "file", int(found["size"])))
+        candidates.append(RemoteCheckpoint(0, rundir.BEST, "file", int(found["size"])))
     for note in notes:
         print(f"note: {note}")
     if not candidates:
