@@ -160,7 +160,7 @@ def _install_death_probe(rank: int) -> None:
     """``NANORESUME_PROBE_DIE_IN``: SIGKILL this rank as it enters the chosen collective."""
     from nanoresume import distributed
 
-    text = os.environ.get(DIE_IN_ENV)
+    text = _for_this_attempt(os.environ.get(DIE_IN_ENV))
     if not text:
         return
     site, dying_rank, *nth = text.split(":")
@@ -231,3 +231,14 @@ def _install_hold_probes(rank: int) -> None:
         return step(self)
 
     Trainer.train_step = held_step  # type: ignore[method-assign]
+
+
+def _for_this_attempt(text: Optional[str]) -> Optional[str]:
+    """``NANORESUME_PROBE_DIE_IN=A;B;...``: A in torchrun's first start of the workers, B in its first restart
+    (``--max-restarts``), and so on; nothing in a restart past the list. One launch then shows a death in
+    each of several places."""
+    if not text:
+        return None
+    choices = text.split(";")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return choices[attempt] if attempt < len(choices) else None
