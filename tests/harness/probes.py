@@ -114,6 +114,7 @@ def install() -> None:
     BatchSampler.next_micro_batches = recorded_draw  # type: ignore[method-assign]
     Trainer.train_step = probed_step  # type: ignore[method-assign]
     GPT.forward = poisoned_forward  # type: ignore[method-assign]
+    _install_hold_probes(rank)
 
 
 def _install_save_and_resume_probes(rank: int) -> None:
@@ -159,7 +160,7 @@ def _install_death_probe(rank: int) -> None:
     """``NANORESUME_PROBE_DIE_IN``: SIGKILL this rank as it enters the chosen collective."""
     from nanoresume import distributed
 
-    text = os.environ.get(DIE_IN_ENV)
+    text = _for_this_attempt(os.environ.get(DIE_IN_ENV))
     if not text:
         return
     site, dying_rank, *nth = text.split(":")
@@ -190,3 +191,54 @@ def read_records(folder: Path, rank: int = 0) -> tuple[dict[int, float], dict[in
         else:
             windows[entry["index"]] = entry["offsets"]
     return losses, windows
+
+
+HOLD_ENV = "NANORESUME_PROBE_HOLD"
+PAUSE_ENV = "NANORESUME_PROBE_PAUSE"
+HOLD_SECONDS = 120.0
+
+
+def _install_hold_probes(rank: int) -> None:
+    """Two more probes, each a wait before a step (outside the other probes of the step):
+
+    - ``NANORESUME_PROBE_HOLD=STEP[:RANK]``: before that step, that rank (default: every rank) waits
+      until its stop flag is set (a signal, its launcher's death), at most ``HOLD_SECONDS``: a test
+      signals once the step before is recorded, and the run stops after exactly STEP, at any speed;
+    - ``NANORESUME_PROBE_PAUSE=STEP[,STEP...]:RANK:SECONDS``: that rank sleeps SECONDS before each of
+      those steps, so that a decision taken by rank 0's clock (``--ckpt-minutes``) is due there at any
+      speed.
+    """
+    import time
+
+    from nanoresume.trainer import Trainer
+
+    hold_at = _step_and_rank(os.environ.get(HOLD_ENV))
+    pause = os.environ.get(PAUSE_ENV)
+    steps, pausing_rank, seconds = pause.split(":") if pause else ("", "-1", "0")
+    paused = {int(s) for s in steps.split(",") if s} if int(pausing_rank) == rank else set()
+    if not paused and not (hold_at and hold_at[1] in (None, rank)):
+        return
+    step = Trainer.train_step
+
+    def held_step(self: Trainer) -> tuple[float, float]:
+        upcoming = self.counters.step + 1
+        if hold_at and hold_at[0] == upcoming and hold_at[1] in (None, rank):
+            deadline = time.monotonic() + HOLD_SECONDS
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if upcoming in paused:
+            time.sleep(float(seconds))
+        return step(self)
+
+    Trainer.train_step = held_step  # type: ignore[method-assign]
+
+
+def _for_this_attempt(text: Optional[str]) -> Optional[str]:
+    """``NANORESUME_PROBE_DIE_IN=A;B;...``: A in torchrun's first start of the workers, B in its first restart
+    (``--max-restarts``), and so on; nothing in a restart past the list. One launch then shows a death in
+    each of several places."""
+    if not text:
+        return None
+    choices = text.split(";")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return choices[attempt] if attempt < len(choices) else None
