@@ -1,18 +1,18 @@
 """torchrun + FSDP2 on CPU (gloo) with checkpoint folders: initial weights identical bit for bit in every
 layout, exact resume on 3 ranks' uneven shards after a SIGKILL inside a sharded write, after a real
 SIGTERM, and from a folder a resumed run wrote; resharding from one process's file onto 3 ranks, from
-3 ranks onto one process and onto 2; refusals of damaged or crafted folders, and the tools on a folder.
+3 ranks onto one process, onto FSDP on 2 ranks and onto DDP; refusals of damaged or crafted folders,
+and the tools on a folder.
 
-Few launches on purpose (each costs a few seconds of CPU a process): one chain of four on 3 ranks and
-one on 2, each doing several checks. A one-process run (in this process) trains to step 5 and saves a
-file; the reference resumes it on 3 ranks (256 and 32 rows cut 86 + 86 + 84 and 11 + 11 + 10),
-trains uninterrupted to step 20 and is SIGKILLed inside its write of step 20, once every shard is
+Few launches on purpose (each process costs seconds of CPU before its first step): a chain of three on
+3 ranks and two on 2, each launch doing several checks. A one-process run (in this process) trains to
+step 5 and saves a file; the reference resumes it on 3 ranks (256 and 32 rows cut 86 + 86 + 84 and
+11 + 11 + 10), trains uninterrupted and is SIGKILLed inside its write of step 20, once every shard is
 written: that half-written folder holds the uninterrupted state of step 20. The stopped run resumes
 step 15 and sends itself a real SIGTERM at step 17; the last resumes that and must end bit for bit
-where the reference did. From those folders a one-process run (in this process) and a run on 2 ranks
-resume resharded. The refusals run in this process too.
+where the reference did. From those folders a one-process run (in this process), FSDP on 2 ranks and
+DDP resume resharded. The refusals run in this process too.
 """
-
 from __future__ import annotations
 
 import json
@@ -219,22 +219,28 @@ def one_process(reference, tiny_text: Path, tmp_path_factory) -> dict[str, Any]:
                 first=10, last=STEPS, **{"from": folder(reference["out"], 10)})
 
 
-@pytest.fixture(scope="module")
-def two_ranks(stopped, reference, tiny_text: Path, tmp_path_factory) -> dict[str, Any]:
-    """Step 17 of the stopped run (3 ranks' uneven shards, written by a resumed run) resumed under FSDP
-    on 2 ranks until a stop at step 19; its initial weights and the state it resumed with dumped."""
-    root = tmp_path_factory.mktemp("fsdp-two-ranks")
+ON_TWO_RANKS = {  # flags, and what the run writes at its stop (FSDP: folders, DDP: files; auto)
+    "fsdp": (FSDP + ["--batch-size", "3"], "step_00000019"),
+    "ddp": (["--parallel", "ddp", "--batch-size", "3"], "step_00000019.pt"),
+}
+
+
+@pytest.fixture(scope="module", params=list(ON_TWO_RANKS))
+def two_ranks(request, stopped, tiny_text: Path, tmp_path_factory) -> dict[str, Any]:
+    """Step 17 of the stopped run (3 ranks' uneven shards, written by a resumed run) resumed on 2 ranks,
+    under FSDP or DDP, until a stop at step 19; its initial weights and the state it resumed with dumped."""
+    root = tmp_path_factory.mktemp(f"fsdp-two-ranks-{request.param}")
     copy = copy_of(stopped, root)
-    records = root / "leg-records"
-    stop = 19
-    result = run(launch_command(2), train_args(tiny_text, root) + FSDP + ["--resume", "auto", "--batch-size", "3"],
+    records, (flags, written), stop = root / "leg-records", ON_TWO_RANKS[request.param], 19
+    result = run(launch_command(2), train_args(tiny_text, root) + flags + ["--resume", "auto"],
                  environment(records, **{DUMP_INIT_ENV: str(root / "init.pt"),
                                          DUMP_RESUMED_ENV: str(root / "resumed.pt"), STOP_ENV: str(stop)}))
     assert f"resumed from {folder(copy['out'], STOP)} at step {STOP}" in result.stdout, result.stdout + result.stderr
-    assert "sharded over 2 processes" in result.stdout and "start new streams" in result.stdout + result.stderr
-    assert folder(copy["out"], stop).is_dir()  # FSDP writes folders (auto; or as asked)
-    return dict(copy, records=records, case="2 ranks", init=root / "init.pt", resumed=root / "resumed.pt",
-                first=STOP, last=stop, **{"from": folder(stopped["out"], STOP)})
+    assert ("sharded over 2 processes" in result.stdout) == (request.param == "fsdp")
+    assert "start new streams" in result.stdout + result.stderr
+    assert (copy["out"] / "checkpoints" / written).exists(), written
+    return dict(copy, records=records, case=f"{request.param} on 2 ranks", init=root / "init.pt",
+                resumed=root / "resumed.pt", first=STOP, last=stop, **{"from": folder(stopped["out"], STOP)})
 
 
 # ---- initial weights ----------------------------------------------------------------------------
@@ -243,7 +249,7 @@ def two_ranks(stopped, reference, tiny_text: Path, tmp_path_factory) -> dict[str
 def test_the_initial_weights_are_identical_bit_for_bit_in_every_layout_and_world_size(reference, one_process,
                                                                                      two_ranks):
     """Keyed by (seed, parameter name), each rank filling only its shard: FSDP on 3 ranks cuts 256 rows
-    into 86 + 86 + 84, yet the gathered weights equal one process's and FSDP on 2 ranks'."""
+    into 86 + 86 + 84, yet the gathered weights equal one process's, DDP's and FSDP on 2 ranks'."""
     last = folder(reference["out"], 15)
     whole = GPT(model_config_from_state(last, read_state(last)), seed=TrainConfig().seed).state_dict()
     for dump in (reference["init"], one_process["init"], two_ranks["init"]):
@@ -297,8 +303,8 @@ def test_each_rank_writes_only_its_own_shards_and_rank_0_everything_else(referen
 
 def test_a_checkpoint_resumes_resharded_with_the_same_state_windows_and_close_losses(reference, one_process,
                                                                                    two_ranks):
-    """One process's file onto 3 ranks' shards (the reference), 3 ranks' uneven shards onto one process
-    and onto FSDP on 2 ranks."""
+    """One process's file onto 3 ranks' shards (the reference), 3 ranks' uneven shards onto one process,
+    onto FSDP on 2 ranks and onto DDP."""
     loaded = torch.load(reference["resumed"], weights_only=True)
     saved = read_state(reference["out"] / "checkpoints" / f"step_{FIRST:08d}.pt")
     for key in SAME_STATE:
