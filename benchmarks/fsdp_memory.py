@@ -8,7 +8,8 @@ materializing only its shards), and the largest model each can train under a per
 
 A model whose state dominates: wide, a batch of one short sequence a rank, so that weights, gradients
 and AdamW's moments (16 bytes a parameter) outweigh activations. Two jobs under
-``torchrun --standalone --nproc_per_node=2`` (gloo on the CPU), one per mode, one after the other;
+``torchrun --standalone --nproc_per_node=2`` (gloo on the CPU), one per mode, one after the other
+(with ``--nproc 1``, each job is the one process torchrun would start, without torchrun);
 each rank trains a few steps and reports its peak RSS (on CUDA: torch's peak allocation). Nothing is
 saved: a checkpoint's own buffers are another benchmark's (sharded_checkpoints.py).
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -61,11 +61,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, mode: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               __file__, "--worker", "--parallel", mode, "--device", args.device, "--steps", str(args.steps),
-               "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
-               "--block-size", str(args.block_size)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    from benchmarks._common import launch_command
+
+    command, env = launch_command(args.nproc, [
+        __file__, "--worker", "--parallel", mode, "--device", args.device, "--steps", str(args.steps),
+        "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
+        "--block-size", str(args.block_size)])
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -8,10 +8,11 @@
 the script runs).
 
 Runs one torchrun job per combination of ``--parallel`` (ddp, fsdp) and ``--ckpt-format``
-(file, sharded). Every rank of a job builds the trainer, trains two steps (so the optimizer
-holds its moments), then times ``--repeats`` synchronous saves (state built, written, fsynced,
-committed, every rank waiting for the commit) and as many resumes from the newest checkpoint
-(rank 0 verifies it and picks it, every rank loads it into its model and optimizer), and
+(file, sharded); with ``--nproc 1``, the one process torchrun would start, without torchrun.
+Every rank of a job builds the trainer, trains two steps (so the optimizer holds its moments),
+then times ``--repeats`` synchronous saves (state built, written, fsynced, committed, every
+rank waiting for the commit) and as many resumes from the newest checkpoint (rank 0 verifies
+it and picks it, every rank loads it into its model and optimizer), and
 reports its peak memory. The parent prints each job's medians, then the ratios:
 
 - save and load time, sharded folder / single file, under each of ddp and fsdp;
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import DATA, scratch_dir  # noqa: E402
+from benchmarks._common import DATA, launch_command, scratch_dir  # noqa: E402
 
 COMBINATIONS = [("ddp", "file"), ("ddp", "sharded"), ("fsdp", "file"), ("fsdp", "sharded")]
 RESULT_MARK = "RESULT "
@@ -104,11 +104,10 @@ def peak_memory(torch, device, baseline_kb: int) -> int:
 
 def launch(args: argparse.Namespace, parallel_mode: str, ckpt_format: str, work: Path) -> dict:
     out = work / f"{parallel_mode}-{ckpt_format}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               __file__, "--worker", "--parallel", parallel_mode, "--format", ckpt_format, "--out", str(out),
-               "--preset", args.preset, "--device", args.device, "--repeats", str(args.repeats),
-               "--batch-size", str(args.batch_size)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    command, env = launch_command(args.nproc, [
+        __file__, "--worker", "--parallel", parallel_mode, "--format", ckpt_format, "--out", str(out),
+        "--preset", args.preset, "--device", args.device, "--repeats", str(args.repeats),
+        "--batch-size", str(args.batch_size)])
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if result.returncode != 0 or not lines:  # its output here: the scratch folder is removed at exit
