@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -59,3 +60,17 @@ def launch_command(nproc: int, script_args: list[str]) -> tuple[list[str], dict[
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return [sys.executable, *script_args], env
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program (Linux's VmHWM). Not
+    ``ru_maxrss``: that one carries over the RSS of the process it was forked from (a big test runner,
+    torchrun's launcher), so a small worker would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # where there is no /proc: kB on Linux

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +37,10 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of one job (run by torchrun)."""
     import torch
 
-    from benchmarks._common import make_trainer
+    from benchmarks._common import make_trainer, peak_rss_bytes
     from nanoresume import distributed, memory
 
-    imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch and nanoresume, loaded
+    imports = peak_rss_bytes()  # torch and nanoresume, loaded
     trainer = make_trainer("cpu", args.device, parallel=args.parallel, n_layer=args.n_layer, n_embd=args.n_embd,
                            n_head=args.n_head, block_size=args.block_size, batch_size=1, dropout=0.0, eval_iters=1,
                            max_steps=10**6, eval_interval=10**6, async_save=False)
@@ -50,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     if trainer.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kB
+        peak = peak_rss_bytes()
     everyone = distributed.gather_objects((peak, imports))
     if trainer.env.is_main:
         bound = memory.training_bytes(trainer.cfg, trainer.env.world_size, trainer.sharded_model)
@@ -125,7 +124,7 @@ def main() -> None:
         fsdp, ddp = results["fsdp"], results["ddp"]
         ratio = max(fsdp["peaks"]) / max(ddp["peaks"])
         above = max(p - i for p, i in zip(fsdp["peaks"], fsdp["imports"])) / \
-            max(p - i for p, i in zip(ddp["peaks"], ddp["imports"]))
+            max(1, max(p - i for p, i in zip(ddp["peaks"], ddp["imports"])))
         print(f"  fsdp / ddp {what}: {ratio:.2f}x (goal <= 0.6x); above the imports {above:.2f}x")
     cap = int(args.cap_gb * 1e9)
     sizes = {mode: largest(args, mode == "fsdp", cap) for mode in MODES}
