@@ -6,8 +6,8 @@ time of a checkpoint save, and what the per-step collective decision costs.
 
 (``--steps 1 --saves 1 --global-batch 2``: a check that the script runs.)
 
-Runs the same measurements once as a plain process and once under
-``torchrun --standalone --nproc_per_node=2``, each worker timing itself in-process:
+Runs the same measurements once in this process and once under
+``torchrun --standalone --nproc_per_node=2``, each process timing itself:
 
 - step: the median time of an optimizer step (global batch split over the ranks);
 - save: the median time a synchronous save holds the loop (under DDP: every rank's RNG
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULT = "RESULT "
 
 
-def worker(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """This process's measurements: one rank of the torchrun job, or the one process itself."""
     import torch
 
     from benchmarks._common import make_trainer
@@ -60,11 +61,22 @@ def worker(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         distributed.agree(loss, norm, stop_code=0, time_up=False, save_time_due=False, save_failed=False)
         decisions.append(time.perf_counter() - started)
-    if env.is_main:
-        print(RESULT + json.dumps({"step": statistics.median(steps), "save": statistics.median(saves),
-                                   "decision": statistics.median(decisions),
-                                   "tokens_per_step": trainer.cfg.tokens_per_step(env.world_size)}), flush=True)
     trainer.close()
+    return {"step": statistics.median(steps), "save": statistics.median(saves),
+            "decision": statistics.median(decisions), "tokens_per_step": trainer.cfg.tokens_per_step(env.world_size)}
+
+
+def one_process(args: argparse.Namespace) -> dict[str, float]:
+    """The one-process measurements, in this process (a process of its own would only add a torch import),
+    with the thread count the torchrun workers get."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        return measure(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(command: list[str]) -> dict[str, float]:
@@ -82,11 +94,13 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        result = measure(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(RESULT + json.dumps(result), flush=True)
         return
     flags = ["--preset", args.preset, "--steps", str(args.steps), "--saves", str(args.saves),
              "--global-batch", str(args.global_batch), "--worker"]
-    one = run([sys.executable, __file__, *flags])
+    one = one_process(args)
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                *flags])
     print(f"preset {args.preset}, global batch {args.global_batch}, {os.cpu_count()} CPUs, "

@@ -8,7 +8,8 @@ materializing only its shards), and the largest model each can train under a per
 
 A model whose state dominates: wide, a batch of one short sequence a rank, so that weights, gradients
 and AdamW's moments (16 bytes a parameter) outweigh activations. Two jobs under
-``torchrun --standalone --nproc_per_node=2`` (gloo on the CPU), one per mode, one after the other;
+``torchrun --standalone --nproc_per_node=2`` (gloo on the CPU), one per mode, one after the other
+(with ``--nproc 1``, each job is the one process torchrun would start, without torchrun);
 each rank trains a few steps and reports its peak RSS (on CUDA: torch's peak allocation). Nothing is
 saved: a checkpoint's own buffers are another benchmark's (sharded_checkpoints.py).
 
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +37,10 @@ def worker(args: argparse.Namespace) -> None:
     """One rank of one job (run by torchrun)."""
     import torch
 
-    from benchmarks._common import make_trainer
+    from benchmarks._common import make_trainer, peak_rss_bytes
     from nanoresume import distributed, memory
 
-    imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch and nanoresume, loaded
+    imports = peak_rss_bytes()  # torch and nanoresume, loaded
     trainer = make_trainer("cpu", args.device, parallel=args.parallel, n_layer=args.n_layer, n_embd=args.n_embd,
                            n_head=args.n_head, block_size=args.block_size, batch_size=1, dropout=0.0, eval_iters=1,
                            max_steps=10**6, eval_interval=10**6, async_save=False)
@@ -50,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     if trainer.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts kB
+        peak = peak_rss_bytes()
     everyone = distributed.gather_objects((peak, imports))
     if trainer.env.is_main:
         bound = memory.training_bytes(trainer.cfg, trainer.env.world_size, trainer.sharded_model)
@@ -61,11 +60,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, mode: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               __file__, "--worker", "--parallel", mode, "--device", args.device, "--steps", str(args.steps),
-               "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
-               "--block-size", str(args.block_size)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    from benchmarks._common import launch_command
+
+    command, env = launch_command(args.nproc, [
+        __file__, "--worker", "--parallel", mode, "--device", args.device, "--steps", str(args.steps),
+        "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
+        "--block-size", str(args.block_size)])
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -124,7 +124,7 @@ def main() -> None:
         fsdp, ddp = results["fsdp"], results["ddp"]
         ratio = max(fsdp["peaks"]) / max(ddp["peaks"])
         above = max(p - i for p, i in zip(fsdp["peaks"], fsdp["imports"])) / \
-            max(p - i for p, i in zip(ddp["peaks"], ddp["imports"]))
+            max(1, max(p - i for p, i in zip(ddp["peaks"], ddp["imports"])))
         print(f"  fsdp / ddp {what}: {ratio:.2f}x (goal <= 0.6x); above the imports {above:.2f}x")
     cap = int(args.cap_gb * 1e9)
     sizes = {mode: largest(args, mode == "fsdp", cap) for mode in MODES}

@@ -8,10 +8,11 @@
 the script runs).
 
 Runs one torchrun job per combination of ``--parallel`` (ddp, fsdp) and ``--ckpt-format``
-(file, sharded). Every rank of a job builds the trainer, trains two steps (so the optimizer
-holds its moments), then times ``--repeats`` synchronous saves (state built, written, fsynced,
-committed, every rank waiting for the commit) and as many resumes from the newest checkpoint
-(rank 0 verifies it and picks it, every rank loads it into its model and optimizer), and
+(file, sharded); with ``--nproc 1``, the one process torchrun would start, without torchrun.
+Every rank of a job builds the trainer, trains two steps (so the optimizer holds its moments),
+then times ``--repeats`` synchronous saves (state built, written, fsynced, committed, every
+rank waiting for the commit) and as many resumes from the newest checkpoint (rank 0 verifies
+it and picks it, every rank loads it into its model and optimizer), and
 reports its peak memory. The parent prints each job's medians, then the ratios:
 
 - save and load time, sharded folder / single file, under each of ddp and fsdp;
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import DATA, scratch_dir  # noqa: E402
+from benchmarks._common import DATA, launch_command, peak_rss_bytes, scratch_dir  # noqa: E402
 
 COMBINATIONS = [("ddp", "file"), ("ddp", "sharded"), ("fsdp", "file"), ("fsdp", "sharded")]
 RESULT_MARK = "RESULT "
@@ -51,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from nanoresume.loading import load_valid
     from nanoresume.trainer import Trainer
 
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak_rss_bytes()
     cfg = resolve_config(TrainConfig(
         preset=args.preset, device=args.device, data=DATA, out_dir=args.out, cache_dir=args.out + "-cache",
         batch_size=args.batch_size, parallel=args.parallel, ckpt_format=args.format, async_save=False,
@@ -61,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(2):
         trainer.train_step()
     trainer.counters.step = 2
-    train_peak = peak_memory(torch, trainer.device, baseline_kb)
+    train_peak = peak_memory(torch, trainer.device, baseline)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     saves, loads = [], []
     for _ in range(args.repeats):
@@ -84,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     state_bytes = sum(parallel.local(t).numel() * t.element_size() for t in trainer.raw_model.parameters())
     state_bytes += sum(parallel.local(t).numel() * t.element_size() for s in trainer.optimizer.state.values()
                        for t in s.values() if isinstance(t, torch.Tensor))
-    peak = peak_memory(torch, trainer.device, baseline_kb)
+    peak = peak_memory(torch, trainer.device, baseline)
     everyone = distributed.gather_objects({"train": train_peak, "peak": peak, "state": state_bytes})
     if rank == 0:
         size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir())
@@ -95,20 +94,19 @@ def worker(args: argparse.Namespace) -> None:
     trainer.close()
 
 
-def peak_memory(torch, device, baseline_kb: int) -> int:
+def peak_memory(torch, device, baseline: int) -> int:
     """Bytes: torch's peak allocation on CUDA; on CPU, the peak RSS over the baseline."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) * 1024
+    return peak_rss_bytes() - baseline
 
 
 def launch(args: argparse.Namespace, parallel_mode: str, ckpt_format: str, work: Path) -> dict:
     out = work / f"{parallel_mode}-{ckpt_format}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               __file__, "--worker", "--parallel", parallel_mode, "--format", ckpt_format, "--out", str(out),
-               "--preset", args.preset, "--device", args.device, "--repeats", str(args.repeats),
-               "--batch-size", str(args.batch_size)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    command, env = launch_command(args.nproc, [
+        __file__, "--worker", "--parallel", parallel_mode, "--format", ckpt_format, "--out", str(out),
+        "--preset", args.preset, "--device", args.device, "--repeats", str(args.repeats),
+        "--batch-size", str(args.batch_size)])
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if result.returncode != 0 or not lines:  # its output here: the scratch folder is removed at exit

@@ -258,14 +258,16 @@ def _interruptible() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+SCENARIO_NAMES = tuple(s.folder for s in SCENARIOS[1:])  # what --scenarios may name
+
+
 def chosen_scenarios(names: Optional[Sequence[str]]) -> tuple[Scenario, ...]:
     """The reference and the scenarios whose ``folder`` is in ``names`` (None: all of :data:`SCENARIOS`)."""
     if names is None:
         return SCENARIOS
-    known = [s.folder for s in SCENARIOS[1:]]
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if name not in SCENARIO_NAMES]
     if unknown:
-        raise ValueError(f"unknown self-test scenario(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ValueError(f"unknown self-test scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIO_NAMES)}")
     return (SCENARIOS[0], *(s for s in SCENARIOS[1:] if s.folder in names))
 
 
@@ -279,7 +281,7 @@ def run_self_test(program: Program, describe: str, hints: list[str],
     of a difference with these settings (see :mod:`nanoresume.tools.selftest_report`); ``prepare(work)``
     does, once, what every run would otherwise do first (fill a token cache), so that the
     reference run times what the others will repeat. ``scenarios``: the folder names of the
-    scenarios to run after the reference (default: all), for tests that need only some of them.
+    scenarios to run after the reference (default: all; ``nanoresume self-test --scenarios``).
     ``timeout``: seconds any one run may take (default: :data:`REFERENCE_TIMEOUT` for the reference,
     then ten times what it took, at least 120); a run still going then is killed with all it started,
     and the error ends with ``more_time`` (how to allow more).
@@ -382,16 +384,28 @@ If it writes DIR/metrics.jsonl lines such as {"step": 7, "train/loss": 2.31}, ev
 compared too. Exit 0: bit-exact; 1: not; 2: a usage error."""
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test",
-         scenarios: Optional[Sequence[str]] = None) -> int:
-    """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.tools.selftest``);
-    ``scenarios``: as for :func:`run_self_test`."""
+def scenario_names(text: str) -> list[str]:
+    """``--scenarios sigterm,sigkill`` -> the names, each one of :data:`SCENARIO_NAMES`, or a UserError."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIO_NAMES]
+    if unknown or not names:
+        problem = f"unknown scenario {', '.join(unknown)}" if unknown else "no scenario named"
+        raise UserError(f"--scenarios {text}: {problem}; name one or more of {', '.join(SCENARIO_NAMES)}, "
+                        f"separated by commas")
+    return names
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test") -> int:
+    """``nanoresume self-test SCRIPT [ARGS...]`` (also ``python -m nanoresume.tools.selftest``)."""
 
     parser = make_parser(prog, DESCRIPTION)
     parser.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"seconds any one run may take before it is killed with all it started "
                              f"(default: {REFERENCE_TIMEOUT:.0f} for the first run, then ten times what it took, "
                              f"at least 120)")
+    parser.add_argument("--scenarios", default=argparse.SUPPRESS, metavar="NAMES",
+                        help=f"comma-separated: run only these scenarios after the straight run, of "
+                             f"{', '.join(SCENARIO_NAMES)} (default: all), e.g. to try a fix quickly")
     parser.add_argument("script", help="the training script to test, e.g. examples/own_loop.py")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="flags given to every run of the script")
     options = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -401,6 +415,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "nanoresume self-test
         timeout = getattr(options, "timeout", None)
         if timeout is not None and not 0 < timeout < float("inf"):
             raise UserError(f"--timeout {timeout:g}: give a number of seconds above 0")
+        scenarios = getattr(options, "scenarios", None)
+        scenarios = None if scenarios is None else scenario_names(scenarios)
         if not script.is_file():
             raise UserError(f"{options.script}: no such script; pass the path of a Python training script")
         program = Program([sys.executable, "-m", "nanoresume.tools.chaos_child", "script", str(script)],

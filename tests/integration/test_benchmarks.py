@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 NUMBER = r"[\d,]+(\.\d+)?"
 # script -> (its smallest settings, a pattern per line of numbers it must print)
 SMOKE = {
-    "throughput.py": (["--presets", "cpu", "--steps", "1"],
+    "throughput.py": (["--presets", "cpu", "--steps", "1", "--repeats", "1", "--rounds", "1"],
                       [rf"cpu +cpu: {NUMBER} tok/s deterministic, {NUMBER} tok/s not; ratio {NUMBER}"]),
     "checkpoint_io.py": (["--models", "cpu", "--repeats", "1"],
                          [rf"cpu: {NUMBER}M parameters, checkpoint {NUMBER} MB",
@@ -28,7 +28,7 @@ SMOKE = {
                                [rf"cpu preset, 4 steps, interval 2 \(cpu, median of 1\): bare loop {NUMBER} tok/s",
                                 rf"sync : {NUMBER} tok/s = {NUMBER}x bare; stall per save {NUMBER} ms",
                                 rf"async: {NUMBER} tok/s = {NUMBER}x bare"]),
-    "stop_latency.py": (["--preset", "cpu", "--repeats", "1"],
+    "stop_latency.py": (["--preset", "cpu", "--repeats", "1", "--after", "0"],
                         [rf"SIGTERM -> exit median {NUMBER} s \(max {NUMBER} s\), exit codes \[143\]"]),
     "distributed.py": (["--steps", "1", "--saves", "1", "--global-batch", "2"],
                        [rf"1 process +{NUMBER} tok/s +save +{NUMBER} ms +decision +{NUMBER} us",

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from nanoresume.config import parse_command_line
-from nanoresume.tools import selftest
+from nanoresume.tools import commands, selftest
 from nanoresume.tools.chaos import WatchedProcess
-from tests.harness.probes import FORGET_RNG_ENV
 from nanoresume.tools.cli import main as train_main
 from tests.helpers import REPO, TINY_FLAGS, assert_one_line_error, cli_flags, run_main
 
@@ -24,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 # Steps of ~20 ms: a stop signal lands well before the run's last step, even on a busy machine.
 FLAGS = dict(TINY_FLAGS, batch_size=16, max_steps=24)
+SABOTAGED_SCENARIO_ENV = "NANORESUME_TEST_FORGET_RNG_IN"  # tests/selftest_sabotage/sitecustomize.py reads it
 ROWS = ("straight through", "SIGTERM", "SIGKILL during a save", "SIGINT, SIGKILL, SIGUSR1")
 
 
@@ -44,44 +41,41 @@ def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return temp
 
 
-def test_self_test_of_a_training_config_is_bit_exact_and_leaves_nothing_behind(tiny_text, in_process, tmp_path,
-                                                                                capsys):
+def test_self_test_of_a_training_config_tells_bit_exact_scenarios_from_one_that_forgets_its_random_numbers(
+        tiny_text, in_process, tmp_path, monkeypatch, capsys):
+    # Every scenario runs (9 runs); the SIGTERM scenario's runs forget to restore the random streams
+    # (tests/selftest_sabotage), so one self-test shows both verdicts: the other scenarios bit-exact, that
+    # one caught and explained. (SIGTERM's own bit-exact resume is test_signals'; its stop and resume run here.)
+    monkeypatch.setenv(SABOTAGED_SCENARIO_ENV, "sigterm")  # the runs are child processes: they inherit it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests" / "selftest_sabotage"),
+                                                                  str(REPO / "tests" / "harness"),
+                                                                  os.environ.get("PYTHONPATH")) if p))
     args = cli_flags(dict(FLAGS, data=str(tiny_text), out_dir="not-used"))
     result = run_main(train_main, ["--self-test", *args], capsys)
-    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
     assert "warning: --self-test ignores --out-dir" in result.stderr
-    lines = result.stdout.splitlines()
+    lines = out.splitlines()
     assert lines[0].startswith("self-test: --preset cpu, 24 steps on cpu (float32), one process")
-    assert "the other runs take about" in lines[1]
-    for row in ROWS[1:]:
-        assert any(line.startswith(row) and "  bit-exact (" in line for line in lines), result.stdout
-    assert "(in a write)" in result.stdout  # the SIGKILL landed inside a checkpoint write
-    assert lines[-1].startswith("bit-exact on this machine with these settings (every step's loss and the whole "
-                                "final state, bit for bit")
-    assert leftovers(in_process) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
-
-
-def test_self_test_catches_a_resume_that_forgets_its_random_numbers(tiny_text, in_process, monkeypatch, capsys):
-    # After a graceful stop and after a kill: the full self-test above runs every scenario.
-    monkeypatch.setenv(FORGET_RNG_ENV, "1")  # the runs are child processes: they inherit it, and the probes
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests" / "harness"),
-                                                                  os.environ.get("PYTHONPATH")) if p))
-    cfg, explicit = parse_command_line(cli_flags(dict(FLAGS, data=str(tiny_text))))
-    assert selftest.test_training(cfg, explicit, scenarios=["sigterm", "sigkill"]) == 1
-    out = capsys.readouterr().out
-    for row in ROWS[1:3]:
-        assert any(line.startswith(row) and "differs from step" in line for line in out.splitlines()), out
-    assert "\nfirst difference: loss at step " in out
+    assert "; 4 scenarios, 9 runs, in " in lines[0] and "the other runs take about" in lines[1]
+    assert any(line.startswith(ROWS[1]) and "differs from step" in line for line in lines), out
+    for row in ROWS[2:]:
+        assert any(line.startswith(row) and "  bit-exact (" in line for line in lines), out
+    assert "(in a write)" in out  # the SIGKILL landed inside a checkpoint write
+    assert "\nfirst difference: loss at step " in out and "in the run 'SIGTERM'" in out
     assert "RNG streams" in out.split("at the end these differ:")[1].split("; identical")[0]
     assert "is the first step after resuming from step" in out
     assert "NOT bit-exact on this machine with these settings" in out
-    assert leftovers(in_process) == []
+    assert leftovers(in_process) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
 
 
 def test_own_loop_example_resumes_bit_exactly_after_sigterm_and_sigkill(in_process, tmp_path, capsys):
-    code = selftest.main([str(REPO / "examples" / "own_loop.py"), "--steps", "400"], scenarios=["sigterm", "sigkill"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    # The command line's --scenarios picks them (5 runs); through the dispatch that `nanoresume` runs
+    result = run_main(commands.main, ["self-test", "--scenarios", "sigterm,sigkill",
+                                      str(REPO / "examples" / "own_loop.py"), "--steps", "400"], capsys)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "; 3 scenarios, 5 runs" in out
     assert "bit-exact on this machine with these settings (the whole final state" in out
     lines = out.splitlines()
     assert any(line.startswith("SIGTERM") for line in lines) and any(line.startswith("SIGKILL during a save")
@@ -89,11 +83,17 @@ def test_own_loop_example_resumes_bit_exactly_after_sigterm_and_sigkill(in_proce
     assert leftovers(in_process) == [] and [p.name for p in tmp_path.iterdir()] == ["tmp"]
 
 
-def test_the_self_test_runs_only_the_scenarios_asked_for_and_refuses_unknown_ones():
+def test_the_self_test_runs_only_the_scenarios_asked_for_and_refuses_unknown_ones(tmp_path, capsys):
     assert [s.name for s in selftest.chosen_scenarios(["three-stops"])] == ["straight through", ROWS[3]]
     assert selftest.chosen_scenarios(None) == selftest.SCENARIOS and [s.name for s in selftest.SCENARIOS] == list(ROWS)
     with pytest.raises(ValueError, match="unknown self-test scenario"):
         selftest.chosen_scenarios(["sigterm", "nope"])
+    assert selftest.scenario_names(" sigterm,three-stops ") == ["sigterm", "three-stops"]
+    script = tmp_path / "train.py"
+    script.write_text("")
+    for names, problem in (("sigterm,nope", "unknown scenario nope"), (",", "no scenario named")):
+        assert_one_line_error(run_main(selftest.main, ["--scenarios", names, str(script)], capsys),
+                              f"--scenarios {names}: {problem}; name one or more of sigterm, sigkill, three-stops")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -105,11 +105,10 @@ def test_self_test_settings_that_cannot_work_are_one_error_line(args, needle, in
     assert leftovers(in_process) == []
 
 
-def test_a_self_test_of_a_missing_script_is_one_error_line(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "nanoresume", "self-test", "nope.py"], capture_output=True,
-                            text=True, cwd=tmp_path, env=env, timeout=60)
-    assert_one_line_error(result, "nope.py: no such script")
+def test_a_self_test_of_a_missing_script_is_one_error_line(tmp_path, monkeypatch, capsys):
+    # Through the dispatch `nanoresume` and `python -m nanoresume` run (their process is test_entry_points')
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_main(commands.main, ["self-test", "nope.py"], capsys), "nope.py: no such script")
 
 
 HANGING_SCRIPT = """
