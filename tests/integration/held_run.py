@@ -1,4 +1,5 @@
-"""Run as ``python -m tests.integration.held_run [--hold WHERE]... [--signals N] [--teardown-mark] TRAIN_ARGS...``:
+"""Run as ``python -m tests.integration.held_run [--hold WHERE]... [--signals N | --until-stdout-gone]
+[--teardown-mark] TRAIN_ARGS...``:
 ``scripts/train.py`` with those flags, held at a known point until the test's signal has arrived, so that a
 signal lands there however fast or slow the machine (no long run to land it in, no slowed writes).
 
@@ -11,8 +12,9 @@ signal lands there however fast or slow the machine (no long run to land it in, 
 
 Each ``--hold`` is one place (give several to hold both a background write and the loop). There it
 prints ``HELD WHERE`` on stdout and waits (at most ``HOLD_TIMEOUT`` seconds) until the run's stop
-flag has counted N signals (``--signals``, default 1; a forced exit ends the process meanwhile). Every
-checkpoint file write prints ``WRITE NAME`` as it starts and ``COMMITTED NAME`` once it is committed.
+flag has counted N signals (``--signals``, default 1; a forced exit ends the process meanwhile), or with
+``--until-stdout-gone`` until the reader of its stdout pipe has closed it (``| head -2``). With a ``write:``
+hold, every checkpoint file write prints ``WRITE NAME`` as it starts and ``COMMITTED NAME`` once committed.
 ``--teardown-mark``: an exit handler prints ``TEARDOWN_MARK`` if the interpreter's own teardown runs.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import runpy
+import select
 import sys
 import threading
 import time
@@ -36,15 +39,27 @@ _run: dict[str, Any] = {}  # "trainer": the Trainer whose stop flag a hold waits
 
 
 def say(text: str) -> None:
-    print(text, flush=True)
+    """One line in one write: a reader that closes the pipe once it has seen ``text`` leaves no newline
+    behind to fail on."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def hold(where: str, signals: int) -> None:
-    """Print HELD, then wait until the run's stop flag has counted ``signals`` signals."""
+    """Print HELD, then wait until the run's stop flag has counted ``signals`` signals (0: until stdout
+    is gone)."""
     say(f"HELD {where}")
     stop = _run["trainer"].stop
     deadline = time.monotonic() + HOLD_TIMEOUT
-    while stop.signals_received + stop.insisted < signals and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stdout_gone() if signals == 0 else
+                                               stop.signals_received + stop.insisted >= signals):
         time.sleep(0.01)
 
 
@@ -104,15 +119,18 @@ def install(holds: list[str], signals: int) -> None:
 
     Trainer.run, Trainer.train_step, Trainer.evaluate = recorded_run, held_step, counted_evaluate
     evaluating.windows = held_windows
-    checkpoint.observe(_HeldWrites(places.get("write"), signals))
+    if "write" in places:
+        checkpoint.observe(_HeldWrites(places["write"], signals))
 
 
 def main(argv: list[str]) -> None:
     holds, signals = [], 1
-    while argv and argv[0] in ("--hold", "--signals", "--teardown-mark"):
+    while argv and argv[0] in ("--hold", "--signals", "--until-stdout-gone", "--teardown-mark"):
         option = argv.pop(0)
         if option == "--teardown-mark":
             atexit.register(say, TEARDOWN_MARK)
+        elif option == "--until-stdout-gone":
+            signals = 0
         elif option == "--hold":
             holds.append(argv.pop(0))
         else:
