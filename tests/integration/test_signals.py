@@ -1,9 +1,12 @@
 """Real processes, real signals: each stop exits 128+signal, saves its step, and resumes bit-exactly.
 
-Each process is ``tests.integration.held_run`` (scripts/train.py, held at a known step, evaluation or
-checkpoint write until the test's signal has arrived), so a signal lands where a test aims it however fast
-or slow the machine, in a run of 20 steps; the resumes to the end run in this process, and every test
-compares with the one uninterrupted run of the same flags (conftest's ``reference_cli_run``)."""
+Each stop signal has a test of its own place to land (SIGTERM between steps, SIGHUP in an evaluation,
+SIGUSR1 in a checkpoint write, SIGINT while a background save is in flight), and each checks the whole
+contract of a stop (:func:`assert_stopped`). Each process is ``tests.integration.held_run`` (scripts/train.py,
+held at a known step, evaluation or checkpoint write until the test's signal has arrived), so a signal lands
+where a test aims it however fast or slow the machine, in a run of 20 steps; the resumes to the end run in
+this process, and every test compares with the one uninterrupted run of the same flags (conftest's
+``reference_cli_run``)."""
 
 from __future__ import annotations
 
@@ -96,46 +99,52 @@ def saved_step(run_output: str) -> int:
     return int(match.group(2))
 
 
-def test_each_signal_saves_the_next_step_exits_with_its_code_at_once_and_resumes_bit_exactly_as_a_time_limit_does(
+def assert_stopped(run: Training, sig: int, step: int, out: Path) -> None:
+    """What every stop by a signal does: the process exits 128+signal right after its last line (the
+    interpreter's own teardown, about a second, is skipped: everything was saved and closed by then), says
+    which signal stopped it after which step, saved that step, and prints the exact command to continue."""
+    code = 128 + sig
+    assert run.finish() == code, run.output
+    assert f"stopped by {signal.Signals(sig).name} after step {step};" in run.output
+    assert checkpoint.load_checkpoint(checkpoint.step_path(out / "checkpoints", step))["step"] == step
+    assert f"--out-dir {out} --resume auto" in run.output
+    assert (out / "exit_code").read_text() == f"{code}\n"
+    assert TEARDOWN_MARK not in run.lines, run.output
+
+
+def test_sigterm_and_then_the_time_limit_save_their_step_exit_with_their_code_and_the_run_resumes_bit_exactly(
         args_for, uninterrupted, tmp_path, capsys, monkeypatch):
-    """One launch chain, each start resumed from the stop before: SIGTERM, SIGINT, SIGUSR1 and SIGHUP (an SSH
-    session or terminal closing) each land while the run is held before a step; the step in progress ends, is
-    saved, and the process exits with 128+signal right after its last line (the interpreter's own teardown,
-    about a second, is skipped). Then a start with --time-limit (in-process), then one to the end, bit-exact
-    with the run never stopped."""
+    """One launch chain: SIGTERM lands while the run is held before step 3, so step 3 ends and is saved; a
+    start resumed from it with --time-limit (in-process) saves step 4; a start to the end is bit-exact with
+    the run never stopped."""
     out = tmp_path / "stopped"
     args = args_for("stopped")
-    for held, sig, code in ((2, signal.SIGTERM, 143), (5, signal.SIGINT, 130), (8, signal.SIGUSR1, 138),
-                            (12, signal.SIGHUP, 129)):
-        run = Training(args + (["--resume", "auto"] if held > 2 else []), f"step:{held}")
-        run.signal_when_held(sig, f"step:{held}")
-        assert run.finish() == code, run.output
-        assert saved_step(run.output) == held + 1 and f"stopped by {signal.Signals(sig).name} after step" in run.output
-        assert checkpoint.load_checkpoint(checkpoint.step_path(out / "checkpoints", held + 1))["step"] == held + 1
-        assert f"--out-dir {out} --resume auto" in run.output  # the exact command to continue
-        assert (out / "exit_code").read_text() == f"{code}\n"
-        assert TEARDOWN_MARK not in run.lines, run.output  # everything was saved and closed by then
+    run = Training(args, "step:2")
+    run.signal_when_held(signal.SIGTERM, "step:2")
+    assert_stopped(run, signal.SIGTERM, 3, out)
 
     # The time limit counts from the process start (test_stop_conditions.py): long past here, so the start
     # trains one step, saves it and exits 75.
     monkeypatch.setattr(cli, "PROCESS_STARTED", time.monotonic() - 100)
     timed = run_main(cli.main, args + ["--resume", "auto", "--time-limit", "1"], capsys)
     assert timed.returncode == 75, timed.stdout + timed.stderr
-    assert "stopped by time limit after step 14;" in timed.stdout
+    assert "stopped by time limit after step 4;" in timed.stdout
+    assert f"--out-dir {out} --resume auto" in timed.stdout
     assert (out / "exit_code").read_text() == "75\n"
-    checkpoint.load_checkpoint(checkpoint.step_path(out / "checkpoints", 14))
+    checkpoint.load_checkpoint(checkpoint.step_path(out / "checkpoints", 4))
     monkeypatch.undo()
 
     final = resume_to_end(args, out, capsys)  # the time limit was that start's, not the run's
     assert final_state_difference(final, uninterrupted) is None
 
 
-def test_signal_during_evaluation_stops_it_early_without_touching_best_pt(args_for, uninterrupted, tmp_path, capsys):
+def test_sighup_during_evaluation_stops_it_early_without_touching_best_pt_and_resumes_bit_exactly(
+        args_for, uninterrupted, tmp_path, capsys):
+    """SIGHUP: an SSH session or terminal closing."""
     args = args_for("stopped")
     run = Training(args, "evaluation:2")  # the evaluation at step 10, before its first batch
-    run.signal_when_held(signal.SIGTERM, "evaluation:2")
-    assert run.finish() == 143, run.output
-    assert saved_step(run.output) == 10
+    run.signal_when_held(signal.SIGHUP, "evaluation:2")
+    assert_stopped(run, signal.SIGHUP, 10, tmp_path / "stopped")
     assert "step     10 |" not in run.output  # the cut-short evaluation reported nothing ...
     assert checkpoint.load_checkpoint(tmp_path / "stopped" / "best.pt")["step"] == 0  # ... nor touched best.pt
 
@@ -147,31 +156,27 @@ def committed(run: Training) -> list[str]:
     return [line.split()[1] for line in run.lines if line.startswith("COMMITTED step_")]
 
 
-def test_signal_during_a_checkpoint_write_lets_it_finish_and_saves_only_once(args_for, uninterrupted, tmp_path, capsys):
+def test_sigusr1_during_a_checkpoint_write_lets_it_finish_saves_only_once_and_resumes_bit_exactly(
+        args_for, uninterrupted, tmp_path, capsys):
     args = args_for("stopped", "--no-async-save")
     run = Training(args, "write:step_00000010.pt")
-    run.signal_when_held(signal.SIGTERM, "write:step_00000010.pt")
-    assert run.finish() == 143, run.output
-    assert saved_step(run.output) == 10
+    run.signal_when_held(signal.SIGUSR1, "write:step_00000010.pt")
+    assert_stopped(run, signal.SIGUSR1, 10, tmp_path / "stopped")
     assert [line for line in run.lines if line.startswith("WRITE step_")] == ["WRITE step_00000010.pt"], run.output
     assert committed(run) == ["step_00000010.pt"]  # the interrupted write finished; no second save
-    checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", 10))
 
     final = resume_to_end(args, tmp_path / "stopped", capsys)
     assert final_state_difference(final, uninterrupted) is None
 
 
-def test_signal_while_a_background_save_is_in_flight_commits_it_then_saves_the_stop(args_for, uninterrupted,
-                                                                                     tmp_path, capsys):
+def test_sigint_while_a_background_save_is_in_flight_commits_it_then_saves_the_stop_and_resumes_bit_exactly(
+        args_for, uninterrupted, tmp_path, capsys):
     args = args_for("stopped")  # background saving is the default
     run = Training(args, "write:step_00000010.pt", "step:15")  # the step-10 write is held while training goes on
-    run.signal_when_held(signal.SIGTERM, "write:step_00000010.pt", "step:15")
-    assert run.finish() == 143, run.output
-    assert saved_step(run.output) == 16
+    run.signal_when_held(signal.SIGINT, "write:step_00000010.pt", "step:15")
+    assert_stopped(run, signal.SIGINT, 16, tmp_path / "stopped")
     assert committed(run) == ["step_00000010.pt", "step_00000016.pt"], run.output  # the one in flight, then the stop's
-    folder = tmp_path / "stopped" / "checkpoints"
-    for step in (10, 16):
-        assert checkpoint.load_checkpoint(checkpoint.step_path(folder, step))["step"] == step
+    assert checkpoint.load_checkpoint(checkpoint.step_path(tmp_path / "stopped" / "checkpoints", 10))["step"] == 10
 
     final = resume_to_end(args, tmp_path / "stopped", capsys)
     assert final_state_difference(final, uninterrupted) is None
