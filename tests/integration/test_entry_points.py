@@ -86,23 +86,40 @@ def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_
     assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
 
 
+def refusal_as_run_by_dash_m(module: str, capsys) -> tuple[object, str]:
+    """(exit code, stderr) of the package's check as ``python -m nanoresume.MODULE --help`` runs it while
+    importing the package (``sys.argv[0]`` is ``"-m"`` then), called here; (None, "") if it lets it run."""
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", ["-m"]), \
+            mock.patch.object(sys, "orig_argv", [sys.executable, "-m", f"nanoresume.{module}", "--help"], create=True):
+        try:
+            nanoresume._refuse_a_library_module_run_as_a_command()
+        except SystemExit as e:
+            return e.code, capsys.readouterr().err
+    return None, ""
+
+
 @pytest.mark.slow
 def test_no_module_exits_0_having_done_nothing(capsys):
     """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library.
-    The refusal is decided as the package is imported by ``-m``: a real process each, which stops there,
-    before torch is imported; the runnable modules run here."""
+    The refusal is decided as the package is imported by ``-m``, before torch is imported: one real process
+    shows it, and the package's check is called here for every module, as ``-m`` calls it; the runnable
+    modules run here."""
     modules = sorted(m.name.removeprefix("nanoresume.")
                      for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume."))
     assert set(nanoresume.RUNNABLE_MODULES) <= set(modules)
+    proc = run([sys.executable, "-m", "nanoresume.model", "--help"], timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: nanoresume.model is a library module"), proc.stderr
     for module in modules:
         if module in nanoresume.RUNNABLE_MODULES:
             output = run_as_main(module, ["--help"], capsys)
             assert "usage" in output.lower(), f"nanoresume.{module}: {output!r}"
+            assert refusal_as_run_by_dash_m(module, capsys) == (None, ""), module
         else:
-            proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
-            output = proc.stdout + proc.stderr
-            assert proc.returncode == 2, f"nanoresume.{module} exited {proc.returncode}: {output!r}"
-            assert proc.stderr.startswith(f"error: nanoresume.{module} is a library module"), proc.stderr
+            code, stderr = refusal_as_run_by_dash_m(module, capsys)
+            assert code == 2, f"nanoresume.{module} exited {code}: {stderr!r}"
+            assert stderr.startswith(f"error: nanoresume.{module} is a library module"), stderr
 
 
 @pytest.mark.parametrize("module", ["tools.cli", "tools.sampling", "tools.evaluation", "tools.ckpt"])
