@@ -1,7 +1,8 @@
 """scripts/train.py: exit codes, files written, one-line errors.
 
-One real subprocess for each kind of outcome (a finished run, a bad flag); the other cases call the
-script's ``main(argv)`` in this process, which is everything the script does but the process start."""
+One real subprocess for a bad flag; the other cases call the script's ``main(argv)`` in this process, which
+is everything the script does but the process start (a finished run's real process, and its exit code, is
+test_entry_points.py's installed command and test_output.py's run on a terminal)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ def train(capsys):
     return lambda argv: run_main(cli.main, argv, capsys)
 
 
-@pytest.mark.slow
-def test_a_tiny_run_exits_0_and_writes_events_config_checkpoints_and_best(tiny_cli_args, tmp_path):
-    proc = run_train(tiny_cli_args(max_steps=20))
+def test_a_tiny_run_exits_0_and_writes_events_config_checkpoints_and_best(train, tiny_cli_args, tmp_path):
+    proc = train(tiny_cli_args(max_steps=20))
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
     assert list((out / "tb").glob("events.out.tfevents.*"))

@@ -11,7 +11,6 @@ import os
 import pkgutil
 import runpy
 import shlex
-import signal
 import subprocess
 import sys
 import warnings
@@ -60,13 +59,6 @@ def test_python_dash_m_nanoresume_lists_the_commands_and_refuses_unknown_ones():
     assert run([sys.executable, "-m", "nanoresume"]).returncode == 2  # no command: usage, not a silent 0
 
 
-@pytest.mark.slow
-def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_cli_args, tmp_path):
-    proc = run([sys.executable, "-m", "nanoresume.tools.cli", *tiny_cli_args(max_steps=2, eval_interval=2)])
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
-
-
 def run_as_main(module: str, args: list[str], capsys) -> str:
     """What ``python -m nanoresume.MODULE ARGS`` prints, run as ``__main__`` in this process (no torch import
     to pay for again): its ``if __name__ == "__main__"`` part parses ARGS as it would there."""
@@ -87,23 +79,47 @@ def run_as_main(module: str, args: list[str], capsys) -> str:
     return captured.out + captured.err + message
 
 
+def test_python_dash_m_nanoresume_cli_trains_instead_of_exiting_0_silently(tiny_cli_args, tmp_path, capsys):
+    """Its ``if __name__ == "__main__"`` part, run here as ``python -m`` runs it (no process to start)."""
+    output = run_as_main("tools.cli", tiny_cli_args(max_steps=2, eval_interval=2), capsys)
+    assert "finished: 2 steps" in output, output
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
+
+
+def refusal_as_run_by_dash_m(module: str, capsys) -> tuple[object, str]:
+    """(exit code, stderr) of the package's check as ``python -m nanoresume.MODULE --help`` runs it while
+    importing the package (``sys.argv[0]`` is ``"-m"`` then), called here; (None, "") if it lets it run."""
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", ["-m"]), \
+            mock.patch.object(sys, "orig_argv", [sys.executable, "-m", f"nanoresume.{module}", "--help"], create=True):
+        try:
+            nanoresume._refuse_a_library_module_run_as_a_command()
+        except SystemExit as e:
+            return e.code, capsys.readouterr().err
+    return None, ""
+
+
 @pytest.mark.slow
 def test_no_module_exits_0_having_done_nothing(capsys):
     """Each module either runs (its --help prints a usage line) or refuses in one line: it is a library.
-    The refusal is decided as the package is imported by ``-m``: a real process each, which stops there,
-    before torch is imported; the runnable modules run here."""
+    The refusal is decided as the package is imported by ``-m``, before torch is imported: one real process
+    shows it, and the package's check is called here for every module, as ``-m`` calls it; the runnable
+    modules run here."""
     modules = sorted(m.name.removeprefix("nanoresume.")
                      for m in pkgutil.walk_packages(nanoresume.__path__, "nanoresume."))
     assert set(nanoresume.RUNNABLE_MODULES) <= set(modules)
+    proc = run([sys.executable, "-m", "nanoresume.model", "--help"], timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: nanoresume.model is a library module"), proc.stderr
     for module in modules:
         if module in nanoresume.RUNNABLE_MODULES:
             output = run_as_main(module, ["--help"], capsys)
             assert "usage" in output.lower(), f"nanoresume.{module}: {output!r}"
+            assert refusal_as_run_by_dash_m(module, capsys) == (None, ""), module
         else:
-            proc = run([sys.executable, "-m", f"nanoresume.{module}", "--help"], timeout=60)
-            output = proc.stdout + proc.stderr
-            assert proc.returncode == 2, f"nanoresume.{module} exited {proc.returncode}: {output!r}"
-            assert proc.stderr.startswith(f"error: nanoresume.{module} is a library module"), proc.stderr
+            code, stderr = refusal_as_run_by_dash_m(module, capsys)
+            assert code == 2, f"nanoresume.{module} exited {code}: {stderr!r}"
+            assert stderr.startswith(f"error: nanoresume.{module} is a library module"), stderr
 
 
 @pytest.mark.parametrize("module", ["tools.cli", "tools.sampling", "tools.evaluation", "tools.ckpt"])
@@ -136,22 +152,19 @@ def test_command_words_name_a_console_script_as_typed(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_continue_command_is_the_one_run_and_works_for_a_path_with_spaces_and_quotes(tiny_cli_args, tmp_path):
+def test_the_continue_command_is_the_one_run_and_works_for_a_path_with_spaces_and_quotes(tiny_cli_args, tmp_path,
+                                                                                       capsys):
     out = tmp_path / "it's a run"
-    command = [sys.executable, "-m", "nanoresume", "train", *tiny_cli_args(max_steps=400, eval_interval=200),
-               "--out-dir", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("step      0 |"):  # training has begun: the loop owns SIGTERM now
-            process.send_signal(signal.SIGTERM)
-            break
-    rest, _ = process.communicate(timeout=120)
-    assert process.returncode == 143
-    [stopped] = [line for line in rest.splitlines() if "Continue with: " in line]
+    command = [sys.executable, "-m", "nanoresume", "train", *tiny_cli_args(max_steps=20), "--out-dir", str(out)]
+    # tests/harness's probe: a real SIGTERM to itself during step 3, inside the loop that owns SIGTERM
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NANORESUME_PROBE_SIGTERM="3",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "harness"), os.environ.get("PYTHONPATH", "")]))
+    stopped_run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert stopped_run.returncode == 143, stopped_run.stdout + stopped_run.stderr
+    [stopped] = [line for line in stopped_run.stdout.splitlines() if "Continue with: " in line]
     again = shlex.split(stopped.split("Continue with: ", 1)[1])
     assert again == [sys.executable, "-m", "nanoresume", "train", "--out-dir", str(out), "--resume", "auto"]
-    resumed = run(again + ["--max-steps", "20"])
+    # What `python -m nanoresume` runs, with the words after it, in this process:
+    resumed = run_main(commands.main, again[3:], capsys)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and (out / "checkpoints" / "step_00000020.pt").is_file()

@@ -17,7 +17,7 @@ from nanoresume.checkpoint import load_checkpoint, step_path
 from nanoresume.errors import CheckpointWriteError, NonFiniteLossError, UserError
 from nanoresume.trainer import Trainer
 from nanoresume.tools import cli
-from tests.helpers import run_main, run_train, stop_after
+from tests.helpers import run_main, stop_after
 
 
 def leftover_temp_files(out: Path) -> list[str]:
@@ -202,8 +202,13 @@ def test_non_finite_weights_are_never_written_to_a_checkpoint(make_config):
     assert not step_path(Path(cfg.out_dir) / "checkpoints", 10).exists()
 
 
-@pytest.mark.slow
-def test_tmpdir_on_a_missing_folder_does_not_matter(tiny_cli_args, tmp_path):
-    result = run_train(tiny_cli_args(max_steps=10), env={"TMPDIR": str(tmp_path / "does-not-exist")})
+def test_tmpdir_on_a_missing_folder_does_not_matter(tiny_cli_args, tmp_path, capsys, monkeypatch):
+    """In-process: $TMPDIR is read when a temp name is first asked for, so forgetting the cached one
+    makes this process see the missing folder as a new one would."""
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "does-not-exist"))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    result = run_main(cli.main, tiny_cli_args(max_steps=10), capsys)
     assert result.returncode == 0, result.stderr
     load_checkpoint(step_path(tmp_path / "out" / "checkpoints", 10))

@@ -81,41 +81,50 @@ def test_warnings_go_to_stderr_not_stdout(tiny_cli_args, tmp_path, capsys):
     assert "warning:" not in proc.stdout
 
 
+def held_until_stdout_is_gone(args: list[str], **kwargs) -> subprocess.Popen:
+    """train.py with ARGS, held before step 3 until the reader of its stdout pipe has closed it (it prints
+    ``HELD step:2`` there first), so that the rest of the run writes into a pipe nobody reads, however fast
+    or slow the machine (tests/integration/held_run.py)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.integration.held_run", "--hold", "step:2",
+                             "--until-stdout-gone", *args], stdout=subprocess.PIPE, cwd=REPO,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), **kwargs)
+
+
 def test_a_stdout_that_goes_away_does_not_stop_training_or_saving(tiny_cli_args, tmp_path):
     """train.py ... | head -2"""
-    args = tiny_cli_args(max_steps=200, eval_interval=100, log_interval=1)
-    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    args = tiny_cli_args(max_steps=10, eval_interval=5, log_interval=1)
+    process = held_until_stdout_is_gone(args, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stderr is not None
-    process.stdout.readline()
-    process.stdout.readline()
-    process.stdout.close()  # head has read its two lines and exited
+    read = [process.stdout.readline(), process.stdout.readline()]
+    while read[-1] and not read[-1].startswith("HELD"):  # the lines before the hold, more than two
+        read.append(process.stdout.readline())
+    process.stdout.close()  # head has read its lines and exited
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 0, stderr
     assert stderr.splitlines() == ["warning: stdout went away (Broken pipe); its lines are dropped from here on"]
-    assert (tmp_path / "out" / "checkpoints" / "step_00000200.pt").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "step_00000010.pt").is_file()
 
 
 def test_stdout_and_stderr_going_away_together_with_a_bar_does_not_stop_training(tiny_cli_args, tmp_path):
     """train.py --progress ... 2>&1 | head -2"""
-    args = tiny_cli_args(max_steps=200, eval_interval=100, log_interval=1) + ["--progress"]
-    process = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    args = tiny_cli_args(max_steps=10, eval_interval=5, log_interval=1) + ["--progress"]
+    process = held_until_stdout_is_gone(args, stderr=subprocess.STDOUT)
     assert process.stdout is not None
-    process.stdout.read(200)
+    read = b""
+    while b"HELD step:2\n" not in read and (chunk := process.stdout.read1(200)):
+        read += chunk
     process.stdout.close()
     assert process.wait(timeout=120) == 0
-    assert (tmp_path / "out" / "checkpoints" / "step_00000200.pt").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "step_00000010.pt").is_file()
 
 
-def test_ckpt_show_into_a_reader_that_left_reports_no_error(tiny_cli_args, tmp_path, capsys):
+def test_ckpt_show_into_a_reader_that_left_reports_no_error(reference_cli_run):
     """ckpt.py show ... | head -1: the reader is gone before the tool writes."""
-    assert run_main(cli.main, tiny_cli_args(max_steps=2, eval_interval=2), capsys).returncode == 0  # in-process
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ckpt.py"), "show",
-                               str(tmp_path / "out" / "best.pt")], stdout=write_end, stderr=subprocess.PIPE,
+                               str(reference_cli_run() / "best.pt")], stdout=write_end, stderr=subprocess.PIPE,
                               text=True, timeout=60)
     finally:
         os.close(write_end)

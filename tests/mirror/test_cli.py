@@ -2,8 +2,11 @@
 a SIGTERM waits for the final upload, a mirror that cannot work is refused before training, a server that
 goes away costs one warning, and retention keeps the checkpoint a run resumed from.
 
-Process tests start ``tests.mirror.held_train`` (scripts/train.py's main, paused at a known step so that a
-test can kill it there) or scripts/train.py itself; every wait is bounded, nothing is timed."""
+One test starts a real process, ``tests.mirror.held_train`` (scripts/train.py's main, paused at a known step
+so that it can be killed there), on the loopback S3 server: the machine lost is what it is about. The path
+mirror's machine loss is tests/mirror/test_machine_loss.py's (in-process, both stores), and the mirror's store
+is one code path over fsspec for both. The others run the command line's main in this process, paused or
+signalled at a known step by a patched ``Trainer._end_of_step``; every wait is bounded, nothing is timed."""
 
 from __future__ import annotations
 
@@ -64,9 +67,30 @@ def tensorboard_steps(out: Path) -> list[int]:
     return [event.step for event in curves.Scalars("train/loss")]
 
 
+def at_step(monkeypatch: pytest.MonkeyPatch, step: int, action) -> None:
+    """Call ``action()`` in this process's run after ``step``, once the mirror holds a checkpoint of it
+    (as ``tests.mirror.held_train`` does in a process of its own); undone when the test ends."""
+    from nanoresume.trainer import Trainer
+
+    original = Trainer._end_of_step
+
+    def end_of_step(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        outcome = original(self, *args, **kwargs)
+        if self.counters.step == step:
+            deadline = time.monotonic() + 60
+            while self.mirror_link.uploader.held is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            action()
+        return outcome
+
+    monkeypatch.setattr(Trainer, "_end_of_step", end_of_step)
+
+
 @pytest.mark.slow
-def test_a_machine_lost_mid_run_resumes_from_the_mirror_as_if_never_stopped(target, tiny_cli_args, reference_cli_run,
-                                                                           tmp_path, assert_same_state, capsys):
+def test_a_machine_lost_mid_run_resumes_from_the_mirror_as_if_never_stopped(s3_target, tiny_cli_args,
+                                                                           reference_cli_run, tmp_path,
+                                                                           assert_same_state, capsys):
+    target = s3_target
     settings = dict(max_steps=30, eval_interval=10)
     flags = [*tiny_cli_args(**settings), *mirror_flags(target)]
     out, marker = tmp_path / "out", tmp_path / "held"
@@ -91,10 +115,12 @@ def test_a_machine_lost_mid_run_resumes_from_the_mirror_as_if_never_stopped(targ
 
 @pytest.mark.slow
 def test_sigterm_waits_for_the_final_upload_and_the_stop_line_names_what_the_mirror_holds(target, tiny_cli_args,
-                                                                                          tmp_path):
+                                                                                          tmp_path, capsys,
+                                                                                          monkeypatch):
     flags = [*tiny_cli_args(max_steps=1000, eval_interval=10), *mirror_flags(target), "--mirror-wait", "60"]
-    run = launch_held("sigterm", tmp_path / "held", 12, flags)
-    out, err = run.communicate(timeout=180)
+    at_step(monkeypatch, 12, lambda: os.kill(os.getpid(), signal.SIGTERM))  # a real one, to this process
+    run = run_main(cli.main, flags, capsys)  # the run stops after step 13, as a process of its own would
+    out, err = run.stdout, run.stderr
     assert run.returncode == 143, out + err  # the signal's, whatever the mirror did
     lines = out.splitlines()
     stop = next(i for i, line in enumerate(lines) if line.startswith("stopped by SIGTERM after step 13;"))
@@ -114,26 +140,27 @@ def test_sigterm_waits_for_the_final_upload_and_the_stop_line_names_what_the_mir
 
 
 @pytest.mark.slow
-def test_a_server_stopped_mid_run_costs_one_warning_and_training_goes_on(s3_credentials, tiny_cli_args, tmp_path):
+def test_a_server_stopped_mid_run_costs_one_warning_and_training_goes_on(s3_credentials, tiny_cli_args, tmp_path,
+                                                                         capsys, monkeypatch):
     from moto.server import ThreadedMotoServer
 
     from tests.mirror.conftest import new_bucket
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    stopped = []
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         target = MirrorTarget(f"s3://{new_bucket(endpoint)}/run", s3_options(endpoint))
         flags = [*tiny_cli_args(max_steps=30, eval_interval=10), *mirror_flags(target), "--mirror-wait", "2"]
-        marker = tmp_path / "held"
-        run = launch_held("pause", marker, 12, flags)  # the mirror holds step 10
-        wait_for(marker, run)
+        at_step(monkeypatch, 12, lambda: stopped.append(server.stop()))  # the mirror holds step 10
+        run = run_main(cli.main, flags, capsys)
     finally:
-        server.stop()
-    (tmp_path / "held.go").touch()
-    out, err = run.communicate(timeout=180)
-    assert run.returncode == 0, out + err
+        if not stopped:
+            server.stop()
+    out, err = run.stdout, run.stderr
+    assert stopped and run.returncode == 0, out + err
     assert len([line for line in err.splitlines() if "could not upload" in line]) == 1, err
     assert "training goes on" in err
     assert out.rstrip().splitlines()[-1].startswith(f"the mirror {target.url} holds step 10; step 30 is not "

@@ -2,8 +2,8 @@
 
 The kernel is the one a notebook server starts (kernel spec ``python3``, with jupyter_client putting
 this Python in place of ``python``), in a session of its own, so ``interrupt_kernel()`` sends SIGINT to
-it alone, as a notebook's stop button does. Output is what a notebook shows: the stream and error
-messages of each cell.
+it alone, as a notebook's stop button does. Output is what a notebook shows: the stream, error, display
+and result messages of each cell.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ class Cell:
         self.kernel, self.msg_id = kernel, msg_id
         self.stdout = self.stderr = ""
         self.error: Optional[tuple[str, str]] = None  # (ename, evalue)
+        self.displays: list[dict] = []  # the data (MIME type -> content) of each display and of the result
         self.done = False
+
+    @property
+    def shown_text(self) -> str:
+        """The stream text and the plain-text form of each display and result, as a notebook shows them."""
+        return self.stdout + self.stderr + "".join(str(data.get("text/plain", "")) for data in self.displays)
 
     @property
     def output(self) -> str:
@@ -45,6 +51,8 @@ class Cell:
                 self.stderr += content["text"]
         elif kind == "error":
             self.error = (content["ename"], content["evalue"])
+        elif kind in ("display_data", "execute_result"):
+            self.displays.append(content["data"])
         elif kind == "status" and content["execution_state"] == "idle":
             self.done = True
 

@@ -88,16 +88,15 @@ def held_writes(clicks):
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory, tiny_text):
-    """One kernel for the module, with nanoresume, torch and HOOKS imported and ``S``, the tiny settings."""
-    kernel = Kernel(tmp_path_factory.mktemp("kernel"))
+def kernel(notebook_kernel, tmp_path_factory, tiny_text):
+    """The session's kernel (tests/notebook/conftest.py), with HOOKS imported and ``S``, the tiny settings.
+    HOOKS do nothing until ``pause_at`` or ``held_writes`` asks them to, so later tests in the kernel run as
+    in a fresh one."""
     settings = dict(TINY_FLAGS, data=str(tiny_text), cache_dir=str(tmp_path_factory.mktemp("cache")),
                     eval_interval=10, log_interval=1, progress=False)
-    setup = kernel.run(f"{HOOKS}\nS = {settings!r}")
+    setup = notebook_kernel.run(f"{HOOKS}\nS = {settings!r}")
     assert setup.error is None, setup.output
-    kernel.first_pid = kernel.pid()
-    yield kernel
-    kernel.close()
+    return notebook_kernel
 
 
 def train(out: Path, **overrides) -> str:

@@ -1,5 +1,5 @@
-"""In a real Jupyter kernel (nbclient + ipykernel): a run's progress bar is one widget (or one line of
-text) in the cell's output, not a line per step, and the evaluation lines and samples are printed there."""
+"""In a real Jupyter kernel (ipykernel): a run's progress bar is one widget (or one line of text) in the
+cell's output, not a line per step, and the evaluation lines and samples are printed there."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import pytest
 from tests.helpers import REPO, TINY_FLAGS, cli_flags
 
 pytestmark = pytest.mark.slow
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-STEPS, EVAL_INTERVAL = 120, 60
+STEPS, EVAL_INTERVAL = 60, 30
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 # The Python API as a notebook uses it today; log_interval 1 would print a line per step without a bar.
@@ -36,21 +34,19 @@ def shown(text: str) -> list[str]:
     return [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
 
 
-def test_a_run_in_a_notebook_cell_shows_one_bar_and_prints_its_evaluations_and_samples(tiny_text: Path,
+def test_a_run_in_a_notebook_cell_shows_one_bar_and_prints_its_evaluations_and_samples(notebook_kernel,
+                                                                                        tiny_text: Path,
                                                                                         tmp_path: Path):
     args = cli_flags(dict(TINY_FLAGS, data=str(tiny_text), out_dir=str(tmp_path / "out"),
                           cache_dir=str(tmp_path / "cache"), max_steps=STEPS, eval_interval=EVAL_INTERVAL,
                           log_interval=1, sample_tokens=8))  # no --progress: the kernel decides
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(CELL.format(repo=str(REPO), args=args))])
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = notebook.cells[0].outputs
-    stdout = shown("".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout"))
-    stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
-    widgets = [o for o in outputs if WIDGET in o.get("data", {})]
+    cell = notebook_kernel.run(CELL.format(repo=str(REPO), args=args), timeout=300)
+    assert cell.error is None, cell.output
+    stdout, stderr = shown(cell.stdout), cell.stderr
+    widgets = [data for data in cell.displays if WIDGET in data]
     try:
         import ipywidgets  # noqa: F401
-        assert len(widgets) == 1, outputs  # tqdm.auto's widget, updated in place
+        assert len(widgets) == 1, cell.displays  # tqdm.auto's widget, updated in place
     except ImportError:
         assert len(shown(stderr)) <= 3 and re.search(rf"{STEPS}/{STEPS} \[", stderr), stderr  # tqdm's text bar
     assert stdout[-1] == f"run returned at step {STEPS}"
@@ -58,4 +54,4 @@ def test_a_run_in_a_notebook_cell_shows_one_bar_and_prints_its_evaluations_and_s
         evaluation = next(i for i, line in enumerate(stdout) if line.startswith(f"step {step:>6} | train"))
         assert stdout[evaluation + 1] == f"sample at step {step}:", stdout
     assert not any(re.match(r"step +\d+ \| loss", line) for line in stdout), "plain per-step lines with a bar"
-    assert len(stdout) < 40 and len(outputs) < 20, (len(stdout), len(outputs))  # not a line per step
+    assert len(stdout) < STEPS // 3 and len(cell.displays) < 5, (stdout, cell.displays)  # not a line per step

@@ -64,7 +64,7 @@ def test_attention_is_causal_so_later_tokens_do_not_change_earlier_logits():
     assert not torch.equal(model(idx)[0][:, 7:], model(changed)[0][:, 7:])
 
 
-def test_a_tiny_model_overfits_a_tiny_text_within_a_few_hundred_steps():
+def test_a_tiny_model_overfits_a_tiny_text_within_a_hundred_steps():
     torch.manual_seed(0)
     tokens = torch.tensor(list(b"the quick brown fox jumps over the lazy dog. " * 8))
     model = GPT(TINY)
@@ -73,14 +73,14 @@ def test_a_tiny_model_overfits_a_tiny_text_within_a_few_hundred_steps():
     x = torch.stack([tokens[s:s + 16] for s in starts])
     y = torch.stack([tokens[s + 1:s + 17] for s in starts])
     first = None
-    for _ in range(150):
+    for _ in range(80):  # the loss falls below a fifth by step ~60, to ~0.05 by 150
         _, loss = model(x, y)
         first = loss.item() if first is None else first
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert first > 5.0
-    assert loss.item() < first / 3, f"loss only fell from {first:.3f} to {loss.item():.3f}"
+    assert loss.item() < first / 5, f"loss only fell from {first:.3f} to {loss.item():.3f}"
 
 
 def test_greedy_generation_appends_tokens_and_is_deterministic():
