@@ -142,11 +142,11 @@ def train_in_this_process(argv: list[str], records: Path, stop_at: Optional[int]
     every step's loss and windows appended to ``records`` as rank 0's, a stop asked for after step
     ``stop_at`` as a SIGTERM would, the initial weights and the resumed state dumped where ``dumps``
     says (``DUMP_INIT_ENV``, ``DUMP_RESUMED_ENV``). Returns the run's exit code."""
-    from nanoresume import trainer as trainer_module
+    from nanoresume import building
     from nanoresume.data import BatchSampler
 
     line, initial = read_command_line(argv), {}
-    materialize, draw = trainer_module.materialize, BatchSampler.next_micro_batches
+    materialize, draw = building.materialize, BatchSampler.next_micro_batches
 
     def record(entry: dict) -> None:
         with open(records / "rank0.jsonl", "a") as f:
@@ -168,7 +168,7 @@ def train_in_this_process(argv: list[str], records: Path, stop_at: Optional[int]
             trainer.stop.request("SIGTERM", 143)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "materialize", materialized)
+        patch.setattr(building, "materialize", materialized)
         patch.setattr(BatchSampler, "next_micro_batches", recorded_draw)
         trainer = Trainer(line.cfg, explicit=line.explicit, on_step=on_step)
         if DUMP_INIT_ENV in dumps:
