@@ -28,9 +28,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "train.py") -> int:
     def train() -> int:
         line = read_command_line(argv, prog)  # the one parse of argv
         if line.self_test is not None:
-            from .selftest import test_training
+            from .selftest import self_test_training
 
-            return test_training(without_mirror(line.cfg), line.explicit, processes=line.self_test)
+            return self_test_training(without_mirror(line.cfg), line.explicit, processes=line.self_test)
         from .. import distributed  # after parsing: --help stays fast
         from ..trainer import Trainer
 

@@ -17,7 +17,7 @@ the run's own ``OUT/metrics.jsonl`` (or, for a script that writes none, from its
 checkpoint files); :mod:`nanoresume.tools.selftest_report` compares and explains.
 
 ``nanoresume train --self-test [flags]`` tests a training configuration
-(:func:`test_training`); ``nanoresume self-test SCRIPT [ARGS]`` tests a script of your own
+(:func:`self_test_training`); ``nanoresume self-test SCRIPT [ARGS]`` tests a script of your own
 (:func:`main`).
 """
 
@@ -315,7 +315,7 @@ def run_self_test(program: Program, describe: str, hints: list[str],
 
 # ---- nanoresume train --self-test ----------------------------------------------------------------
 
-def test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0,
+def self_test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0,
                   scenarios: Optional[Sequence[str]] = None) -> int:
     """``nanoresume train --self-test``: the run ``cfg`` describes, ``--max-steps`` SELF_TEST_STEPS unless
     given, checkpoints every fifth of the run unless ``--ckpt-interval`` is given. ``processes`` > 0:
