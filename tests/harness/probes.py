@@ -165,6 +165,9 @@ def _install_death_probe(rank: int) -> None:
         return
     site, dying_rank, *nth = text.split(":")
     if int(dying_rank) != rank:
+        # A survivor still starting (no stop handler yet) would die silently of the SIGTERM torchrun sends
+        # once it sees the death, if that came first; ignored here, it reaches the collective and says so.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return
     name = DIE_SITES[site]
     collective, calls, due = getattr(distributed, name), [0], int(nth[0]) if nth else 1

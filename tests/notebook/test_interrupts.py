@@ -29,7 +29,7 @@ INTERRUPTED = re.compile(r"interrupted; last committed checkpoint: (none|step (\
 # first batch of the first evaluation.
 # ``held_writes(clicks)``: the stop's save (a write that starts once a stop was asked for) is held until
 # the user has clicked ``clicks`` times in all, so the later clicks land while it is being written however
-# fast or slow the machine writes; it returns the function that undoes it.
+# fast or slow the machine writes (it prints HELD as it starts holding); it returns the function that undoes it.
 HOOKS = """
 import time
 import nanoresume, torch
@@ -73,11 +73,14 @@ def pause_at(where):
 
 class _HeldWrites(_checkpoint.CheckpointObserver):
     def __init__(self, clicks):
-        self.clicks = clicks
+        self.clicks, self.held = clicks, False
     def on_write_progress(self, path, nbytes):
         stop = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
         if stop is None or not stop.is_set():
             return  # not the stop's save
+        if stop.signals_received + stop.insisted < self.clicks and not self.held:
+            self.held = True
+            print("HELD", flush=True)  # the test clicks again only now: the click lands in this write
         deadline = time.monotonic() + 240
         while stop.signals_received + stop.insisted < self.clicks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -159,6 +162,8 @@ def test_pressing_stop_again_never_kills_the_kernel_nor_loses_what_was_committed
             assert time.monotonic() < deadline and not cell.done, cell.output
             kernel._pump(0.05)
         kernel.interrupt()
+        if clicks > 1:
+            cell.wait_until("HELD")  # the stop's save has started, however long the step before it took
         for gap in gaps:
             time.sleep(gap)  # the user clicking again
             kernel.interrupt()
