@@ -48,6 +48,7 @@ class DistributedEnv:
     local_rank: int = 0
     world_size: int = 1
     launched: bool = False  # started by torchrun (even with one process): a process group is used
+    local_world_size: int = 1  # torchrun's processes on this machine, which share its RAM
 
     @property
     def is_main(self) -> bool:
@@ -62,11 +63,14 @@ def detect() -> DistributedEnv:
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
+        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers; launch with torchrun") from None
+        raise UserError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers; launch with torchrun") \
+            from None
     if not 0 <= rank < world:
         raise UserError(f"RANK {rank} is not below WORLD_SIZE {world}; launch with torchrun")
-    return DistributedEnv(rank=rank, local_rank=local, world_size=world, launched=True)
+    return DistributedEnv(rank=rank, local_rank=local, world_size=world, launched=True,
+                          local_world_size=local_world)
 
 
 class ProcessGroup:

@@ -91,17 +91,11 @@ def available_bytes(device: torch.device, sharing: int = 1) -> Optional[int]:
     return min(known) // max(1, sharing) if known else None
 
 
-def processes_on_this_machine() -> int:
-    """How many processes torchrun started on this machine (they share its RAM); 1 without torchrun."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def check_fits(cfg: TrainConfig, device: torch.device, world_size: int = 1, sharded: bool = False) -> None:
-    """Raise a one-line :class:`ConfigError` if one process of ``cfg`` surely cannot train on ``device``."""
-    sharing = processes_on_this_machine() if device.type == "cpu" else 1
+def check_fits(cfg: TrainConfig, device: torch.device, world_size: int = 1, sharded: bool = False,
+               local_processes: int = 1) -> None:
+    """Raise a one-line :class:`ConfigError` if one process of ``cfg`` surely cannot train on ``device``.
+    ``local_processes``: the job's processes on this machine, which share its RAM (a GPU is each one's)."""
+    sharing = local_processes if device.type == "cpu" else 1
     available = available_bytes(device, sharing)
     needed = need(cfg, world_size, sharded)
     if available is None or needed.total <= available:

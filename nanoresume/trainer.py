@@ -135,7 +135,7 @@ class Trainer:
         if parallelism.warning is not None:
             warn(parallelism.warning)
         # this rank's share, before a size that cannot fit hangs in the allocator
-        check_fits(cfg, self.device, env.world_size, parallelism.sharded_model)
+        check_fits(cfg, self.device, env.world_size, parallelism.sharded_model, env.local_world_size)
         self.sharded_model, self.folder_checkpoints = parallelism.sharded_model, parallelism.folder_checkpoints
         self.manager = saving.checkpoint_manager(cfg, self.run_dir, env, self.folder_checkpoints, self._committed,
                                                  lambda: self.stop.abandoning)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from nanoresume import distributed
+from nanoresume.errors import UserError
 
 
 def vote(loss: float, **flags: Any) -> dict[str, Any]:
@@ -176,3 +177,22 @@ def test_a_peer_killed_before_each_collective_is_one_lost_peer_error_naming_the_
         assert kind == "LostPeerError", (site, kind, message)
         survivor = 1 if site in ("the resume broadcast", "a barrier") else 0
         assert message.startswith(f"rank {survivor} lost contact with rank {1 - survivor} during {site}: "), message
+
+
+def test_torchrun_s_environment_is_read_once_into_where_this_process_sits(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detect() == distributed.DistributedEnv()  # a plain process: rank 0 of 1, no torchrun
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two processes, which share each one's RAM
+    assert distributed.detect() == distributed.DistributedEnv(rank=3, local_rank=1, world_size=4, launched=True,
+                                                              local_world_size=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="LOCAL_WORLD_SIZE must be integers; launch with torchrun"):
+        distributed.detect()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(UserError, match="RANK 4 is not below WORLD_SIZE 4"):
+        distributed.detect()

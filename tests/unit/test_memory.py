@@ -87,9 +87,7 @@ def test_processes_on_one_machine_share_its_memory(monkeypatch):
     monkeypatch.setattr(memory, "_meminfo_available", lambda: 12 * 10**9)
     monkeypatch.setattr(memory, "_cgroup_room", lambda: None)
     assert memory.available_bytes(CPU) == 12 * 10**9 and memory.available_bytes(CPU, 3) == 4 * 10**9
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-    assert memory.processes_on_this_machine() == 3
     cfg = resolve_config(TrainConfig(**WIDE))
     monkeypatch.setattr(memory, "need", lambda *args: memory.Need(1, 3, True, 5 * 10**9, 0, 0))
     with pytest.raises(ConfigError, match="4.0 GB free \\(its share of 3 processes on this machine\\)"):
-        memory.check_fits(cfg, CPU, 3, sharded=True)
+        memory.check_fits(cfg, CPU, 3, sharded=True, local_processes=3)
