@@ -316,7 +316,7 @@ def run_self_test(program: Program, describe: str, hints: list[str],
 # ---- nanoresume train --self-test ----------------------------------------------------------------
 
 def self_test_training(cfg: TrainConfig, explicit: set[str], processes: int = 0,
-                  scenarios: Optional[Sequence[str]] = None) -> int:
+                       scenarios: Optional[Sequence[str]] = None) -> int:
     """``nanoresume train --self-test``: the run ``cfg`` describes, ``--max-steps`` SELF_TEST_STEPS unless
     given, checkpoints every fifth of the run unless ``--ckpt-interval`` is given. ``processes`` > 0:
     every run under torchrun with that many processes. ``scenarios``: as for :func:`run_self_test`."""
