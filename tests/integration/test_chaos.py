@@ -1,4 +1,5 @@
-"""kill -9 at random moments (some inside checkpoint writes); the run still ends bit-identical."""
+"""kill -9 aimed at checkpoint writes, again and again; no commit is lost and the run still ends bit-identical.
+(Kills at random moments, 100 of them: ``python scripts/chaos.py``; in a background write: the self-test.)"""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def assert_stopped(run: Training, sig: int, step: int, out: Path) -> None:
 
 
 def test_sigterm_and_then_the_time_limit_save_their_step_exit_with_their_code_and_the_run_resumes_bit_exactly(
-        args_for, uninterrupted, tmp_path, capsys, monkeypatch):
+        args_for, uninterrupted, tmp_path, capsys):
     """One launch chain: SIGTERM lands while the run is held before step 3, so step 3 ends and is saved; a
     start resumed from it with --time-limit (in-process) saves step 4; a start to the end is bit-exact with
     the run never stopped."""
@@ -125,14 +125,14 @@ def test_sigterm_and_then_the_time_limit_save_their_step_exit_with_their_code_an
 
     # The time limit counts from the process start (test_stop_conditions.py): long past here, so the start
     # trains one step, saves it and exits 75.
-    monkeypatch.setattr(cli, "PROCESS_STARTED", time.monotonic() - 100)
-    timed = run_main(cli.main, args + ["--resume", "auto", "--time-limit", "1"], capsys)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "PROCESS_STARTED", time.monotonic() - 100)
+        timed = run_main(cli.main, args + ["--resume", "auto", "--time-limit", "1"], capsys)
     assert timed.returncode == 75, timed.stdout + timed.stderr
     assert "stopped by time limit after step 4;" in timed.stdout
     assert f"--out-dir {out} --resume auto" in timed.stdout
     assert (out / "exit_code").read_text() == "75\n"
     checkpoint.load_checkpoint(checkpoint.step_path(out / "checkpoints", 4))
-    monkeypatch.undo()
 
     final = resume_to_end(args, out, capsys)  # the time limit was that start's, not the run's
     assert final_state_difference(final, uninterrupted) is None

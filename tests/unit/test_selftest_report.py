@@ -75,3 +75,14 @@ def test_where_it_began_tells_a_broken_restore_from_a_run_that_is_not_determinis
     assert "training itself is not deterministic" in where_it_began(Finding(loss_step=5, **found))
     unseeded = Finding(**{**found, "differing": ["RNG streams"]}, loss_step=None)
     assert "seed_everything" in where_it_began(unseeded)
+
+
+def test_the_verdict_says_what_was_compared_when_every_run_ended_as_the_reference(tmp_path):
+    reference = run_folder(tmp_path, "reference", [2.5, 2.25, 2.0], 1.0)
+    same = run_folder(tmp_path, "same", [2.5, 2.25, 2.0], 1.0)
+    assert verdict([reference, same], [None], 12.4, ["a hint"]) == (
+        "bit-exact on this machine with these settings (every step's loss and the whole final state, bit for "
+        "bit; 12 s in all)")
+    (reference.out / "metrics.jsonl").unlink()  # a script of your own that writes no losses
+    assert verdict([reference, same], [None], 3.0, []) == (
+        "bit-exact on this machine with these settings (the whole final state, bit for bit; 3 s in all)")
