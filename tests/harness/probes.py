@@ -206,7 +206,8 @@ def _install_hold_probes(rank: int) -> None:
 
     - ``NANORESUME_PROBE_HOLD=STEP[:RANK]``: before that step, that rank (default: every rank) waits
       until its stop flag is set (a signal, its launcher's death), at most ``HOLD_SECONDS``: a test
-      signals once the step before is recorded, and the run stops after exactly STEP, at any speed;
+      signals once the step before is recorded, and the run stops after exactly STEP, at any speed.
+      Under ``--max-restarts`` it holds torchrun's first start only (``A;B``: A there, B in the restart);
     - ``NANORESUME_PROBE_PAUSE=STEP[,STEP...]:RANK:SECONDS``: that rank sleeps SECONDS before each of
       those steps, so that a decision taken by rank 0's clock (``--ckpt-minutes``) is due there at any
       speed.
@@ -215,7 +216,7 @@ def _install_hold_probes(rank: int) -> None:
 
     from nanoresume.trainer import Trainer
 
-    hold_at = _step_and_rank(os.environ.get(HOLD_ENV))
+    hold_at = _step_and_rank(_for_this_attempt(os.environ.get(HOLD_ENV)))
     pause = os.environ.get(PAUSE_ENV)
     steps, pausing_rank, seconds = pause.split(":") if pause else ("", "-1", "0")
     paused = {int(s) for s in steps.split(",") if s} if int(pausing_rank) == rank else set()

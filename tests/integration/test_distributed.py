@@ -155,9 +155,9 @@ def stop_chain(tiny_text: Path, tmp_path_factory) -> dict[str, Any]:
     1. torchrun is SIGKILLed while every rank is held before step 8: its workers notice, stop after step 8
        (saved), and exit;
     2. resumed, it is held before step 14 until a SIGTERM to torchrun, which stops both ranks after step 14;
-    3. resumed under ``--max-restarts=3`` with slowed writes, rank 1 is SIGKILLed once step 21 is recorded,
-       while step 20's background save is being written: torchrun restarts both workers, which resume from
-       the newest commit by themselves and finish.
+    3. resumed under ``--max-restarts=3`` with slowed writes, rank 1 is held before step 22 (in torchrun's
+       first start only) and SIGKILLed there, while step 20's background save is being written: torchrun
+       restarts both workers, which resume from the newest commit by themselves and finish.
     """
     root = tmp_path_factory.mktemp("stop-chain")
     out, records = root / "out", root / "records"
@@ -187,8 +187,8 @@ def stop_chain(tiny_text: Path, tmp_path_factory) -> dict[str, Any]:
     chain["torchrun stopped: saved"] = load_checkpoint(step_path(out / "checkpoints", 14))["step"]
 
     launcher = launch(launch_command(2, ["--max-restarts=3"]), train_args + ["--resume", "auto"],
-                      environment(records, NANORESUME_CHAOS_WRITE_DELAY="0.01"))
-    wait_for_step(records, 21)  # the step-20 save is now being written in the background
+                      environment(records, NANORESUME_CHAOS_WRITE_DELAY="0.01", **{HOLD_ENV: "22:1;"}))
+    wait_for_step(records, 21)  # the step-20 save is now being written in the background; rank 1 waits
     os.kill(worker_pid(launcher.pid, rank=1), signal.SIGKILL)
     chain["restarted"] = launcher.communicate(timeout=180)[0]  # a hang fails here
     chain["restarted: code"] = launcher.returncode
